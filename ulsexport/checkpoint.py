@@ -1,12 +1,14 @@
 """Hugging Face checkpoints on disk: find them, read their config, stream their tensors, write shards.
 
-Tensors are read one at a time through safetensors' lazy `safe_open`, and written by a streaming
-safetensors writer (header first, then each tensor's bytes), so pruning never holds more than one
-tensor in memory, whatever the model's size.
+Pruning reads only safetensors headers (names, dtypes, shapes, offsets), then writes each output
+shard header first and copies every kept tensor's bytes from its source in bounded chunks: memory
+stays flat whatever the model's size, and no tensor is ever decoded. Pickle sources (opt-in) go
+through torch one tensor at a time.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ SAFE_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".onnx_data", ".data")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+COPY_CHUNK_BYTES = 64 * 1024**2
 
 # safetensors dtype codes and their sizes in bytes.
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -32,6 +35,7 @@ class TensorInfo:
     dtype: str          # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
     source: Path
+    data_offset: int | None = None   # where its bytes start in a safetensors source file
 
     @property
     def nbytes(self) -> int:
@@ -131,9 +135,13 @@ def _safetensors_header(path: Path) -> list[TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry["data_offsets"][1] > data_len:
+        begin, end = entry["data_offsets"]
+        if end > data_len:
             raise UserError(f"{path} is truncated: tensor {name} ends past the end of the file")
-        infos.append(TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path))
+        info = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path, 8 + header_len + begin)
+        if info.nbytes != end - begin:
+            raise UserError(f"{path}: tensor {name}'s size does not match its shape and dtype")
+        infos.append(info)
     return infos
 
 
@@ -176,9 +184,8 @@ def plan_shards(infos: list[TensorInfo], max_shard_bytes: int) -> list[list[Tens
 
 def write_safetensors_streaming(path: Path, entries: list[tuple[str, TensorInfo]],
                                 on_tensor: Callable[[int], None] | None = None) -> None:
-    """Write (output name, source tensor) pairs to one safetensors file, one tensor in memory at a time."""
-    import torch
-
+    """Write (output name, source tensor) pairs to one safetensors file: the header first, then
+    each tensor's bytes copied from its source in bounded chunks, so memory stays flat."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, info in entries:
@@ -190,15 +197,40 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, TensorInfo]
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name, info in entries:
-            tensor = read_tensor(info).contiguous()
-            data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-            if len(memoryview(data).cast("B")) != info.nbytes:
-                raise UserError(f"tensor {info.name} in {info.source} does not match its header")
-            f.write(data)
-            del tensor, data
+        for _, info in entries:
+            _copy_tensor_bytes(info, f)
             if on_tensor:
                 on_tensor(info.nbytes)
+
+
+def _copy_tensor_bytes(info: TensorInfo, out) -> None:
+    if info.data_offset is None:  # pickle source: one tensor at a time through torch
+        import torch
+
+        tensor = read_tensor(info).contiguous()
+        out.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return
+    out.flush()
+    with open(info.source, "rb") as src:
+        offset, left = info.data_offset, info.nbytes
+        while left:
+            copied = _copy_range(src, out, offset, min(left, COPY_CHUNK_BYTES))
+            if not copied:
+                raise UserError(f"{info.source} ended inside tensor {info.name}")
+            offset += copied
+            left -= copied
+
+
+def _copy_range(src, out, offset: int, count: int) -> int:
+    """Copy bytes in the kernel where it can (copy_file_range), else through a bounded buffer."""
+    try:
+        return os.copy_file_range(src.fileno(), out.fileno(), count, offset)
+    except (AttributeError, OSError):
+        src.seek(offset)
+        chunk = src.read(count)
+        out.write(chunk)
+        out.flush()
+        return len(chunk)
 
 
 def write_sharded(out_dir: Path, entries: list[tuple[str, TensorInfo]],

@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+FIXTURES = TESTS / "fixtures"
+STORIES = FIXTURES / "models" / "stories260K"
+KJV16 = FIXTURES / "models" / "kjv16"
+DATA = FIXTURES / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """One tiny random checkpoint per family, built once per test session."""
+    from tiny_models import FAMILIES, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny_checkpoint(family, root / family) for family in FAMILIES}
+
+
+def run_cli(*args):
+    """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from ulsexport.cli import main
+
+    return CliRunner().invoke(main, ["--quiet", *map(str, args)])
