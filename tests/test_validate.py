@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli
+from ulsexport.export_onnx import export_onnx
+from ulsexport.prune import plan_for_model, prune_checkpoint
+from ulsexport.runtimes import GreedyRun
+from ulsexport.validate import SpeedSettings, compare_runs, validate
+
+TINY_SPEED = SpeedSettings(batches=(1, 2), prompt_len=5, new_tokens=3, runs=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_checkpoints, tmp_path_factory):
+    src = tiny_checkpoints["llama"]
+    out = tmp_path_factory.mktemp("validate") / "hf"
+    prune_checkpoint(src, out, plan_for_model(src, 2), quiet=True)
+    return src, out
+
+
+def test_compare_runs_finds_the_first_divergence():
+    logits = [np.eye(2, 5, k=i, dtype=np.float32) for i in range(3)]
+    reference = GreedyRun(np.array([[0, 1, 2], [1, 2, 3]]), logits)
+    drifted = [logit.copy() for logit in logits]
+    drifted[1][1] += 0.5
+    candidate = GreedyRun(np.array([[0, 1, 2], [1, 4, 3]]), drifted)
+    result = compare_runs(reference, candidate, 1e-4)
+    assert not result["passed"] and not result["greedy_tokens_equal"]
+    assert result["first_divergence"] == {"step": 1, "row": 1}
+    assert result["first_step_over_tolerance"] == 1
+    assert compare_runs(reference, reference, 1e-4)["passed"]
+
+
+def test_pruned_checkpoint_passes_with_speed_report(pruned):
+    src, out = pruned
+    report = validate(src, out, "torch", speed=TINY_SPEED, parity_steps=8, quiet=True)
+    assert report["parity"]["passed"] and report["parity"]["max_relative_error"] < 1e-5
+    assert report["kept"] == [0, 2, 4, 7]
+    for batch in ("1", "2"):
+        for side in ("full", "pruned"):
+            decode = report["speed"][side][batch]["decode_tokens_per_s"]
+            assert decode["runs"] == 2 and 0 < decode["min"] <= decode["median"] <= decode["max"]
+        assert report["speedup"]["measured"][batch]["decode_tokens_per_s"] > 0
+    assert report["speedup"]["target"] == 2.0
+
+
+def test_planted_mismatch_fails_with_exit_1_and_says_where(pruned, tmp_path):
+    src, out = pruned
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in out.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.2.mlp.down_proj.weight"] *= 1.5
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli("validate", "--reference", src, "--candidate", broken, "--no-speed",
+                     "--parity-steps", 8, "--json", tmp_path / "r.json", "--report", tmp_path / "r.md")
+    assert result.exit_code == 1, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert not report["parity"]["passed"]
+    assert report["parity"]["first_step_over_tolerance"] == 0
+    assert "FAIL" in (tmp_path / "r.md").read_text()
+
+
+def test_onnx_candidate_on_onnxruntime(pruned, tmp_path):
+    src, out = pruned
+    onnx_dir = export_onnx(out, tmp_path / "onnx", quiet=True).out_dir
+    result = run_cli("validate", "--reference", src, "--candidate", onnx_dir, "--runtime", "ort",
+                     "--batch", "1", "--prompt-len", 4, "--new-tokens", 3, "--runs", 1, "--warmup", 0,
+                     "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["parity"]["passed"] and report["parity"]["max_relative_error"] < 1e-4
+    assert report["candidate_kind"] == "onnx" and "1" in report["speed"]["full"]
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_planted_mismatch_in_onnx_graph_fails(pruned, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    src, out = pruned
+    onnx_dir = export_onnx(out, tmp_path / "onnx", optimize=False, quiet=True).out_dir
+    model = onnx.load(onnx_dir / "model.onnx")
+    weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+    onnx.save(model, onnx_dir / "model.onnx")
+    report = validate(src, onnx_dir, "ort", speed=None, parity_steps=4, quiet=True)
+    assert not report["parity"]["passed"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--candidate", "/nonexistent"), "does not exist"),
+    (("--runtime", "ort"), "runs onnx artifacts"),
+    (("--runtime", "bogus"), "unknown runtime"),
+    (("--dtype", "fp8"), "unknown dtype"),
+])
+def test_bad_input(pruned, args, message):
+    src, out = pruned
+    base = {"--candidate": str(out)}
+    extra = list(args)
+    if "--candidate" in extra:
+        base = {}
+    flat = [x for kv in base.items() for x in kv]
+    result = run_cli("validate", "--reference", src, *flat, *extra, "--no-speed")
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_candidate_from_another_model_is_refused(pruned, tiny_checkpoints):
+    _, out = pruned
+    result = run_cli("validate", "--reference", tiny_checkpoints["qwen2"], "--candidate", out, "--no-speed")
+    assert result.exit_code == 2 and "not pruned from" in result.stderr

@@ -1,0 +1,103 @@
+"""Readable reports of a validation: Markdown, JSON and a PNG plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _x(value) -> str:
+    return f"{value:.2f}x" if isinstance(value, (int, float)) else "-"
+
+
+def markdown(report: dict) -> str:
+    parity = report["parity"]
+    kept = report["kept"]
+    lines = [
+        f"# ulsexport validation: {Path(report['candidate']).name}",
+        "",
+        f"- reference: `{report['reference']}` ({report['num_layers_original']} layers)",
+        f"- candidate: `{report['candidate']}` ({report['candidate_kind']}, {len(kept)} layers kept: "
+        f"{','.join(map(str, kept))})",
+        f"- runtime: {report['runtime']} on {report['device']} ({report['device_name']}), dtype {report['dtype']}",
+        "",
+        "## Parity (candidate vs the pruned checkpoint in PyTorch fp32)",
+        "",
+        f"**{'PASS' if parity['passed'] else 'FAIL'}**: max relative logit error "
+        f"{parity['max_relative_error']:.2e} (tolerance {parity['tolerance']:g}), max abs error "
+        f"{parity['max_abs_error']:.2e}, min top-1 agreement {parity['min_top1_agreement']:.3f}, greedy tokens "
+        f"{'identical' if parity['greedy_tokens_equal'] else 'differ'} over {parity['steps_compared']} of "
+        f"{parity['new_tokens']} steps (batch {parity['batch']}, left-padded).",
+    ]
+    if parity["first_divergence"]:
+        d = parity["first_divergence"]
+        lines.append(f"Greedy tokens first differ at step {d['step']}, batch row {d['row']}.")
+    if parity["first_step_over_tolerance"] is not None:
+        lines.append(f"Logits first exceed the tolerance at step {parity['first_step_over_tolerance']}.")
+    if "speed" in report:
+        s = report["speed"]["settings"]
+        target = report["speedup"]["target"]
+        predicted = report["speedup"]["predicted"] or {}
+        lines += [
+            "", f"## Speed (prompt {s['prompt_len']}, {s['new_tokens']} new tokens, median of {s['runs']} runs "
+                f"after {s['warmup']} warm-up; min-max in brackets)", "",
+            f"Target {_x(target)}; predicted {_x(predicted.get('layers'))} by layer count, "
+            f"{_x(predicted.get('cost_model'))} by cost model.", "",
+            "| batch | full decode tok/s | pruned decode tok/s | decode speedup | prefill speedup | end-to-end speedup |",
+            "|---|---|---|---|---|---|",
+        ]
+        for batch, measured in report["speedup"]["measured"].items():
+            full = report["speed"]["full"][batch]["decode_tokens_per_s"]
+            pruned = report["speed"]["pruned"][batch]["decode_tokens_per_s"]
+            lines.append(
+                f"| {batch} | {full['median']:.1f} [{full['min']:.1f}-{full['max']:.1f}] | "
+                f"{pruned['median']:.1f} [{pruned['min']:.1f}-{pruned['max']:.1f}] | "
+                f"{_x(measured['decode_tokens_per_s'])} | {_x(measured['prefill_tokens_per_s'])} | "
+                f"{_x(measured['end_to_end_tokens_per_s'])} |")
+    if "perplexity" in report:
+        p = report["perplexity"]
+        lines += ["", "## Quality", "", f"Perplexity on `{p['text']}` ({p['tokens']} tokens): full {p['full']:.3f}, "
+                  f"pruned {p['pruned']:.3f}."]
+    if "tasks" in report:
+        t = report["tasks"]
+        lines += ["", f"Tasks ({t['examples']} examples): BLEU full {t['full']['bleu']:.2f} / pruned "
+                  f"{t['pruned']['bleu']:.2f}; ROUGE-L full {t['full']['rougeL']:.2f} / pruned {t['pruned']['rougeL']:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Decode tokens/s per batch size, full vs pruned; perplexity beside it when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ("speed" in report) + ("perplexity" in report)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5 * max(panels, 1), 3.5), squeeze=False)
+    axes = list(axes[0])
+    if "speed" in report:
+        ax = axes.pop(0)
+        batches = list(report["speed"]["full"])
+        width = 0.38
+        for offset, name in ((-width / 2, "full"), (width / 2, "pruned")):
+            values = [report["speed"][name][b]["decode_tokens_per_s"]["median"] for b in batches]
+            ax.bar([i + offset for i in range(len(batches))], values, width, label=name)
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"{report['runtime']} on {report['device_name']}", fontsize=9)
+        ax.legend()
+    if "perplexity" in report:
+        ax = axes.pop(0)
+        ax.bar(["full", "pruned"], [report["perplexity"]["full"], report["perplexity"]["pruned"]])
+        ax.set_ylabel("perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(report: dict, json_path=None, markdown_path=None, plot_path=None) -> None:
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text(markdown(report))
+    if plot_path:
+        plot(report, Path(plot_path))
