@@ -71,15 +71,20 @@ def parity_prompt(vocab_size: int, batch: int = 2, prompt_len: int = 12, seed: i
     return ids, mask
 
 
-def check_parity(candidate_runtime, reference_dir: Path, steps: int, tolerance: float, batch: int = 2) -> dict:
+def check_parity(candidate_runtime, reference_dir: Path, steps: int, tolerance: float, batch: int = 2,
+                 device: str = "cpu") -> dict:
+    """The candidate's greedy run against `generate` of the fp32 reference checkpoint, on `device`."""
+    import torch
+
     from .export_onnx import torch_greedy
     from .models import load_causal_lm
 
-    import torch
-
-    reference = load_causal_lm(reference_dir, "fp32", "cpu")
+    reference = load_causal_lm(reference_dir, "fp32", device)
     ids, mask = parity_prompt(reference.config.get_text_config().vocab_size, batch)
-    ref_tokens, ref_logits = torch_greedy(reference, torch.from_numpy(ids), torch.from_numpy(mask), steps)
+    ref_tokens, ref_logits = torch_greedy(reference, torch.from_numpy(ids).to(reference.device),
+                                          torch.from_numpy(mask).to(reference.device), steps)
+    del reference
+    _free_device_memory()
     candidate = candidate_runtime.greedy(ids, mask, steps, keep_logits=True)
     return {"batch": batch, "prompt_len": ids.shape[1], "new_tokens": steps,
             **compare_runs(GreedyRun(ref_tokens, ref_logits), candidate, tolerance)}
@@ -196,7 +201,7 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
         expected = parity_reference(reference_dir, candidate, lineage["kept"], Path(tmp))
         report["parity"] = {"reference_checkpoint": str(expected) if expected != Path(tmp) / "pruned-reference"
                             else "the reference, pruned afresh to the kept layers",
-                            **check_parity(candidate_runtime, expected, parity_steps, tolerance)}
+                            **check_parity(candidate_runtime, expected, parity_steps, tolerance, device=device)}
         if speed is not None:
             full = full_depth_artifact(reference_dir, runtime, dtype, device, Path(tmp),
                                        Path(reference_artifact) if reference_artifact else None)
@@ -263,6 +268,17 @@ def score_tasks(reference_dir: Path, pruned_dir: Path, tasks, device: str, max_n
                                                      for r, o in zip(refs, outputs))}
     out["examples"] = len(rows)
     return out
+
+
+def _free_device_memory() -> None:
+    """Hand memory PyTorch cached back to the device, for runtimes (onnxruntime) that allocate their own."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _device_name(device: str) -> str:

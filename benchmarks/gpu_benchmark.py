@@ -1,0 +1,163 @@
+"""The headline benchmark: a Llama-7B-shaped model, full depth and pruned with the uls plan at 2x and
+3x, fp16 on one GPU, decode speed through `ulsexport validate` on PyTorch CUDA, onnxruntime CUDA
+(our torch-built ONNX) and onnxruntime-genai (its builder), batch 1 and 8, prompt 128, 128 new tokens.
+
+Random weights made on the GPU from a config (nothing downloaded). Stages keep their outputs in
+--workdir and are skipped when done, so the run can be split over several calls:
+
+    python benchmarks/gpu_benchmark.py --stages build,torch          --results $OUT
+    python benchmarks/gpu_benchmark.py --stages onnx,ort             --results $OUT
+    python benchmarks/gpu_benchmark.py --stages genai                --results $OUT
+    python benchmarks/gpu_benchmark.py --tiny --device cpu --stages build,torch,onnx,ort,genai   # check on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+SPEEDUPS = (2, 3)
+TARGETS = {"2": {"1": 1.93, "8": 1.93}, "3": {"1": 3.0, "8": 3.0}}
+
+
+def stage_build(work: Path, args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ulsexport.prune import plan_for_model, prune_checkpoint
+
+    if not (work / "full" / "config.json").is_file():
+        torch.manual_seed(0)
+        config = LlamaConfig(**(TINY if args.tiny else SEVEN_B), tie_word_embeddings=False)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        model.save_pretrained(work / "full")
+        model.generation_config.save_pretrained(work / "full")
+        del model
+    for s in SPEEDUPS:
+        if not (work / f"uls{s}").exists():
+            prune_checkpoint(work / "full", work / f"uls{s}", plan_for_model(work / "full", s), quiet=True)
+
+
+def stage_onnx(work: Path, args) -> None:
+    from ulsexport.export_onnx import export_onnx
+
+    for name in ("full", *(f"uls{s}" for s in SPEEDUPS)):
+        if not (work / f"{name}-onnx").exists():
+            start = time.perf_counter()
+            export_onnx(work / name, work / f"{name}-onnx", args.dtype, args.device, quiet=True)
+            _record(args, f"export_seconds.onnx.{name}", time.perf_counter() - start)
+
+
+def stage_genai_build(work: Path, args) -> None:
+    from ulsexport.genai import build_genai
+
+    for name in ("full", *(f"uls{s}" for s in SPEEDUPS)):
+        if not (work / f"{name}-genai").exists():
+            start = time.perf_counter()
+            build_genai(work / name, work / f"{name}-genai", args.dtype, args.device, quiet=True)
+            _record(args, f"export_seconds.genai.{name}", time.perf_counter() - start)
+
+
+def validate_all(work: Path, args, runtime: str, suffix: str) -> None:
+    from ulsexport.validate import SpeedSettings, validate
+
+    settings = SpeedSettings((1, 8), args.prompt_len, args.new_tokens, args.runs, 1)
+    full_artifact = None if runtime == "torch" else work / f"full{suffix}"
+    for s in SPEEDUPS:
+        key = f"{runtime}.{s}x"
+        if key in _results(args):
+            continue
+        report = validate(work / "full", work / f"uls{s}{suffix}", runtime, args.device, args.dtype, settings,
+                          parity_steps=args.parity_steps, reference_artifact=full_artifact, quiet=True)
+        _record(args, key, report)
+
+
+def _results(args) -> dict:
+    path = args.results / "gpu_benchmark.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _record(args, key: str, value) -> None:
+    results = _results(args)
+    results[key] = value
+    results["device"] = _device(args.device)
+    (args.results / "gpu_benchmark.json").write_text(json.dumps(results, indent=2))
+    (args.results / "gpu_benchmark.md").write_text(markdown(results, args))
+
+
+def _device(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.machine()}"
+
+
+def markdown(results: dict, args) -> str:
+    shape = "tiny test shape" if args.tiny else "Llama-7B-shaped (32 layers, hidden 4096, GQA 32/8, vocab 32000)"
+    lines = [f"# GPU benchmark: {shape}, {args.dtype}", "",
+             f"Device: {results.get('device')}. Prompt {args.prompt_len}, {args.new_tokens} new tokens, median of "
+             f"{args.runs} runs after 1 warm-up. Random weights. Command: `python benchmarks/gpu_benchmark.py`.", "",
+             "| runtime | plan | kept | batch | full decode tok/s | pruned decode tok/s | decode speedup | target | "
+             "cost-model prediction | parity |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, report in sorted(results.items()):
+        if not isinstance(report, dict) or "speedup" not in report:
+            continue
+        runtime, plan = key.split(".")
+        parity = report["parity"]
+        parity_text = (f"{'pass' if parity['passed'] else 'FAIL'} ({parity['max_relative_error']:.1e}, tokens "
+                       f"{'equal' if parity['greedy_tokens_equal'] else 'differ at step ' + str(parity['first_divergence']['step'])}"
+                       f" of {parity['new_tokens']})")
+        for batch, measured in report["speedup"]["measured"].items():
+            full = report["speed"]["full"][batch]["decode_tokens_per_s"]["median"]
+            pruned = report["speed"]["pruned"][batch]["decode_tokens_per_s"]["median"]
+            lines.append(f"| {runtime} | uls {plan} | {len(report['kept'])} | {batch} | {full:.1f} | {pruned:.1f} | "
+                         f"{measured['decode_tokens_per_s']:.2f}x | {TARGETS[plan[:-1]][batch]}x | "
+                         f"{report['plan']['predicted_speedup']['cost_model']:.2f}x | {parity_text} |")
+    exports = {k: v for k, v in results.items() if k.startswith("export_seconds")}
+    if exports:
+        lines += ["", "Export times: " + ", ".join(f"{k.split('.', 1)[1]} {v:.0f} s" for k, v in sorted(exports.items()))]
+    return "\n".join(lines) + "\n"
+
+
+STAGES = {
+    "build": stage_build,
+    "torch": lambda work, args: validate_all(work, args, "torch", ""),
+    "onnx": stage_onnx,
+    "ort": lambda work, args: validate_all(work, args, "ort", "-onnx"),
+    "genai": lambda work, args: (stage_genai_build(work, args), validate_all(work, args, "genai", "-genai")),
+    "clean-onnx": lambda work, args: [shutil.rmtree(p) for p in work.glob("*-onnx")],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default="build,torch,onnx,ort,clean-onnx,genai")
+    ap.add_argument("--workdir", type=Path, default=Path("/root/bench"))
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model, to check the script on CPU")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--parity-steps", type=int, default=64)
+    args = ap.parse_args()
+    args.results.mkdir(parents=True, exist_ok=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    for stage in args.stages.split(","):
+        start = time.perf_counter()
+        STAGES[stage](args.workdir, args)
+        print(f"stage {stage}: {time.perf_counter() - start:.0f} s", flush=True)
+    print((args.results / "gpu_benchmark.md").read_text() if (args.results / "gpu_benchmark.md").exists() else "")
+
+
+if __name__ == "__main__":
+    main()
