@@ -18,12 +18,13 @@ def read_text(path: str | Path) -> str:
 
 
 def token_windows(tokenizer, text: str, window: int, max_tokens: int | None = None) -> list[list[int]]:
-    """The text's tokens (paragraph by paragraph, each opened with BOS where the tokenizer has one)
+    """The text's tokens, each paragraph encoded as BOS + text + EOS (where the tokenizer has them),
     cut into non-overlapping windows of `window` tokens."""
     ids: list[int] = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for paragraph in (p for p in text.split("\n") if p.strip()):
-        ids.extend(bos + tokenizer(paragraph, add_special_tokens=False)["input_ids"])
+        ids.extend(bos + tokenizer(paragraph, add_special_tokens=False)["input_ids"] + eos)
         if max_tokens and len(ids) >= max_tokens:
             ids = ids[:max_tokens]
             break
