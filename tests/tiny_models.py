@@ -31,23 +31,24 @@ TINY_CONFIGS: dict[str, dict] = {
 FAMILIES = tuple(TINY_CONFIGS)
 
 
-def tiny_config(model_type: str, num_layers: int = 8):
+def tiny_config(model_type: str, num_layers: int = 8, overrides: dict | None = None):
     from transformers import AutoConfig
 
     from ulsexport.adapters import ADAPTERS
 
-    kwargs = dict(TINY_CONFIGS[model_type])
+    kwargs = {**TINY_CONFIGS[model_type], **(overrides or {})}
     kwargs[ADAPTERS[model_type].num_layers_field] = num_layers
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def make_tiny_checkpoint(model_type: str, directory: Path, num_layers: int = 8, seed: int = 0) -> Path:
-    """Save a random model of `model_type` to `directory` and return it."""
+def make_tiny_checkpoint(model_type: str, directory: Path, num_layers: int = 8, seed: int = 0,
+                         overrides: dict | None = None) -> Path:
+    """Save a random model of `model_type` (config fields `overrides` changed) to `directory`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers))
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers, overrides))
     with torch.no_grad():  # larger weights than the default init, so layers change the output a lot
         for p in model.parameters():
             if p.dim() > 1:

@@ -34,6 +34,12 @@ class Adapter:
     mlp_matrices: int = 3
     # Families whose MLP width defaults to a multiple of hidden when the config leaves it unset.
     default_intermediate_multiple: int = 4
+    # ONNX export: whether the graph takes position_ids, which transformers experts kernel traces
+    # (the default grouped_mm has no ONNX translation), and whether the family exports at all.
+    onnx_position_ids: bool = True
+    onnx_experts_implementation: str | None = None
+    onnx_exportable: bool = True
+    onnx_note: str = ""
     extra: dict = field(default_factory=dict)
 
     def layer_index(self, tensor_name: str) -> int | None:
@@ -78,7 +84,7 @@ ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in [
     Adapter("phi3"),
     Adapter("olmo2"),
     Adapter("granite"),
-    Adapter("mixtral", experts_per_token_field="num_experts_per_tok"),
+    Adapter("mixtral", experts_per_token_field="num_experts_per_tok", onnx_experts_implementation="batched_mm"),
     Adapter("gpt2", layer_key=r"^((?:transformer\.)?h\.)(\d+)\.", num_layers_field="n_layer",
             hidden_field="n_embd", intermediate_field="n_inner", heads_field="n_head",
             kv_heads_field="n_head", mlp_matrices=2),

@@ -1,0 +1,277 @@
+"""ONNX export: one decoder graph for prefill and decode, with a KV cache for the kept layers only.
+
+The exporter is `torch.onnx.export(dynamo=True)` of the Hugging Face model wrapped so that the cache
+is flat tensors (`past_key_values.{i}.key/value` in, `present.{i}.key/value` out). The wrapper
+rebuilds a `DynamicCache` of plain full-length layers, so sliding-window layers keep the whole
+past and the sliding-window mask, not cache cropping, limits what they see; every cache input then
+has the same [batch, kv_heads, past, head_dim] shape. After export the graph can be fused for
+onnxruntime (onnxscript's ort_fusions); the fused graph is kept only if it still matches PyTorch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .errors import UserError
+from .manifest import read_manifest, write_manifest
+from .models import load_causal_lm, resolve_device
+from .outputs import atomic_output_dir
+from .progress import progress_bar
+from .prune import load_model_info
+
+ONNX_FILE = "model.onnx"
+EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB ceiling, with room for the graph
+PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+EXPORT_DTYPES = ("fp32", "fp16")
+# Sample sizes for tracing: distinct, so that torch.export never unifies two dynamic axes.
+SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST = 2, 3, 5
+PROBE_STEPS = 3  # greedy steps of the parity probe run at export time
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    manifest: dict
+    seconds: float
+
+
+def cache_names(num_layers: int, prefix: str) -> list[tuple[str, str]]:
+    return [(f"{prefix}.{i}.key", f"{prefix}.{i}.value") for i in range(num_layers)]
+
+
+def original_layer_of(manifest: dict | None, index: int) -> int:
+    """Follow a chain of prune manifests from a layer index back to the layer of the first source."""
+    while manifest and "new_to_original" in manifest:
+        index = int(manifest["new_to_original"][str(index)])
+        manifest = manifest.get("source_manifest")
+    return index
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected|: the error scaled by the logits' own range."""
+    import numpy as np
+
+    expected = np.asarray(expected, np.float64)
+    return float(np.abs(np.asarray(actual, np.float64) - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
+def torch_greedy(model, input_ids, attention_mask, max_new_tokens: int):
+    """The PyTorch reference: `generate` (greedy, KV cache, no early stop); (tokens, per-step logits)."""
+    import torch
+
+    with torch.no_grad():  # eos_token_id=None as a kwarg (not in a config, where it means "unset"): no early stop
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=None, pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True)
+    tokens = out.sequences[:, input_ids.shape[1]:].cpu().numpy()
+    return tokens, [step.float().cpu().numpy() for step in out.logits]
+
+
+def flat_cache_module(model, uses_position_ids: bool):
+    """The module torch.onnx traces: flat cache tensors [k0, v0, k1, v1, ...] in and out."""
+    import torch
+    from transformers import DynamicCache
+
+    class FlatCacheDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+    class WithoutPositionIds(FlatCacheDecoder):  # torch.onnx keeps unused inputs: leave it out of the signature
+        def forward(self, input_ids, attention_mask, past):
+            return super().forward(input_ids, attention_mask, None, past)
+
+    return FlatCacheDecoder() if uses_position_ids else WithoutPositionIds()
+
+
+def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int | None = None,
+                optimize: bool = True, force: bool = False, quiet: bool = False) -> ExportResult:
+    """Export checkpoint directory `model` to `out`/model.onnx with its manifest and tokenizer files."""
+    start = time.perf_counter()
+    model_dir, config, adapter = load_model_info(model)
+    _check_dtype_device(dtype, device)
+    if not adapter.onnx_exportable:
+        raise UserError(f"ONNX export of '{adapter.model_type}' is not supported: {adapter.onnx_note}")
+    out = Path(out)
+    with atomic_output_dir(out, force, protect=(model_dir,)) as tmp, \
+            progress_bar(3, "onnx export", unit="stage", quiet=quiet) as bar:
+        torch_model = load_causal_lm(model_dir, dtype, device)
+        if adapter.onnx_experts_implementation:
+            torch_model.set_experts_implementation(adapter.onnx_experts_implementation)
+        bar.update()
+        program, shapes = _export_program(torch_model, adapter, opset)
+        bar.update()
+        data, fusions, parity = _save_verified(program.model, tmp, torch_model, shapes, dtype, device, optimize)
+        bar.update()
+        ckpt.copy_side_files(model_dir, tmp)
+        (tmp / ckpt.CONFIG_NAME).write_text((model_dir / ckpt.CONFIG_NAME).read_text())
+        manifest = _manifest(model_dir, config, read_manifest(model_dir), shapes, dtype, device,
+                             program.model.opset_imports[""], data, fusions, parity)
+        write_manifest(tmp, manifest)
+    return ExportResult(out, manifest, time.perf_counter() - start)
+
+
+def _check_dtype_device(dtype: str, device: str) -> None:
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype} is not supported for ONNX export; choose one of {', '.join(EXPORT_DTYPES)}")
+    resolve_device(device)  # fp16 on cpu works (onnxruntime runs it; checked in tests), if slowly
+
+
+def _export_program(torch_model, adapter, opset):
+    import warnings
+
+    import torch
+    from torch.export import Dim
+
+    num_layers = torch_model.config.num_hidden_layers
+    device = torch_model.device
+    ids = torch.randint(3, torch_model.config.get_text_config().vocab_size, (SAMPLE_BATCH, SAMPLE_SEQ), device=device)
+    mask = torch.ones(SAMPLE_BATCH, SAMPLE_PAST + SAMPLE_SEQ, dtype=torch.long, device=device)
+    positions = torch.arange(SAMPLE_PAST, SAMPLE_PAST + SAMPLE_SEQ, device=device).expand(SAMPLE_BATCH, -1)
+    with torch.no_grad():  # one run without cache, to learn the cache's shape
+        cache_shape = flat_cache_module(torch_model, True)(ids, mask[:, :SAMPLE_SEQ], positions, [])[1].shape
+    past = [torch.zeros(SAMPLE_BATCH, cache_shape[1], SAMPLE_PAST, cache_shape[3],
+                        dtype=torch_model.dtype, device=device) for _ in range(2 * num_layers)]
+    batch, seq, past_len = Dim("batch"), Dim("sequence_length"), Dim("past_sequence_length")
+    args = (ids, mask, positions, past)
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: Dim.DYNAMIC}, {0: batch, 1: seq},
+               [{0: batch, 2: past_len} for _ in past])
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    if not adapter.onnx_position_ids:
+        args, dynamic, inputs = args[:2] + args[3:], dynamic[:2] + dynamic[3:], inputs[:2]
+    cache_in = cache_names(num_layers, "past_key_values")
+    cache_out = cache_names(num_layers, "present")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter warns at length about harmless things
+            program = torch.onnx.export(
+                flat_cache_module(torch_model, adapter.onnx_position_ids), args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                input_names=inputs + [n for pair in cache_in for n in pair],
+                output_names=["logits"] + [n for pair in cache_out for n in pair], verbose=False,
+                optimize=False)  # _save_verified optimizes once, with or without the ORT fusions
+    except Exception as exc:  # the exporter's own errors are long; the first line says what broke
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"torch.onnx could not export '{adapter.model_type}': {first}") from None
+    graph = program.model.graph
+    _rename_dim(graph.inputs[1], 1, "total_sequence_length")
+    shapes = dict(num_layers=num_layers, num_kv_heads=int(cache_shape[1]), head_dim=int(cache_shape[3]),
+                  inputs=inputs, cache_inputs=cache_in, cache_outputs=cache_out,
+                  io_shapes={v.name: [d if isinstance(d, int) else str(d) for d in v.shape]
+                             for v in [*graph.inputs, *graph.outputs]})
+    missing = {n for n in inputs + [n for p in cache_in for n in p]} - {v.name for v in graph.inputs}
+    if missing:
+        raise UserError(f"the exported '{adapter.model_type}' graph lacks inputs {sorted(missing)}")
+    return program, shapes
+
+
+def _rename_dim(value, axis: int, name: str) -> None:
+    import onnx_ir as ir
+
+    dims = list(value.shape)
+    dims[axis] = ir.SymbolicDim(name)
+    value.shape = ir.Shape(dims)
+
+
+def _save(ir_model, folder: Path) -> str | None:
+    """Write model.onnx (and model.onnx.data when the weights pass 2 GB); the data file's name or None."""
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    data = f"{ONNX_FILE}.data" if size > EXTERNAL_DATA_LIMIT else None
+    ir.save(ir_model, folder / ONNX_FILE, external_data=data)
+    return data
+
+
+def _save_verified(ir_model, folder: Path, torch_model, shapes, dtype, device, optimize):
+    """Save the graph, fused for onnxruntime where the fused graph keeps parity with PyTorch."""
+    import shutil
+
+    tolerance = PARITY_TOLERANCE[dtype]
+    if not optimize:
+        from onnxscript.optimizer import optimize as fold_constants
+
+        fold_constants(ir_model)
+        data = _save(ir_model, folder)
+        error = _parity_error(folder, shapes, dtype, torch_model, device)
+        return data, {"applied": {}, "kept": False, "skipped": "--no-optimize"}, _parity(error, tolerance)
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    unfused = folder / "unfused"
+    unfused.mkdir()
+    plain_data = _save(ir_model, unfused)  # optimize_for_ort rewrites in place: keep the plain graph
+    fused, counts = optimize_for_ort(ir_model)
+    data = _save(fused, folder)
+    fusions = {"applied": {k: v for k, v in counts.items() if v}}
+    try:
+        error = _parity_error(folder, shapes, dtype, torch_model, device)
+    except Exception as exc:  # onnxruntime rejects a few fused graphs outright (e.g. rank-3 Gemm)
+        error, fusions["failure"] = float("inf"), f"{type(exc).__name__}: {str(exc)[:200]}"
+    fusions.update(kept=error <= tolerance, fused_relative_error=error if error < float("inf") else None)
+    if error > tolerance:  # fall back to the plain graph
+        for path in folder.glob(f"{ONNX_FILE}*"):
+            path.unlink()
+        for path in unfused.iterdir():
+            path.replace(folder / path.name)
+        data = plain_data
+        error = _parity_error(folder, shapes, dtype, torch_model, device)
+    shutil.rmtree(unfused)
+    return data, fusions, _parity(error, tolerance)
+
+
+def _parity(error: float, tolerance: float) -> dict:
+    if error > tolerance:
+        raise UserError(f"the exported graph does not match PyTorch (relative logit error {error:.2e} "
+                        f"> {tolerance:g}); refusing to write a broken export")
+    return {"relative_logit_error": error, "tolerance": tolerance, "greedy_steps": PROBE_STEPS}
+
+
+def _parity_error(folder: Path, shapes: dict, dtype: str, torch_model, device: str) -> float:
+    """Worst per-step relative logit error of a short left-padded greedy run, ONNX vs PyTorch."""
+    import torch
+
+    from .ort_runner import OnnxDecoder
+
+    write_manifest(folder, {"kind": "onnx", "onnx": _onnx_section(shapes, dtype, None, None)})
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, torch_model.config.get_text_config().vocab_size, (2, 8), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    _, expected = torch_greedy(torch_model, ids.to(torch_model.device), mask.to(torch_model.device), PROBE_STEPS)
+    actual = OnnxDecoder(folder, device).greedy(ids.numpy(), mask.numpy(), PROBE_STEPS).logits
+    return max(relative_error(a, e) for a, e in zip(actual, expected))
+
+
+def _onnx_section(shapes: dict, dtype: str, opset, external_data) -> dict:
+    return {"file": ONNX_FILE, "external_data": external_data, "dtype": dtype, "opset": opset, "inputs": shapes["inputs"],
+            "outputs": ["logits"] + [n for pair in shapes["cache_outputs"] for n in pair],
+            "cache_inputs": shapes["cache_inputs"], "cache_outputs": shapes["cache_outputs"],
+            "num_kv_heads": shapes["num_kv_heads"], "head_dim": shapes["head_dim"],
+            "io_shapes": shapes["io_shapes"]}
+
+
+def _manifest(model_dir, config, source_manifest, shapes, dtype, device, opset, data, fusions, parity) -> dict:
+    manifest = {
+        "kind": "onnx",
+        "source": str(Path(model_dir).absolute()),
+        "model_type": config["model_type"],
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "device": device,
+        "onnx": _onnx_section(shapes, dtype, opset, data),
+        "cache_to_original_layer": {str(i): original_layer_of(source_manifest, i)
+                                    for i in range(shapes["num_layers"])},
+        "optimizations": fusions,
+        "parity_check": parity,
+    }
+    if source_manifest:
+        manifest["kept"] = source_manifest.get("kept")
+        manifest["plan"] = source_manifest.get("plan")
+        manifest["source_manifest"] = source_manifest
+    return manifest
