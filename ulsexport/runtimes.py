@@ -125,7 +125,14 @@ def open_runtime(folder: str | Path, runtime: str, dtype: str = "fp32", device: 
     return RUNTIMES[runtime][1](folder, dtype, device)
 
 
+def _genai_runtime(folder, dtype, device):
+    from .genai import GenaiRuntime  # onnxruntime-genai is optional: imported only when asked for
+
+    return GenaiRuntime(folder, dtype, device)
+
+
 RUNTIMES = {
     "torch": (("hf-checkpoint",), lambda folder, dtype, device: TorchRuntime(folder, dtype, device)),
     "ort": (("onnx",), lambda folder, dtype, device: OrtRuntime(folder, device)),
+    "genai": (("genai", "onnx"), _genai_runtime),  # an "onnx" export runs when it has a genai_config.json
 }

@@ -147,17 +147,24 @@ def _hf_source(candidate: Path) -> Path:
     return Path((read_manifest(candidate) or {}).get("source", ""))
 
 
+def onnx_builders() -> dict:
+    """The ONNX builders by name (`ulsexport onnx --builder`): f(model, out, dtype, device, quiet=...)."""
+    from .export_onnx import export_onnx
+    from .genai import build_genai
+
+    return {"torch": export_onnx, "genai": build_genai}
+
+
 def full_depth_artifact(reference: Path, runtime: str, dtype: str, device: str, workdir: Path,
-                        given: Path | None) -> Path:
-    """The full model as the same kind of artifact as the candidate, so both run on one runtime."""
+                        given: Path | None, builder: str = "torch") -> Path:
+    """The full model as the same kind of artifact as the candidate (same runtime, same builder)."""
     if given is not None:
         return given
     if runtime == "torch":
         return reference
-    if runtime == "ort":
-        from .export_onnx import export_onnx
-
-        return export_onnx(reference, workdir / "full-onnx", dtype, device, quiet=True).out_dir
+    if runtime in ("ort", "genai"):
+        build = onnx_builders()[builder]
+        return build(reference, workdir / f"full-{builder}", dtype, device, quiet=True).out_dir
     raise UserError(f"--runtime {runtime} needs --reference-artifact: the full model built the same way")
 
 
@@ -204,7 +211,8 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
                             **check_parity(candidate_runtime, expected, parity_steps, tolerance, device=device)}
         if speed is not None:
             full = full_depth_artifact(reference_dir, runtime, dtype, device, Path(tmp),
-                                       Path(reference_artifact) if reference_artifact else None)
+                                       Path(reference_artifact) if reference_artifact else None,
+                                       candidate_manifest.get("builder", "torch"))
             total = 2 * len(speed.batches) * (speed.warmup + speed.runs)
             with progress_bar(total, "timing", quiet=quiet) as bar:
                 report["speed"] = {"settings": speed.__dict__,

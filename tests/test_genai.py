@@ -1,0 +1,161 @@
+"""onnxruntime-genai: the genai builder's and the torch builder's exports, decoded by genai's own loop,
+against the pruned PyTorch model (greedy tokens over 32 steps, fp32 logits within 1e-4 relative)."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import KJV16, STORIES, run_cli
+from ulsexport.errors import UserError
+from ulsexport.export_onnx import export_onnx, relative_error, torch_greedy
+from ulsexport.genai import GENAI_CONFIG, GenaiRuntime, build_genai, write_genai_config
+from ulsexport.prune import plan_for_model, prune_checkpoint
+
+pytest.importorskip("onnxruntime_genai")
+
+STEPS = 32
+GENAI_FAMILIES = ("llama", "qwen3", "gemma2", "phi3")
+# Tiny shapes the builder and onnxruntime's CPU kernels take: head size 16 (CPU GroupQueryAttention
+# needs a multiple of 16) and no linear layer as wide as the vocabulary (the builder would take it
+# for the LM head). phi3 without a sliding window: the builder cannot apply phi3's (no layer_types).
+GENAI_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, query_pre_attn_scalar=16, vocab_size=160,
+                   original_max_position_embeddings=256)
+FAMILY_SHAPE = {"phi3": dict(sliding_window=None)}
+PROMPT_LEN = 12  # longer than the tiny sliding window (8) of qwen3 and gemma2
+
+
+def save_word_tokenizer(directory, vocab_size):
+    """A word-level tokenizer over t0..tN: the builder copies a tokenizer and fails without one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """Pruned (2x) checkpoints by name: the tiny genai-shaped families, kjv16 and stories260K."""
+    from tiny_models import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("genai")
+    sources = {}
+    for family in GENAI_FAMILIES:
+        sources[family] = make_tiny_checkpoint(family, root / family,
+                                               overrides={**GENAI_SHAPE, **FAMILY_SHAPE.get(family, {})})
+        save_word_tokenizer(sources[family], GENAI_SHAPE["vocab_size"])
+    sources.update(kjv16=KJV16, stories260K=STORIES)
+    return {name: prune_checkpoint(src, root / f"{name}-2x", plan_for_model(src, 2), quiet=True).out_dir
+            for name, src in sources.items()}
+
+
+@pytest.fixture(scope="module")
+def references():
+    """Per pruned checkpoint: (prompt ids, mask, PyTorch greedy tokens, per-step logits), cached."""
+    return {}
+
+
+def reference_run(name, folder, cache):
+    """A left-padded batch of 2 whose PyTorch greedy run never makes eos within STEPS.
+
+    genai never stops early only by refusing eos (min_length), so a run through eos cannot match.
+    """
+    import torch
+
+    from ulsexport.models import load_causal_lm
+
+    if name not in cache:
+        model = load_causal_lm(folder)
+        config = model.config.get_text_config()
+        for seed in range(20):
+            ids = np.random.default_rng(seed).integers(3, config.vocab_size, (2, PROMPT_LEN), dtype=np.int64)
+            mask = np.ones_like(ids)
+            mask[1, :3] = 0
+            tokens, logits = torch_greedy(model, torch.from_numpy(ids), torch.from_numpy(mask), STEPS)
+            if not np.isin(tokens, [config.eos_token_id]).any():
+                cache[name] = ids, mask, tokens, logits
+                break
+        else:
+            pytest.fail(f"every prompt tried makes {name} say eos within {STEPS} steps")
+    return cache[name]
+
+
+def assert_same_run(runtime, name, folder, cache):
+    ids, mask, tokens, logits = reference_run(name, folder, cache)
+    run = runtime.greedy(ids, mask, STEPS, keep_logits=True)
+    assert run.tokens.shape == (2, STEPS)
+    np.testing.assert_array_equal(run.tokens, tokens)
+    errors = [relative_error(actual, expected) for actual, expected in zip(run.logits, logits)]
+    assert len(errors) == STEPS and max(errors) < 1e-4, max(errors)
+    return run
+
+
+@pytest.mark.parametrize("name", [*GENAI_FAMILIES, "kjv16"])
+def test_genai_builder_matches_pytorch(name, pruned, references, tmp_path):
+    result = build_genai(pruned[name], tmp_path / "genai", quiet=True)
+    manifest = json.loads((result.out_dir / "ulsexport.json").read_text())
+    assert manifest["builder"] == "genai" and manifest["kind"] == "onnx"
+    assert manifest["cache_to_original_layer"] == {str(i): k for i, k in enumerate(manifest["kept"])}
+    assert (result.out_dir / GENAI_CONFIG).is_file()
+    run = assert_same_run(GenaiRuntime(result.out_dir), name, pruned[name], references)
+    assert run.prefill_seconds > 0 and run.decode_seconds > 0
+
+
+@pytest.mark.parametrize("name", [*GENAI_FAMILIES, "kjv16", "stories260K"])
+def test_torch_builder_export_runs_in_genai(name, pruned, references, tmp_path):
+    out = export_onnx(pruned[name], tmp_path / "onnx", optimize=False, quiet=True).out_dir
+    if not (out / GENAI_CONFIG).is_file():
+        write_genai_config(out)
+    config = json.loads((out / GENAI_CONFIG).read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    assert config["model"]["decoder"]["num_hidden_layers"] == len(json.loads((out / "ulsexport.json").read_text())["kept"])
+    assert_same_run(GenaiRuntime(out), name, pruned[name], references)
+
+
+@pytest.mark.parametrize("name,overrides,message", [
+    ("stories260K", None, "multiple of 16"),  # head size 8
+    ("phi3", dict(sliding_window=8), "sliding_window 8 but no layer_types"),
+    ("llama", dict(intermediate_size=160), "vocab_size (160)"),
+])
+def test_models_the_builder_gets_wrong_are_refused(name, overrides, message, pruned, tmp_path):
+    from tiny_models import make_tiny_checkpoint
+
+    source = pruned[name] if overrides is None else \
+        make_tiny_checkpoint(name, tmp_path / name, 2, overrides={**GENAI_SHAPE, **overrides})
+    with pytest.raises(UserError, match="--builder torch") as error:
+        build_genai(source, tmp_path / "out", quiet=True)
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_family_the_builder_lacks_is_refused(tmp_path):
+    from tiny_models import VOCAB, make_tiny_checkpoint
+
+    source = make_tiny_checkpoint("opt", tmp_path / "opt", 2, overrides=dict(hidden_size=64, word_embed_proj_dim=64))
+    save_word_tokenizer(source, VOCAB)
+    with pytest.raises(UserError, match="does not handle 'opt'.*--builder torch"):
+        build_genai(source, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_genai_package_says_how_to_install(pruned, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # makes `import onnxruntime_genai` fail
+    with pytest.raises(UserError, match=r"pip install 'ulsexport\[genai\]'"):
+        build_genai(pruned["kjv16"], tmp_path / "out", quiet=True)
+    with pytest.raises(UserError, match=r"ulsexport\[genai-cuda\]"):
+        GenaiRuntime(tmp_path)
+
+
+def test_validate_runtime_genai_builds_the_full_model_the_same_way(pruned, tmp_path):
+    candidate = build_genai(pruned["kjv16"], tmp_path / "genai", quiet=True).out_dir
+    result = run_cli("validate", "--reference", KJV16, "--candidate", candidate, "--runtime", "genai",
+                     "--batch", "1,2", "--prompt-len", 8, "--new-tokens", 4, "--runs", 1, "--warmup", 0,
+                     "--parity-steps", 8, "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["candidate_kind"] == "genai" and report["runtime"] == "genai"
+    assert report["parity"]["passed"] and report["parity"]["max_relative_error"] < 1e-4
+    assert set(report["speed"]["full"]) == {"1", "2"} and report["speedup"]["measured"]["2"]["decode_tokens_per_s"] > 0
