@@ -5,10 +5,14 @@
 Random weights made on the GPU from a config (nothing downloaded). Stages keep their outputs in
 --workdir and are skipped when done, so the run can be split over several calls:
 
-    python benchmarks/gpu_benchmark.py --stages build,torch          --results $OUT
-    python benchmarks/gpu_benchmark.py --stages onnx,ort             --results $OUT
-    python benchmarks/gpu_benchmark.py --stages genai                --results $OUT
-    python benchmarks/gpu_benchmark.py --tiny --device cpu --stages build,torch,onnx,ort,genai   # check on CPU
+    python benchmarks/gpu_benchmark.py --stages build,torch                    --results $OUT
+    python benchmarks/gpu_benchmark.py --stages onnx,ort,genai-torch,profile   --results $OUT
+    python benchmarks/gpu_benchmark.py --stages clean-onnx,genai               --results $OUT
+    python benchmarks/gpu_benchmark.py --tiny --device cpu --dtype fp32 --results /tmp/b    # check on CPU
+
+Stages: build (random checkpoint, uls prunes), torch (PyTorch), onnx (our torch builder), ort (its
+graphs in our onnxruntime loop), genai-torch (its graphs in onnxruntime-genai's loop), profile (op
+times of one decode step of its 2x graph), genai (onnxruntime-genai's builder, in genai's loop).
 """
 from __future__ import annotations
 
@@ -16,8 +20,13 @@ import argparse
 import json
 import platform
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # profile_decode_step; tiny_models' tokenizer helper
 
 SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
@@ -25,6 +34,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_atte
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
 SPEEDUPS = (2, 3)
 TARGETS = {"2": {"1": 1.93, "8": 1.93}, "3": {"1": 3.0, "8": 3.0}}
+# runtime key -> (runtime, artifact suffix): which graphs each timing row runs.
+RUNS = {"torch": ("torch", ""), "ort": ("ort", "-onnx"), "genai-torch": ("genai", "-onnx"),
+        "genai": ("genai", "-genai")}
 
 
 def stage_build(work: Path, args) -> None:
@@ -33,7 +45,7 @@ def stage_build(work: Path, args) -> None:
 
     from ulsexport.prune import plan_for_model, prune_checkpoint
 
-    if not (work / "full" / "config.json").is_file():
+    if not (work / "full" / "tokenizer.json").is_file():
         torch.manual_seed(0)
         config = LlamaConfig(**(TINY if args.tiny else SEVEN_B), tie_word_embeddings=False)
         with torch.device(args.device):
@@ -41,6 +53,9 @@ def stage_build(work: Path, args) -> None:
         model.save_pretrained(work / "full")
         model.generation_config.save_pretrained(work / "full")
         del model
+        from tiny_models import save_word_tokenizer
+
+        save_word_tokenizer(work / "full", config.vocab_size)  # genai's builder wants a tokenizer
     for s in SPEEDUPS:
         if not (work / f"uls{s}").exists():
             prune_checkpoint(work / "full", work / f"uls{s}", plan_for_model(work / "full", s), quiet=True)
@@ -66,18 +81,39 @@ def stage_genai_build(work: Path, args) -> None:
             _record(args, f"export_seconds.genai.{name}", time.perf_counter() - start)
 
 
-def validate_all(work: Path, args, runtime: str, suffix: str) -> None:
+def validate_all(work: Path, args, run: str) -> None:
     from ulsexport.validate import SpeedSettings, validate
 
+    runtime, suffix = RUNS[run]
     settings = SpeedSettings((1, 8), args.prompt_len, args.new_tokens, args.runs, 1)
     full_artifact = None if runtime == "torch" else work / f"full{suffix}"
     for s in SPEEDUPS:
-        key = f"{runtime}.{s}x"
+        key = f"{run}.{s}x"
         if key in _results(args):
             continue
         report = validate(work / "full", work / f"uls{s}{suffix}", runtime, args.device, args.dtype, settings,
                           parity_steps=args.parity_steps, reference_artifact=full_artifact, quiet=True)
         _record(args, key, report)
+        print(f"{key}: decode speedup " + ", ".join(
+            f"b{b} {m['decode_tokens_per_s']:.2f}x" for b, m in report["speedup"]["measured"].items()), flush=True)
+
+
+def stage_profile(work: Path, args) -> None:
+    """onnxruntime's per-op kernel times of decode steps of our 2x graph, batch 1 and 8."""
+    from profile_decode_step import op_times, profiled_decoder, run_steps
+
+    for batch in (1, 8):
+        key = f"profile.uls2-onnx.b{batch}"
+        if key in _results(args):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            decoder = profiled_decoder(work / "uls2-onnx", args.device, Path(tmp))
+            run_steps(decoder, batch, args.prompt_len, 8, (TINY if args.tiny else SEVEN_B)["vocab_size"])
+            totals, steps = op_times(json.loads(Path(decoder.session.end_profiling()).read_text()))
+        ranked = sorted(totals.items(), key=lambda item: -item[1]["us"])
+        _record(args, key, {"steps": steps, "ms_per_step": sum(t["us"] for t in totals.values()) / steps / 1000,
+                            "top_ops": {op: {"ms_per_step": t["us"] / steps / 1000, "calls_per_step": t["calls"] / steps}
+                                        for op, t in ranked[:12]}})
 
 
 def _results(args) -> dict:
@@ -121,25 +157,55 @@ def markdown(results: dict, args) -> str:
             lines.append(f"| {runtime} | uls {plan} | {len(report['kept'])} | {batch} | {full:.1f} | {pruned:.1f} | "
                          f"{measured['decode_tokens_per_s']:.2f}x | {TARGETS[plan[:-1]][batch]}x | "
                          f"{report['plan']['predicted_speedup']['cost_model']:.2f}x | {parity_text} |")
+    lines += _builder_comparison(results)
+    for key, profile in sorted((k, v) for k, v in results.items() if k.startswith("profile.")):
+        lines += ["", f"Decode-step kernel time of our 2x graph ({key.rsplit('.', 1)[1]}): "
+                  f"{profile['ms_per_step']:.2f} ms; top op types: " + ", ".join(
+                      f"{op} {t['ms_per_step']:.2f} ms ({t['calls_per_step']:.0f} calls)"
+                      for op, t in list(profile["top_ops"].items())[:8])]
     exports = {k: v for k, v in results.items() if k.startswith("export_seconds")}
     if exports:
         lines += ["", "Export times: " + ", ".join(f"{k.split('.', 1)[1]} {v:.0f} s" for k, v in sorted(exports.items()))]
     return "\n".join(lines) + "\n"
 
 
+def _builder_comparison(results: dict) -> list[str]:
+    """Decode tokens/s of every timed runtime beside onnxruntime-genai's builder, same depth and batch."""
+    if not any(k.startswith("genai.") for k in results):
+        return []
+    lines = ["", "Decode tokens/s by artifact, and against onnxruntime-genai's builder (genai) at the same depth "
+             "and batch (full depth as timed in the 2x run):", "",
+             "| depth | batch | " + " | ".join(RUNS) + " | " + " | ".join(f"{r} / genai" for r in RUNS if r != "genai") + " |",
+             "|---|---|" + "---|" * (2 * len(RUNS) - 1)]
+    for depth, run_key, side in (("full", "2x", "full"), ("2x", "2x", "pruned"), ("3x", "3x", "pruned")):
+        for batch in ("1", "8"):
+            values = {}
+            for run in RUNS:
+                report = results.get(f"{run}.{run_key}")
+                if report and "speed" in report:
+                    values[run] = report["speed"][side][batch]["decode_tokens_per_s"]["median"]
+            cells = [f"{values[r]:.1f}" if r in values else "-" for r in RUNS]
+            ratios = [f"{values[r] / values['genai']:.2f}" if r in values and "genai" in values else "-"
+                      for r in RUNS if r != "genai"]
+            lines.append(f"| {depth} | {batch} | " + " | ".join(cells + ratios) + " |")
+    return lines
+
+
 STAGES = {
     "build": stage_build,
-    "torch": lambda work, args: validate_all(work, args, "torch", ""),
+    "torch": lambda work, args: validate_all(work, args, "torch"),
     "onnx": stage_onnx,
-    "ort": lambda work, args: validate_all(work, args, "ort", "-onnx"),
-    "genai": lambda work, args: (stage_genai_build(work, args), validate_all(work, args, "genai", "-genai")),
+    "ort": lambda work, args: validate_all(work, args, "ort"),
+    "genai-torch": lambda work, args: validate_all(work, args, "genai-torch"),
+    "profile": stage_profile,
+    "genai": lambda work, args: (stage_genai_build(work, args), validate_all(work, args, "genai")),
     "clean-onnx": lambda work, args: [shutil.rmtree(p) for p in work.glob("*-onnx")],
 }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", default="build,torch,onnx,ort,clean-onnx,genai")
+    ap.add_argument("--stages", default="build,torch,onnx,ort,genai-torch,profile,clean-onnx,genai")
     ap.add_argument("--workdir", type=Path, default=Path("/root/bench"))
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--device", default="cuda")

@@ -5,9 +5,9 @@ after healing, with the time of each run; writes heal_kjv16.json and heal_kjv16.
 Target (issue 11): healed 2x perplexity within 5% of the full model's.
 
     # on the GPU machine (4 runs of 600 steps, batch 32 x 256 tokens):
-    python benchmarks/heal_kjv16.py --train ../shared/data/kjv-train.txt --device cuda
+    python benchmarks/heal_kjv16.py --train tests/fixtures/data/kjv-train.txt --device cuda
     # a few steps on CPU, to check the script:
-    python benchmarks/heal_kjv16.py --train ../shared/data/kjv-train.txt --smoke --results /tmp/heal-smoke
+    python benchmarks/heal_kjv16.py --train tests/fixtures/data/kjv-train.txt --smoke --results /tmp/heal-smoke
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "tests/fixtures/models/kjv16")
-    p.add_argument("--train", type=Path, default=ROOT.parent / "shared/data/kjv-train.txt")
+    p.add_argument("--train", type=Path, default=ROOT / "tests/fixtures/data/kjv-train.txt")
     p.add_argument("--valid", type=Path, default=ROOT / "tests/fixtures/data/kjv-valid.txt")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/heal_kjv16")
     p.add_argument("--speedups", type=lambda s: [float(x) for x in s.split(",")], default=[2.0, 3.0])

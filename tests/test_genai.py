@@ -9,8 +9,9 @@ import pytest
 from conftest import KJV16, STORIES, run_cli
 from ulsexport.errors import UserError
 from ulsexport.export_onnx import export_onnx, relative_error, torch_greedy
-from ulsexport.genai import GENAI_CONFIG, GenaiRuntime, build_genai, write_genai_config
+from ulsexport.genai import GENAI_CONFIG, GenaiRuntime, build_genai
 from ulsexport.prune import plan_for_model, prune_checkpoint
+from tiny_models import save_word_tokenizer
 
 pytest.importorskip("onnxruntime_genai")
 
@@ -23,17 +24,6 @@ GENAI_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, query_pre_
                    original_max_position_embeddings=256)
 FAMILY_SHAPE = {"phi3": dict(sliding_window=None)}
 PROMPT_LEN = 12  # longer than the tiny sliding window (8) of qwen3 and gemma2
-
-
-def save_word_tokenizer(directory, vocab_size):
-    """A word-level tokenizer over t0..tN: the builder copies a tokenizer and fails without one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="t1", eos_token="t2",
-                            pad_token="t0").save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +97,6 @@ def test_genai_builder_matches_pytorch(name, pruned, references, tmp_path):
 @pytest.mark.parametrize("name", [*GENAI_FAMILIES, "kjv16", "stories260K"])
 def test_torch_builder_export_runs_in_genai(name, pruned, references, tmp_path):
     out = export_onnx(pruned[name], tmp_path / "onnx", optimize=False, quiet=True).out_dir
-    if not (out / GENAI_CONFIG).is_file():
-        write_genai_config(out)
     config = json.loads((out / GENAI_CONFIG).read_text())
     assert config["search"]["past_present_share_buffer"] is False
     assert config["model"]["decoder"]["num_hidden_layers"] == len(json.loads((out / "ulsexport.json").read_text())["kept"])
@@ -141,12 +129,35 @@ def test_family_the_builder_lacks_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_builder_genai_writes_manifest_beside_genai_config(pruned, tmp_path):
+    result = run_cli("onnx", "--builder", "genai", "--model", pruned["kjv16"], "--out", tmp_path / "genai", "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["builder"] == "genai" and manifest["kept"] == [0, 2, 4, 6, 8, 10, 12, 15]
+    assert manifest["cache_to_original_layer"]["7"] == 15
+    assert (tmp_path / "genai" / GENAI_CONFIG).is_file() and (tmp_path / "genai" / "ulsexport.json").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--builder", "genai", "--dtype", "fp16"), "makes no fp16 model for cpu"),
+    (("--builder", "genai", "--no-optimize"), "--builder torch only"),
+    (("--dtype", "int4"), "int4: --builder genai"),
+])
+def test_cli_builder_bad_combinations(pruned, tmp_path, args, message):
+    result = run_cli("onnx", "--model", pruned["kjv16"], "--out", tmp_path / "out", *args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_genai_package_says_how_to_install(pruned, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # makes `import onnxruntime_genai` fail
     with pytest.raises(UserError, match=r"pip install 'ulsexport\[genai\]'"):
         build_genai(pruned["kjv16"], tmp_path / "out", quiet=True)
     with pytest.raises(UserError, match=r"ulsexport\[genai-cuda\]"):
         GenaiRuntime(tmp_path)
+    result = run_cli("onnx", "--builder", "genai", "--model", pruned["kjv16"], "--out", tmp_path / "cli")
+    assert result.exit_code == 2 and "pip install 'ulsexport[genai]'" in result.stderr
+    assert not (tmp_path / "cli").exists()
 
 
 def test_validate_runtime_genai_builds_the_full_model_the_same_way(pruned, tmp_path):

@@ -57,3 +57,14 @@ def make_tiny_checkpoint(model_type: str, directory: Path, num_layers: int = 8, 
     model.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     return Path(directory)
+
+
+def save_word_tokenizer(directory, vocab_size):
+    """A word-level tokenizer over t0..tN: onnxruntime-genai's builder copies a tokenizer and fails without one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(directory)

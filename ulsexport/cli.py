@@ -34,12 +34,17 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx, quiet):
     """Make a language model faster by removing whole decoder layers (Unified Layer Skipping),
-    and ship it as a Hugging Face checkpoint or ONNX with a KV cache.
+    and ship it as a Hugging Face checkpoint or ONNX with a KV cache (onnxruntime, onnxruntime-genai).
 
     \b
     Typical flow:
-      ulsexport plan  --model PATH --speedup 2
-      ulsexport prune --model PATH --speedup 2 --out artifacts/NAME/hf
+      ulsexport plan     --model PATH --speedup 2
+      ulsexport prune    --model PATH --speedup 2 --out artifacts/NAME/hf
+      ulsexport heal     --teacher PATH --student artifacts/NAME/hf --data train.txt --out artifacts/NAME/healed
+      ulsexport onnx     --model artifacts/NAME/hf --out artifacts/NAME/onnx
+      ulsexport validate --reference PATH --candidate artifacts/NAME/onnx --runtime ort
+
+    Choosing layers from data instead of by position: ulsexport compare-plans --help.
     """
     ctx.obj = {"quiet": quiet}
 
@@ -302,29 +307,43 @@ def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_
 @main.command()
 @click.option("--model", "-m", required=True, help="Checkpoint directory (usually from `ulsexport prune`).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--dtype", default="fp32", show_default=True, help="fp32, or fp16 (meant for cuda; runs on cpu too).")
-@click.option("--device", default="cpu", show_default=True, help="Where the model is traced and checked: cpu or cuda.")
-@click.option("--opset", type=int, help="ONNX opset [default: torch.onnx's].")
-@click.option("--no-optimize", is_flag=True, help="Skip onnxruntime transformer fusions.")
+@click.option("--builder", type=click.Choice(["torch", "genai"]), default="torch", show_default=True,
+              help="torch: torch.onnx export, every supported family, loads in onnxruntime and onnxruntime-genai; "
+                   "genai: onnxruntime-genai's model builder (fused kernels, fastest on CUDA; fewer families).")
+@click.option("--dtype", default="fp32", show_default=True,
+              help="fp32, fp16 (meant for cuda; the torch builder's also runs on cpu), int4 (genai builder only).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu or cuda: where the model is traced and checked (torch), or which the graph targets (genai).")
+@click.option("--opset", type=int, help="ONNX opset [default: torch.onnx's] (torch builder).")
+@click.option("--no-optimize", is_flag=True, help="Skip onnxruntime transformer fusions (torch builder).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
-def onnx(ctx, model, out, dtype, device, opset, no_optimize, force, as_json):
+def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, force, as_json):
     """Export a checkpoint to ONNX: one decoder graph with a KV cache for the kept layers only.
 
-    Inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value; outputs logits,
-    present.{i}.key/value. ulsexport.json maps every cache index i to its original layer. The export
-    is checked against PyTorch before it is written; fusions that break parity are dropped.
+    The torch builder's graph has inputs input_ids, attention_mask, position_ids,
+    past_key_values.{i}.key/value and outputs logits, present.{i}.key/value; it is checked against
+    PyTorch before it is written, and fusions that break parity are dropped. Either builder writes
+    genai_config.json (loads in onnxruntime_genai.Model) and ulsexport.json, which maps every cache
+    index i to its original layer.
 
     \b
-    Example:
+    Examples:
       ulsexport prune --model path/to/llama --speedup 2 --out artifacts/llama-2x/hf
       ulsexport onnx  --model artifacts/llama-2x/hf --out artifacts/llama-2x/onnx
+      ulsexport onnx  --model artifacts/llama-2x/hf --out artifacts/llama-2x/genai --builder genai \\
+          --dtype fp16 --device cuda
     """
-    from .export_onnx import export_onnx
+    from .export_onnx import export_onnx, onnx_builder
 
-    result = export_onnx(model, out, dtype, device, opset, optimize=not no_optimize, force=force,
-                         quiet=ctx.obj["quiet"])
+    if builder == "torch":
+        result = export_onnx(model, out, dtype, device, opset, optimize=not no_optimize, force=force,
+                             quiet=ctx.obj["quiet"])
+    else:
+        if opset is not None or no_optimize:
+            raise UserError("--opset and --no-optimize apply to --builder torch only")
+        result = onnx_builder(builder)(model, out, dtype, device, force=force, quiet=ctx.obj["quiet"])
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2))
     else:

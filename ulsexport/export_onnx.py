@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .errors import UserError
+from .genai import write_genai_config
 from .manifest import read_manifest, write_manifest
 from .models import load_causal_lm, resolve_device
 from .outputs import atomic_output_dir
@@ -116,12 +117,25 @@ def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int
         manifest = _manifest(model_dir, config, read_manifest(model_dir), shapes, dtype, device,
                              program.model.opset_imports[""], data, fusions, parity)
         write_manifest(tmp, manifest)
+        write_genai_config(tmp)
     return ExportResult(out, manifest, time.perf_counter() - start)
+
+
+def onnx_builder(name: str):
+    """The ONNX builder named by `ulsexport onnx --builder`: f(model, out, dtype, device, force=, quiet=)."""
+    if name == "torch":
+        return export_onnx
+    if name == "genai":
+        from .genai import build_genai
+
+        return build_genai
+    raise UserError(f"unknown builder '{name}'; choose torch or genai")
 
 
 def _check_dtype_device(dtype: str, device: str) -> None:
     if dtype not in EXPORT_DTYPES:
-        raise UserError(f"--dtype {dtype} is not supported for ONNX export; choose one of {', '.join(EXPORT_DTYPES)}")
+        raise UserError(f"--dtype {dtype} is not supported by --builder torch; choose one of "
+                        f"{', '.join(EXPORT_DTYPES)} (int4: --builder genai)")
     resolve_device(device)  # fp16 on cpu works (onnxruntime runs it; checked in tests), if slowly
 
 

@@ -147,14 +147,6 @@ def _hf_source(candidate: Path) -> Path:
     return Path((read_manifest(candidate) or {}).get("source", ""))
 
 
-def onnx_builders() -> dict:
-    """The ONNX builders by name (`ulsexport onnx --builder`): f(model, out, dtype, device, quiet=...)."""
-    from .export_onnx import export_onnx
-    from .genai import build_genai
-
-    return {"torch": export_onnx, "genai": build_genai}
-
-
 def full_depth_artifact(reference: Path, runtime: str, dtype: str, device: str, workdir: Path,
                         given: Path | None, builder: str = "torch") -> Path:
     """The full model as the same kind of artifact as the candidate (same runtime, same builder)."""
@@ -163,8 +155,9 @@ def full_depth_artifact(reference: Path, runtime: str, dtype: str, device: str, 
     if runtime == "torch":
         return reference
     if runtime in ("ort", "genai"):
-        build = onnx_builders()[builder]
-        return build(reference, workdir / f"full-{builder}", dtype, device, quiet=True).out_dir
+        from .export_onnx import onnx_builder
+
+        return onnx_builder(builder)(reference, workdir / f"full-{builder}", dtype, device, quiet=True).out_dir
     raise UserError(f"--runtime {runtime} needs --reference-artifact: the full model built the same way")
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project, run in the background on the device machine: healing kjv16,
+# fp16 ONNX parity of a 1B-shaped model, then the 7B-shaped speed benchmark (both ONNX builders).
+#
+# The machine needs onnxruntime-gpu in /root/ortsite (carried in parts, as ../shared/device/ortgpu-chunks.sh
+# describes) and the wheels of onnxruntime-genai-cuda 0.18.0 and onnx_ir 1.1.0 installed there too. Then one
+# call starts this script in the background, and later calls (each within 30 s of the last, so the machine
+# stays warm) sleep, print $RESULTS/progress.txt and copy the result files out.
+# The repository is copied to /root/repo first, so that later calls (which re-sync the working
+# tree) cannot change code under a running job. Results and logs go to $RESULTS (default /root/results).
+#
+#   setsid nohup bash benchmarks/gpu_session.sh [STEPS] > /root/session.log 2>&1 < /dev/null &
+#
+# STEPS: comma-separated, from heal,parity,bench (default: all three, in that order).
+set -u
+RESULTS=${RESULTS:-/root/results}
+STEPS=${1:-heal,parity,bench}
+mkdir -p "$RESULTS"
+rm -rf /root/repo && cp -r "$(pwd)" /root/repo && cd /root/repo || exit 1
+export PYTHONPATH=/root/ortsite:/root/repo:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+step() {  # name, command...: run one measurement, log it, note how it ended
+  local name=$1; shift
+  echo "$(date +%T) start $name" >> "$RESULTS/progress.txt"
+  "$@" > "$RESULTS/$name.log" 2>&1
+  echo "$(date +%T) end $name rc=$?" >> "$RESULTS/progress.txt"
+}
+
+for s in ${STEPS//,/ }; do
+  case $s in
+    heal)   step heal python3 benchmarks/heal_kjv16.py --device cuda --quiet --results "$RESULTS/heal" ;;
+    parity) step parity python3 benchmarks/onnx_gpu_parity.py "$RESULTS/parity" ;;
+    bench)  step bench python3 benchmarks/gpu_benchmark.py --results "$RESULTS/bench" \
+                --stages "${BENCH_STAGES:-build,torch,onnx,ort,genai-torch,profile,clean-onnx,genai}" ;;
+    *) echo "unknown step $s" >> "$RESULTS/progress.txt" ;;
+  esac
+done
+echo "$(date +%T) all done" >> "$RESULTS/progress.txt"
