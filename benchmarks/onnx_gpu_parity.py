@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # ulsexport; tiny_models' tokenizer helper
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -42,6 +43,9 @@ def build_checkpoint(directory: Path, shape: dict, dtype: torch.dtype) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
+    from tiny_models import save_word_tokenizer
+
+    save_word_tokenizer(directory, shape["vocab_size"])  # onnxruntime-genai's builder wants a tokenizer
     return directory
 
 
@@ -73,6 +77,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--compare-genai", action="store_true",
+                        help="Also build the pruned checkpoint with onnxruntime-genai's builder and time both "
+                             "graphs' decoding (batch 1 and 8, prompt 128, 128 new tokens)")
     args = parser.parse_args()
     shape = TINY if args.tiny else ONE_B
     tolerance = {"fp16": 1e-2, "fp32": 1e-4}[args.dtype]
@@ -102,12 +109,38 @@ def main() -> None:
                          "onnxruntime": __import__("onnxruntime").__version__, "python": platform.python_version()},
         }
         result["passed"] = result["parity"]["max_relative_logit_error"] <= tolerance
+        write(args.results, result)
+        del decoder
+        if args.compare_genai:
+            result["builders"] = compare_builders(pruned, export.out_dir, work / "genai", args, shape["vocab_size"])
+            write(args.results, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "onnx_gpu_parity.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results / "onnx_gpu_parity.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def write(results: Path, result: dict) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "onnx_gpu_parity.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / "onnx_gpu_parity.md").write_text(markdown(result))
+
+
+def compare_builders(pruned: Path, torch_built: Path, genai_dir: Path, args, vocab: int) -> dict:
+    """Decode tokens/s of our graph (our onnxruntime loop) and of genai's builder (genai's loop), same checkpoint."""
+    from ulsexport.genai import GenaiRuntime, build_genai
+    from ulsexport.runtimes import OrtRuntime
+    from ulsexport.validate import SpeedSettings, measure_speed
+
+    start = time.perf_counter()
+    build_genai(pruned, genai_dir, args.dtype, args.device, quiet=True)
+    out = {"genai_build_seconds": time.perf_counter() - start}
+    settings = SpeedSettings((1, 8), 128, 128, runs=3, warmup=1)
+    for name, make in (("torch-built (ort loop)", lambda: OrtRuntime(torch_built, args.device)),
+                       ("genai-built (genai loop)", lambda: GenaiRuntime(genai_dir, args.dtype, args.device))):
+        runtime = make()
+        out[name] = {b: v["decode_tokens_per_s"] for b, v in measure_speed(runtime, settings, vocab).items()}
+        del runtime
+    return out
 
 
 def markdown(r: dict) -> str:
@@ -123,7 +156,21 @@ def markdown(r: dict) -> str:
         f"prefill {p['prefill_relative_logit_error']:.2e}",
         f"- greedy agreement over {p['steps']} tokens: {p['token_agreement']:.1%}; identical prefix per row "
         f"{p['identical_prefix_per_row']}",
-        f"- versions: {r['versions']}", ""])
+        f"- versions: {r['versions']}", "",
+        *_builder_lines(r.get("builders"))])
+
+
+def _builder_lines(builders: dict | None) -> list[str]:
+    if not builders:
+        return []
+    runs = [k for k in builders if k != "genai_build_seconds"]
+    lines = ["Decode tokens/s of the same pruned checkpoint (prompt 128, 128 new tokens, median of 3; min-max):", "",
+             "| batch | " + " | ".join(runs) + " | ratio |", "|---|---|---|---|"]
+    for batch in builders[runs[0]]:
+        cells = [builders[r][batch] for r in runs]
+        lines.append(f"| {batch} | " + " | ".join(f"{c['median']:.1f} [{c['min']:.1f}-{c['max']:.1f}]" for c in cells)
+                     + f" | {cells[0]['median'] / cells[-1]['median']:.2f} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

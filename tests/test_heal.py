@@ -236,3 +236,16 @@ def test_lm_loss_needs_no_teacher_and_no_manifest(models, strangers, tmp_path):
     result = heal(None, strangers["plain-student"], models["data"], out, loss="lm", **FAST)
     assert result.manifest["healing"]["teacher"] is None
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+def test_healed_model_exports_to_onnx_and_passes_parity(models, tmp_path):
+    from ulsexport.export_onnx import export_onnx
+    from ulsexport.validate import validate
+
+    healed = heal(models["teacher"], models["student"], models["data"], tmp_path / "healed", **FAST).out_dir
+    export = export_onnx(healed, tmp_path / "onnx", quiet=True)
+    assert export.manifest["cache_to_original_layer"] == {str(i): layer for i, layer in enumerate(KEEP)}
+    assert export.manifest["source_manifest"]["healing"]["steps"] == FAST["steps"]
+    report = validate(models["teacher"], export.out_dir, "ort", speed=None, parity_steps=16, quiet=True)
+    assert report["parity"]["passed"] and report["parity"]["greedy_tokens_equal"]
+    assert report["parity"]["max_relative_error"] < 1e-4 and report["kept"] == KEEP
