@@ -148,9 +148,10 @@ def markdown(results: dict, args) -> str:
             continue
         runtime, plan = key.split(".")
         parity = report["parity"]
-        parity_text = (f"{'pass' if parity['passed'] else 'FAIL'} ({parity['max_relative_error']:.1e}, tokens "
-                       f"{'equal' if parity['greedy_tokens_equal'] else 'differ at step ' + str(parity['first_divergence']['step'])}"
-                       f" of {parity['new_tokens']})")
+        parity_text = f"{'pass' if parity['passed'] else 'FAIL'} ({parity['max_relative_error']:.1e}, tokens " + (
+            f"equal over {parity['new_tokens']}" if parity["greedy_tokens_equal"] else
+            f"part at step {parity['first_divergence']['step']} of {parity['new_tokens']}"
+            + (" at a near tie" if parity["first_divergence"].get("near_tie") else "")) + ")"
         for batch, measured in report["speedup"]["measured"].items():
             full = report["speed"]["full"][batch]["decode_tokens_per_s"]["median"]
             pruned = report["speed"]["pruned"][batch]["decode_tokens_per_s"]["median"]

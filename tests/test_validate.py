@@ -29,9 +29,23 @@ def test_compare_runs_finds_the_first_divergence():
     candidate = GreedyRun(np.array([[0, 1, 2], [1, 4, 3]]), drifted)
     result = compare_runs(reference, candidate, 1e-4)
     assert not result["passed"] and not result["greedy_tokens_equal"]
-    assert result["first_divergence"] == {"step": 1, "row": 1}
+    assert {k: result["first_divergence"][k] for k in ("step", "row", "near_tie")} == {
+        "step": 1, "row": 1, "near_tie": False}
     assert result["first_step_over_tolerance"] == 1
     assert compare_runs(reference, reference, 1e-4)["passed"]
+
+
+def test_tokens_parting_at_a_near_tie_pass_only_within_the_dtype_tolerance():
+    """fp16 may flip a greedy token where the reference's top two are closer than fp16 resolves."""
+    reference_logits = np.array([[10.0, 9.99, 0.0]], dtype=np.float32)   # margin 1e-3 of the largest logit
+    candidate_logits = np.array([[9.995, 9.996, 0.0]], dtype=np.float32)  # relative error 5e-4, picks token 1
+    reference = GreedyRun(np.array([[0, 2]]), [reference_logits, reference_logits])
+    candidate = GreedyRun(np.array([[1, 2]]), [candidate_logits, candidate_logits])
+    fp16 = compare_runs(reference, candidate, 1e-2)
+    assert fp16["passed"] and not fp16["greedy_tokens_equal"]
+    assert fp16["first_divergence"]["near_tie"] and abs(fp16["first_divergence"]["reference_margin"] - 1e-3) < 1e-6
+    fp32 = compare_runs(reference, candidate, 1e-4)
+    assert not fp32["passed"] and not fp32["first_divergence"]["near_tie"]
 
 
 def test_pruned_checkpoint_passes_with_speed_report(pruned):

@@ -30,7 +30,10 @@ def markdown(report: dict) -> str:
     ]
     if parity["first_divergence"]:
         d = parity["first_divergence"]
-        lines.append(f"Greedy tokens first differ at step {d['step']}, batch row {d['row']}.")
+        tie = ("a near tie (the reference's margin between the two tokens is within the tolerance), "
+               "which parity allows" if d["near_tie"] else "not a near tie")
+        lines.append(f"Greedy tokens first differ at step {d['step']}, batch row {d['row']}: the reference's margin "
+                     f"is {d['reference_margin']:.1e} of its largest logit, {tie}.")
     if parity["first_step_over_tolerance"] is not None:
         lines.append(f"Logits first exceed the tolerance at step {parity['first_step_over_tolerance']}.")
     if "speed" in report:
