@@ -44,6 +44,7 @@ def main(ctx, quiet):
       ulsexport onnx     --model artifacts/NAME/hf --out artifacts/NAME/onnx
       ulsexport validate --reference PATH --candidate artifacts/NAME/onnx --runtime ort
 
+    The whole pipeline from a YAML recipe: ulsexport run recipes/stories260k-demo.yaml
     Choosing layers from data instead of by position: ulsexport compare-plans --help.
     """
     ctx.obj = {"quiet": quiet}
@@ -349,6 +350,37 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, force, as_
     else:
         layers = ", ".join(f"{i}<-{o}" for i, o in result.manifest["cache_to_original_layer"].items())
         click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s; cache index<-original layer: {layers}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field, dotted for nested ones: --set model=/models/llama --set plan.speedup=3.")
+@click.option("--force", is_flag=True, help="Redo every stage, even those whose inputs did not change.")
+@click.pass_context
+def run(ctx, recipe, overrides, force):
+    """Run a YAML recipe: plan -> prune -> onnx -> validate, into artifacts/<name>/.
+
+    Writes hf/, onnx/ and report/ (report.md, report.json, report.png) under artifacts/<name>/.
+    A stage whose inputs did not change since the last run is skipped (and says so). Exits 1 when
+    the validation's parity fails.
+
+    \b
+    Examples:
+      ulsexport run recipes/stories260k-demo.yaml
+      ulsexport run recipes/llama-7b-uls-2x-cuda.yaml --set model=/models/Meta-Llama-3-8B
+    """
+    from .recipe import load_recipe, run_recipe
+
+    result = run_recipe(load_recipe(recipe, list(overrides)), force=force, quiet=ctx.obj["quiet"],
+                        echo=lambda line: click.echo(line, err=True))
+    click.echo(f"wrote {result.out_dir}")
+    if result.report is not None:
+        from .report import markdown
+
+        click.echo(markdown(result.report))
+        if not result.report["parity"]["passed"]:
+            sys.exit(1)
 
 
 def _parse_size(text: str) -> int:

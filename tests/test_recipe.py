@@ -1,0 +1,76 @@
+"""Recipes: plain YAML in, the whole pipeline out under artifacts/<name>/; unchanged stages are skipped."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from ulsexport.errors import UserError
+from ulsexport.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "recipes" / "stories260k-demo.yaml"
+
+
+def test_every_shipped_recipe_loads():
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe["name"] and recipe["plan"]["strategy"] == "uls" and recipe["plan"]["speedup"] > 1
+
+
+def test_defaults_and_overrides():
+    recipe = load_recipe(DEMO, ["plan.speedup=3", "model=/elsewhere", "validate.batches=[2]"])
+    assert recipe["plan"]["speedup"] == 3 and recipe["model"] == "/elsewhere"
+    assert recipe["validate"]["batches"] == [2] and recipe["validate"]["runs"] == 3
+    assert recipe["artifacts"] == "artifacts" and recipe["plan"]["keep"] is None
+
+
+def test_runtime_follows_the_builder_when_unset(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nmodel: m\nonnx:\n  builder: genai\nvalidate:\n")
+    assert load_recipe(path)["validate"]["runtime"] == "genai"
+    path.write_text("name: x\nmodel: m\nvalidate:\n")
+    assert load_recipe(path)["validate"]["runtime"] == "torch"
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    ("name: x\nmodel: m\nplan:\n  speedup: 2\n  stratgy: uls\n", [], "line 5: unknown field 'plan.stratgy'"),
+    ("name: x\nmodel: m\nexport:\n  dtype: fp16\n", [], "line 3: unknown field 'export'"),
+    ("name: x\nmodel: m\nplan:\n  speedup: fast\n", [], "line 4: 'plan.speedup' must be a number"),
+    ("name: x\nplan:\n  speedup: 2\n", [], "needs 'model'"),
+    ("name: x\nmodel: m\nplan: [1, 2]\n", [], "line 3: 'plan' must be a mapping"),
+    ("name: [x\n", [], "not valid YAML"),
+    ("name: x\nmodel: m\n", ["plan.speedup"], "expected key=value"),
+    ("name: x\nmodel: m\n", ["plan.speed=2"], "(--set): unknown field 'plan.speed'"),
+])
+def test_malformed_recipes_name_the_field_and_line(tmp_path, text, overrides, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as error:
+        load_recipe(path, overrides)
+    assert message in str(error.value) and str(path) in str(error.value)
+
+
+def test_cli_runs_the_pipeline_then_skips_unchanged_stages(tmp_path):
+    fast = ["--set", f"artifacts={tmp_path}", "--set", "validate.batches=[1]", "--set", "validate.prompt_len=8",
+            "--set", "validate.new_tokens=4", "--set", "validate.runs=1", "--set", "validate.parity_steps=8"]
+    first = run_cli("run", DEMO, *fast)
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "stories260k-uls-2x"
+    assert (out / "hf" / "config.json").is_file() and (out / "onnx" / "model.onnx").is_file()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["parity"]["passed"] and report["kept"] == [0, 4] and "perplexity" in report
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "report.png").is_file()
+    assert "prune: ran" in first.stderr and "validate: ran" in first.stderr
+
+    again = run_cli("run", DEMO, *fast)
+    assert again.exit_code == 0 and again.stderr.count("skipped (unchanged)") == 3, again.output
+
+    changed = run_cli("run", DEMO, *fast, "--set", "onnx.device=cpu", "--set", "validate.new_tokens=5")
+    assert "prune: skipped" in changed.stderr and "onnx: skipped" in changed.stderr
+    assert "validate: ran" in changed.stderr
+
+
+def test_cli_bad_recipe_is_one_line_exit_2(tmp_path):
+    result = run_cli("run", tmp_path / "missing.yaml")
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
