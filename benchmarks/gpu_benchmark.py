@@ -61,24 +61,15 @@ def stage_build(work: Path, args) -> None:
             prune_checkpoint(work / "full", work / f"uls{s}", plan_for_model(work / "full", s), quiet=True)
 
 
-def stage_onnx(work: Path, args) -> None:
-    from ulsexport.export_onnx import export_onnx
+def stage_build_artifacts(work: Path, args, builder: str, suffix: str) -> None:
+    """Every depth built with one ONNX builder into <depth><suffix>, timed."""
+    from ulsexport.export_onnx import onnx_builder
 
     for name in ("full", *(f"uls{s}" for s in SPEEDUPS)):
-        if not (work / f"{name}-onnx").exists():
+        if not (work / f"{name}{suffix}").exists():
             start = time.perf_counter()
-            export_onnx(work / name, work / f"{name}-onnx", args.dtype, args.device, quiet=True)
-            _record(args, f"export_seconds.onnx.{name}", time.perf_counter() - start)
-
-
-def stage_genai_build(work: Path, args) -> None:
-    from ulsexport.genai import build_genai
-
-    for name in ("full", *(f"uls{s}" for s in SPEEDUPS)):
-        if not (work / f"{name}-genai").exists():
-            start = time.perf_counter()
-            build_genai(work / name, work / f"{name}-genai", args.dtype, args.device, quiet=True)
-            _record(args, f"export_seconds.genai.{name}", time.perf_counter() - start)
+            onnx_builder(builder)(work / name, work / f"{name}{suffix}", args.dtype, args.device, quiet=True)
+            _record(args, f"export_seconds.{builder}.{name}", time.perf_counter() - start)
 
 
 def validate_all(work: Path, args, run: str) -> None:
@@ -195,11 +186,12 @@ def _builder_comparison(results: dict) -> list[str]:
 STAGES = {
     "build": stage_build,
     "torch": lambda work, args: validate_all(work, args, "torch"),
-    "onnx": stage_onnx,
+    "onnx": lambda work, args: stage_build_artifacts(work, args, "torch", "-onnx"),
     "ort": lambda work, args: validate_all(work, args, "ort"),
     "genai-torch": lambda work, args: validate_all(work, args, "genai-torch"),
     "profile": stage_profile,
-    "genai": lambda work, args: (stage_genai_build(work, args), validate_all(work, args, "genai")),
+    "genai": lambda work, args: (stage_build_artifacts(work, args, "genai", "-genai"),
+                                 validate_all(work, args, "genai")),
     "clean-onnx": lambda work, args: [shutil.rmtree(p) for p in work.glob("*-onnx")],
 }
 
