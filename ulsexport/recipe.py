@@ -8,6 +8,7 @@ dotted for nested ones (`--set plan.speedup=3`).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ import yaml
 
 from .errors import UserError
 
-# Every field a recipe may hold: section -> field -> (type, default). None: required.
+REQUIRED = object()
+# Every field a recipe may hold: section -> field -> (type, default); "" is the top level.
 SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
-    "": {"name": (str, None), "model": (str, None), "artifacts": (str, "artifacts")},
+    "": {"name": (str, REQUIRED), "model": (str, REQUIRED), "artifacts": (str, "artifacts")},
     "plan": {"strategy": (str, "uls"), "speedup": ((int, float), None), "keep": (list, None), "skip": (list, None),
              "calib": (str, None), "calib_tokens": (int, 8192), "device": (str, "cpu")},
     "onnx": {"builder": (str, "torch"), "dtype": (str, "fp32"), "device": (str, "cpu")},
@@ -114,9 +116,9 @@ def _fields(section: str, values: dict, where: Callable[[str], str]) -> dict:
     for field, (_, default) in SCHEMA[section].items():
         key = f"{section}.{field}" if section else field
         if field not in out:
-            if default is None and (section, field) in (("", "name"), ("", "model")):
+            if default is REQUIRED:
                 raise UserError(f"{where(key)}: the recipe needs '{key}'")
-            out[field] = default
+            out[field] = copy.copy(default)
     return out
 
 
