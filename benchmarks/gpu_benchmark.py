@@ -21,7 +21,6 @@ import json
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -91,20 +90,17 @@ def validate_all(work: Path, args, run: str) -> None:
 
 def stage_profile(work: Path, args) -> None:
     """onnxruntime's per-op kernel times of decode steps of our 2x graph, batch 1 and 8."""
-    from profile_decode_step import op_times, profiled_decoder, run_steps
+    from profile_decode_step import profile_decode
 
     for batch in (1, 8):
         key = f"profile.uls2-onnx.b{batch}"
         if key in _results(args):
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            decoder = profiled_decoder(work / "uls2-onnx", args.device, Path(tmp))
-            run_steps(decoder, batch, args.prompt_len, 8, (TINY if args.tiny else SEVEN_B)["vocab_size"])
-            totals, steps = op_times(json.loads(Path(decoder.session.end_profiling()).read_text()))
-        ranked = sorted(totals.items(), key=lambda item: -item[1]["us"])
+        totals, steps = profile_decode(work / "uls2-onnx", args.device, batch, args.prompt_len, 8,
+                                       (TINY if args.tiny else SEVEN_B)["vocab_size"])
         _record(args, key, {"steps": steps, "ms_per_step": sum(t["us"] for t in totals.values()) / steps / 1000,
                             "top_ops": {op: {"ms_per_step": t["us"] / steps / 1000, "calls_per_step": t["calls"] / steps}
-                                        for op, t in ranked[:12]}})
+                                        for op, t in list(totals.items())[:12]}})
 
 
 def _results(args) -> dict:

@@ -61,6 +61,16 @@ def op_times(profile: list[dict], skip_runs: int = 1) -> tuple[dict, int]:
     return dict(totals), len(kept)
 
 
+def profile_decode(folder: Path, device: str, batch: int, prompt_len: int, steps: int, vocab: int):
+    """(op type -> {"us", "calls"} over the decode steps, decode steps profiled), op types by time, largest first."""
+    with tempfile.TemporaryDirectory() as tmp:
+        decoder = profiled_decoder(folder, device, Path(tmp))
+        run_steps(decoder, batch, prompt_len, steps, vocab)
+        profile = json.loads(Path(decoder.session.end_profiling()).read_text())
+    totals, runs = op_times(profile)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]["us"])), runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="an ONNX export folder (model.onnx + ulsexport.json)")
@@ -75,13 +85,9 @@ def main() -> None:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.folder).get_text_config().vocab_size
-    with tempfile.TemporaryDirectory() as tmp:
-        decoder = profiled_decoder(args.folder, args.device, Path(tmp))
-        run_steps(decoder, args.batch, args.prompt_len, args.steps, vocab)
-        profile = json.loads(Path(decoder.session.end_profiling()).read_text())
-    totals, runs = op_times(profile)
+    totals, runs = profile_decode(args.folder, args.device, args.batch, args.prompt_len, args.steps, vocab)
     total_us = sum(t["us"] for t in totals.values()) or 1
-    ranked = sorted(totals.items(), key=lambda item: -item[1]["us"])
+    ranked = list(totals.items())
     print(f"{args.folder}: {runs} decode steps, batch {args.batch}, prompt {args.prompt_len}, {args.device}; "
           f"kernel time {total_us / runs / 1000:.3f} ms per step")
     print(f"{'op type':<32} {'ms/step':>9} {'share':>7} {'calls/step':>10}")

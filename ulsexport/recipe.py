@@ -18,16 +18,19 @@ from typing import Callable
 import yaml
 
 from .errors import UserError
+from .scoring import DEFAULT_CALIB_TOKENS
+from .validate import SpeedSettings
 
 REQUIRED = object()
 # Every field a recipe may hold: section -> field -> (type, default); "" is the top level.
 SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "": {"name": (str, REQUIRED), "model": (str, REQUIRED), "artifacts": (str, "artifacts")},
     "plan": {"strategy": (str, "uls"), "speedup": ((int, float), None), "keep": (list, None), "skip": (list, None),
-             "calib": (str, None), "calib_tokens": (int, 8192), "device": (str, "cpu")},
+             "calib": (str, None), "calib_tokens": (int, DEFAULT_CALIB_TOKENS), "device": (str, "cpu")},
     "onnx": {"builder": (str, "torch"), "dtype": (str, "fp32"), "device": (str, "cpu")},
-    "validate": {"runtime": (str, None), "device": (str, "cpu"), "batches": (list, [1, 8]), "prompt_len": (int, 128),
-                 "new_tokens": (int, 128), "runs": (int, 3), "parity_steps": (int, 32), "text": (str, None)},
+    "validate": {"runtime": (str, None), "device": (str, "cpu"), "batches": (list, list(SpeedSettings.batches)),
+                 "prompt_len": (int, SpeedSettings.prompt_len), "new_tokens": (int, SpeedSettings.new_tokens),
+                 "runs": (int, SpeedSettings.runs), "parity_steps": (int, 32), "text": (str, None)},
 }
 STAMPS = ".ulsexport-stages.json"
 
@@ -185,7 +188,7 @@ def _onnx(section: dict, out: Path, quiet: bool) -> None:
 
 def _validate(recipe: dict, out: Path, quiet: bool) -> dict:
     from .report import write_reports
-    from .validate import SpeedSettings, validate
+    from .validate import validate
 
     v = recipe["validate"]
     candidate = out / ("onnx" if recipe.get("onnx") else "hf")
