@@ -64,7 +64,7 @@ def stage_build_artifacts(work: Path, args, builder: str, suffix: str) -> None:
     """Every depth built with one ONNX builder into <depth><suffix>, timed."""
     from ulsexport.export_onnx import onnx_builder
 
-    for name in ("full", *(f"uls{s}" for s in SPEEDUPS)):
+    for name in args.depths.split(","):
         if not (work / f"{name}{suffix}").exists():
             start = time.perf_counter()
             onnx_builder(builder)(work / name, work / f"{name}{suffix}", args.dtype, args.device, quiet=True)
@@ -195,6 +195,8 @@ STAGES = {
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="build,torch,onnx,ort,genai-torch,profile,clean-onnx,genai")
+    ap.add_argument("--depths", default=",".join(["full", *(f"uls{s}" for s in SPEEDUPS)]),
+                    help="which checkpoints the artifact stages build, in this order")
     ap.add_argument("--workdir", type=Path, default=Path("/root/bench"))
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--device", default="cuda")

@@ -91,8 +91,13 @@ def test_fp16_export_runs_on_cpu(exported, tmp_path):
 
 
 def test_fusions_recorded_and_fallback(exported):
+    import onnx
+
     fused = read_manifest(exported("llama")[1])["optimizations"]
     assert fused["kept"] and fused["applied"]["rms_normalization"] > 0
+    ops = {node.op_type for node in onnx.load(str(exported("llama")[1] / "model.onnx"), load_external_data=False).graph.node}
+    # attention is fused, and not into GroupQueryAttention, whose rule ignores the padding mask
+    assert "MultiHeadAttention" in ops and "GroupQueryAttention" not in ops
     rejected = read_manifest(exported("gpt2")[1])["optimizations"]  # onnxruntime rejects its fused Gemm
     assert not rejected["kept"] and "failure" in rejected
 

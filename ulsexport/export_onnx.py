@@ -110,7 +110,7 @@ def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int
         bar.update()
         program, shapes = _export_program(torch_model, adapter, opset)
         bar.update()
-        data, fusions, parity = _save_verified(program.model, tmp, torch_model, shapes, dtype, device, optimize)
+        data, fusions, parity = _save_verified(program, tmp, torch_model, adapter, opset, shapes, dtype, optimize)
         bar.update()
         ckpt.copy_side_files(model_dir, tmp)
         (tmp / ckpt.CONFIG_NAME).write_text((model_dir / ckpt.CONFIG_NAME).read_text())
@@ -170,7 +170,7 @@ def _export_program(torch_model, adapter, opset):
                 flat_cache_module(torch_model, adapter.onnx_position_ids), args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
                 input_names=inputs + [n for pair in cache_in for n in pair],
                 output_names=["logits"] + [n for pair in cache_out for n in pair], verbose=False,
-                optimize=False)  # _save_verified optimizes once, with or without the ORT fusions
+                optimize=False)  # _save_verified folds constants and fuses once
     except Exception as exc:  # the exporter's own errors are long; the first line says what broke
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"torch.onnx could not export '{adapter.model_type}': {first}") from None
@@ -204,40 +204,48 @@ def _save(ir_model, folder: Path) -> str | None:
     return data
 
 
-def _save_verified(ir_model, folder: Path, torch_model, shapes, dtype, device, optimize):
-    """Save the graph, fused for onnxruntime where the fused graph keeps parity with PyTorch."""
-    import shutil
+def _save_verified(program, folder: Path, torch_model, adapter, opset, shapes, dtype, optimize):
+    """Save the graph, fused for onnxruntime where the fused graph keeps parity with PyTorch.
+
+    The fusions rewrite the graph in place, so a fused graph that fails is replaced by a second
+    trace, not by a copy kept on disk (that would double the disk a 70B export needs).
+    """
+    from onnxscript.optimizer import optimize as fold_constants
 
     tolerance = PARITY_TOLERANCE[dtype]
-    if not optimize:
-        from onnxscript.optimizer import optimize as fold_constants
-
-        fold_constants(ir_model)
-        data = _save(ir_model, folder)
-        error = _parity_error(folder, shapes, dtype, torch_model, device)
-        return data, {"applied": {}, "kept": False, "skipped": "--no-optimize"}, _parity(error, tolerance)
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    unfused = folder / "unfused"
-    unfused.mkdir()
-    plain_data = _save(ir_model, unfused)  # optimize_for_ort rewrites in place: keep the plain graph
-    fused, counts = optimize_for_ort(ir_model)
-    data = _save(fused, folder)
-    fusions = {"applied": {k: v for k, v in counts.items() if v}}
-    try:
-        error = _parity_error(folder, shapes, dtype, torch_model, device)
-    except Exception as exc:  # onnxruntime rejects a few fused graphs outright (e.g. rank-3 Gemm)
-        error, fusions["failure"] = float("inf"), f"{type(exc).__name__}: {str(exc)[:200]}"
-    fusions.update(kept=error <= tolerance, fused_relative_error=error if error < float("inf") else None)
-    if error > tolerance:  # fall back to the plain graph
+    device = str(torch_model.device.type)
+    fusions = {"applied": {}, "kept": False, "skipped": "--no-optimize"}
+    if optimize:
+        fused, counts = _fuse_for_ort(program.model)
+        data = _save(fused, folder)
+        fusions = {"applied": {k: v for k, v in counts.items() if v}}
+        try:
+            error = _parity_error(folder, shapes, dtype, torch_model, device)
+        except Exception as exc:  # onnxruntime rejects a few fused graphs outright (e.g. rank-3 Gemm)
+            error, fusions["failure"] = float("inf"), f"{type(exc).__name__}: {str(exc)[:200]}"
+        fusions.update(kept=error <= tolerance, fused_relative_error=error if error < float("inf") else None)
+        if fusions["kept"]:
+            return data, fusions, _parity(error, tolerance)
         for path in folder.glob(f"{ONNX_FILE}*"):
             path.unlink()
-        for path in unfused.iterdir():
-            path.replace(folder / path.name)
-        data = plain_data
-        error = _parity_error(folder, shapes, dtype, torch_model, device)
-    shutil.rmtree(unfused)
-    return data, fusions, _parity(error, tolerance)
+        program, shapes = _export_program(torch_model, adapter, opset)
+    fold_constants(program.model)
+    data = _save(program.model, folder)
+    return data, fusions, _parity(_parity_error(folder, shapes, dtype, torch_model, device), tolerance)
+
+
+def _fuse_for_ort(ir_model):
+    """onnxscript's fusions for onnxruntime, less its GroupQueryAttention rule.
+
+    That rule replaces the attention mask by lengths taken from position_ids (its source says it
+    assumes onnxruntime-genai's usage), so a left-padded batch attends to its pad tokens.
+    """
+    from unittest import mock
+
+    from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
+
+    with mock.patch.object(_core, "fuse_gqa", lambda model, **_: 0):
+        return optimize_for_ort(ir_model)
 
 
 def _parity(error: float, tolerance: float) -> dict:
