@@ -67,7 +67,9 @@ def stage_build_artifacts(work: Path, args, builder: str, suffix: str) -> None:
     for name in args.depths.split(","):
         if not (work / f"{name}{suffix}").exists():
             start = time.perf_counter()
-            onnx_builder(builder)(work / name, work / f"{name}{suffix}", args.dtype, args.device, quiet=True)
+            options = {"attention": args.attention} if builder == "torch" else {}
+            onnx_builder(builder)(work / name, work / f"{name}{suffix}", args.dtype, args.device, quiet=True,
+                                  **options)
             _record(args, f"export_seconds.{builder}.{name}", time.perf_counter() - start)
 
 
@@ -126,7 +128,8 @@ def markdown(results: dict, args) -> str:
     shape = "tiny test shape" if args.tiny else "Llama-7B-shaped (32 layers, hidden 4096, GQA 32/8, vocab 32000)"
     lines = [f"# GPU benchmark: {shape}, {args.dtype}", "",
              f"Device: {results.get('device')}. Prompt {args.prompt_len}, {args.new_tokens} new tokens, median of "
-             f"{args.runs} runs after 1 warm-up. Random weights. Command: `python benchmarks/gpu_benchmark.py`.", "",
+             f"{args.runs} runs after 1 warm-up. Random weights. Command: `python benchmarks/gpu_benchmark.py`; "
+             f"torch builder's attention fusion: {args.attention}.", "",
              "| runtime | plan | kept | batch | full decode tok/s | pruned decode tok/s | decode speedup | target | "
              "cost-model prediction | parity |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -197,6 +200,8 @@ def main():
     ap.add_argument("--stages", default="build,torch,onnx,ort,genai-torch,profile,clean-onnx,genai")
     ap.add_argument("--depths", default=",".join(["full", *(f"uls{s}" for s in SPEEDUPS)]),
                     help="which checkpoints the artifact stages build, in this order")
+    ap.add_argument("--attention", default="mha", choices=["mha", "gqa"],
+                    help="the fused attention of the torch builder's graphs (ulsexport onnx --attention)")
     ap.add_argument("--workdir", type=Path, default=Path("/root/bench"))
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--device", default="cuda")

@@ -90,16 +90,29 @@ def test_fp16_export_runs_on_cpu(exported, tmp_path):
     assert_greedy_parity(pruned, result.out_dir, dtype="fp16", tolerance=1e-2)
 
 
-def test_fusions_recorded_and_fallback(exported):
+def op_types(onnx_dir) -> set[str]:
     import onnx
 
+    return {node.op_type for node in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node}
+
+
+def test_fusions_recorded_and_fallback(exported):
     fused = read_manifest(exported("llama")[1])["optimizations"]
-    assert fused["kept"] and fused["applied"]["rms_normalization"] > 0
-    ops = {node.op_type for node in onnx.load(str(exported("llama")[1] / "model.onnx"), load_external_data=False).graph.node}
-    # attention is fused, and not into GroupQueryAttention, whose rule ignores the padding mask
-    assert "MultiHeadAttention" in ops and "GroupQueryAttention" not in ops
+    assert fused["kept"] and fused["variant"] == "mha" and fused["applied"]["rms_normalization"] > 0
+    # attention is fused, and not by onnxscript's GroupQueryAttention rule, which ignores the padding mask
+    assert "MultiHeadAttention" in op_types(exported("llama")[1])
+    assert "GroupQueryAttention" not in op_types(exported("llama")[1])
     rejected = read_manifest(exported("gpt2")[1])["optimizations"]  # onnxruntime rejects its fused Gemm
     assert not rejected["kept"] and "failure" in rejected
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])  # mistral: the prompt outruns its window
+def test_grouped_query_attention_keeps_left_padding(exported, tmp_path, family):
+    pruned, _ = exported(family)
+    result = export_onnx(pruned, tmp_path / "gqa", attention="gqa", quiet=True)
+    assert result.manifest["optimizations"]["variant"] == "gqa" and result.manifest["optimizations"]["kept"]
+    assert "GroupQueryAttention" in op_types(result.out_dir) and "MultiHeadAttention" not in op_types(result.out_dir)
+    assert_greedy_parity(pruned, result.out_dir)
 
 
 def test_stories260k_cli_export(tmp_path):

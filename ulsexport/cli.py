@@ -317,10 +317,14 @@ def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_
               help="cpu or cuda: where the model is traced and checked (torch), or which the graph targets (genai).")
 @click.option("--opset", type=int, help="ONNX opset [default: torch.onnx's] (torch builder).")
 @click.option("--no-optimize", is_flag=True, help="Skip onnxruntime transformer fusions (torch builder).")
+@click.option("--attention", type=click.Choice(["mha", "gqa"]), default="mha", show_default=True,
+              help="Fused attention (torch builder): mha repeats key/value heads to the query heads (measured on "
+                   "CUDA); gqa keeps them grouped (onnxruntime GroupQueryAttention, padding mask kept; not yet "
+                   "timed on CUDA), falling back to mha if it fails the parity check.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
-def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, force, as_json):
+def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention, force, as_json):
     """Export a checkpoint to ONNX: one decoder graph with a KV cache for the kept layers only.
 
     The torch builder's graph has inputs input_ids, attention_mask, position_ids,
@@ -339,11 +343,11 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, force, as_
     from .export_onnx import export_onnx, onnx_builder
 
     if builder == "torch":
-        result = export_onnx(model, out, dtype, device, opset, optimize=not no_optimize, force=force,
-                             quiet=ctx.obj["quiet"])
+        result = export_onnx(model, out, dtype, device, opset, optimize=not no_optimize, attention=attention,
+                             force=force, quiet=ctx.obj["quiet"])
     else:
-        if opset is not None or no_optimize:
-            raise UserError("--opset and --no-optimize apply to --builder torch only")
+        if opset is not None or no_optimize or attention != "mha":
+            raise UserError("--opset, --no-optimize and --attention apply to --builder torch only")
         result = onnx_builder(builder)(model, out, dtype, device, force=force, quiet=ctx.obj["quiet"])
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2))

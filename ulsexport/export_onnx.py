@@ -29,6 +29,7 @@ EXPORT_DTYPES = ("fp32", "fp16")
 # Sample sizes for tracing: distinct, so that torch.export never unifies two dynamic axes.
 SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST = 2, 3, 5
 PROBE_STEPS = 3  # greedy steps of the parity probe run at export time
+ATTENTION_FUSIONS = {"mha": ("mha",), "gqa": ("gqa", "mha")}  # the fused graphs tried, in order
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,19 @@ def flat_cache_module(model, uses_position_ids: bool):
 
 
 def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int | None = None,
-                optimize: bool = True, force: bool = False, quiet: bool = False) -> ExportResult:
-    """Export checkpoint directory `model` to `out`/model.onnx with its manifest and tokenizer files."""
+                optimize: bool = True, attention: str = "mha", force: bool = False,
+                quiet: bool = False) -> ExportResult:
+    """Export checkpoint directory `model` to `out`/model.onnx with its manifest and tokenizer files.
+
+    `attention` picks the fused attention tried first: "mha" (MultiHeadAttention over key/value heads
+    repeated to the query heads) or "gqa" (GroupQueryAttention that keeps the padding mask; falls
+    back to "mha", then to no fusion, where the fused graph fails the parity check).
+    """
     start = time.perf_counter()
     model_dir, config, adapter = load_model_info(model)
     _check_dtype_device(dtype, device)
+    if attention not in ATTENTION_FUSIONS:
+        raise UserError(f"unknown attention fusion '{attention}'; choose one of {', '.join(ATTENTION_FUSIONS)}")
     if not adapter.onnx_exportable:
         raise UserError(f"ONNX export of '{adapter.model_type}' is not supported: {adapter.onnx_note}")
     out = Path(out)
@@ -110,7 +119,8 @@ def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int
         bar.update()
         program, shapes = _export_program(torch_model, adapter, opset)
         bar.update()
-        data, fusions, parity = _save_verified(program, tmp, torch_model, adapter, opset, shapes, dtype, optimize)
+        variants = ATTENTION_FUSIONS[attention] if optimize else ()
+        data, fusions, parity = _save_verified(program, tmp, torch_model, adapter, opset, shapes, dtype, variants)
         bar.update()
         ckpt.copy_side_files(model_dir, tmp)
         (tmp / ckpt.CONFIG_NAME).write_text((model_dir / ckpt.CONFIG_NAME).read_text())
@@ -204,48 +214,40 @@ def _save(ir_model, folder: Path) -> str | None:
     return data
 
 
-def _save_verified(program, folder: Path, torch_model, adapter, opset, shapes, dtype, optimize):
-    """Save the graph, fused for onnxruntime where the fused graph keeps parity with PyTorch.
+def _save_verified(program, folder: Path, torch_model, adapter, opset, shapes, dtype, variants):
+    """Save the graph, fused for onnxruntime (the first of `variants` that keeps parity with PyTorch).
 
-    The fusions rewrite the graph in place, so a fused graph that fails is replaced by a second
+    The fusions rewrite the graph in place, so a fused graph that fails is replaced by a fresh
     trace, not by a copy kept on disk (that would double the disk a 70B export needs).
     """
     from onnxscript.optimizer import optimize as fold_constants
 
+    from .ort_fusions import fuse_for_ort
+
     tolerance = PARITY_TOLERANCE[dtype]
     device = str(torch_model.device.type)
-    fusions = {"applied": {}, "kept": False, "skipped": "--no-optimize"}
-    if optimize:
-        fused, counts = _fuse_for_ort(program.model)
+    fusions = {"applied": {}, "kept": False, "skipped": "--no-optimize", "tried": []}
+    for variant in variants:
+        if fusions["tried"]:
+            program, shapes = _export_program(torch_model, adapter, opset)
+        fused, counts = fuse_for_ort(program.model, grouped_query_attention=variant == "gqa")
         data = _save(fused, folder)
-        fusions = {"applied": {k: v for k, v in counts.items() if v}}
+        attempt = {"variant": variant, "applied": {k: v for k, v in counts.items() if v}}
         try:
             error = _parity_error(folder, shapes, dtype, torch_model, device)
-        except Exception as exc:  # onnxruntime rejects a few fused graphs outright (e.g. rank-3 Gemm)
-            error, fusions["failure"] = float("inf"), f"{type(exc).__name__}: {str(exc)[:200]}"
-        fusions.update(kept=error <= tolerance, fused_relative_error=error if error < float("inf") else None)
+        except Exception as exc:  # onnxruntime rejects some fused graphs outright (e.g. rank-3 Gemm)
+            error, attempt["failure"] = float("inf"), f"{type(exc).__name__}: {str(exc)[:200]}"
+        attempt["relative_error"] = error if error < float("inf") else None
+        fusions = {**attempt, "kept": error <= tolerance, "tried": [*fusions["tried"], attempt]}
         if fusions["kept"]:
             return data, fusions, _parity(error, tolerance)
         for path in folder.glob(f"{ONNX_FILE}*"):
             path.unlink()
+    if fusions["tried"]:
         program, shapes = _export_program(torch_model, adapter, opset)
     fold_constants(program.model)
     data = _save(program.model, folder)
     return data, fusions, _parity(_parity_error(folder, shapes, dtype, torch_model, device), tolerance)
-
-
-def _fuse_for_ort(ir_model):
-    """onnxscript's fusions for onnxruntime, less its GroupQueryAttention rule.
-
-    That rule replaces the attention mask by lengths taken from position_ids (its source says it
-    assumes onnxruntime-genai's usage), so a left-padded batch attends to its pad tokens.
-    """
-    from unittest import mock
-
-    from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
-
-    with mock.patch.object(_core, "fuse_gqa", lambda model, **_: 0):
-        return optimize_for_ort(ir_model)
 
 
 def _parity(error: float, tolerance: float) -> dict:

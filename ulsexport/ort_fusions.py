@@ -1,0 +1,83 @@
+"""Graph fusions for onnxruntime after export: onnxscript's, with grouped-query attention that keeps the mask.
+
+onnxscript's own GroupQueryAttention rule replaces the attention mask by lengths taken from
+position_ids (its source says it assumes onnxruntime-genai's usage), so a left-padded batch would
+attend to its pad tokens. The rule here matches the same attention (key/value heads repeated to the
+query heads after the cache concat) and keeps the mask as GroupQueryAttention's attention_bias:
+every row is given the full length (seqlens_k = total - 1), the cache is laid out exactly as the
+unfused graph's concat, and the bias masks the padding. Rotary embedding stays outside (do_rotary=0),
+so positions are the model's own position_ids.
+"""
+from __future__ import annotations
+
+
+def fuse_for_ort(ir_model, grouped_query_attention: bool = True):
+    """onnxscript's `optimize_for_ort`, its GroupQueryAttention rule replaced by the mask-keeping one
+    (or by none); returns (model, fusion counts)."""
+    from unittest import mock
+
+    from onnx_ir.passes import common as common_passes
+    from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
+
+    replacement = _masked_gqa_fusion() if grouped_query_attention else (lambda model, **_: 0)
+    with mock.patch.object(_core, "fuse_gqa", replacement):
+        model, counts = optimize_for_ort(ir_model)
+    common_passes.CommonSubexpressionEliminationPass()(model)  # one length computation for all layers
+    return model, counts
+
+
+def _masked_gqa_fusion():
+    import onnx_ir as ir
+    from onnxscript.rewriter import _fusion_utils, pattern
+
+    class MaskedGroupQueryAttention(pattern.RewriteRuleClassBase):
+        def __init__(self):  # the cache concats are graph outputs: leave removal to dead-code elimination
+            super().__init__("MaskedGroupQueryAttention", remove_nodes=False)
+
+        def pattern(self, op, query, key, value, past_key, past_value, mask):
+            key_cache = op.Concat(past_key, key, axis=-2)
+            value_cache = op.Concat(past_value, value, axis=-2)
+            key_heads = op.Reshape(op.Expand(op.Unsqueeze(key_cache, [2]), pattern.ANY_VALUE), pattern.ANY_VALUE)
+            value_heads = op.Reshape(op.Expand(op.Unsqueeze(value_cache, [2]), pattern.ANY_VALUE),
+                                     pattern.ANY_VALUE)
+            attention = op.SDPA(query, key_heads, value_heads, mask, key_format="BHSd",
+                                _domain="ai.onnxruntime._fusion", _outputs=["attention"])
+            return attention, key_cache, value_cache
+
+        def check(self, context, query, past_key, mask, **_):
+            heads, kv_heads = _static_dim(query, 1), _static_dim(past_key, 1)
+            if heads is None or kv_heads is None or heads % kv_heads:
+                return pattern.MatchResult().fail("head counts unknown", [query, past_key])
+            if mask.dtype != query.dtype:  # attention_bias must be additive, in the query's dtype
+                return pattern.MatchResult().fail("mask is not an additive bias", mask)
+            if mask.shape is None or len(mask.shape) != 4 or mask.shape[0] != query.shape[0]:
+                return pattern.MatchResult().fail("mask is not [batch, 1|heads, query, total]", mask)
+            self.heads, self.kv_heads = heads, kv_heads
+            return True
+
+        def rewrite(self, op, query, key, value, past_key, past_value, mask, attention, **_):
+            to_bsd = op.Constant(value_ints=[0, 0, -1])
+            query_bsd, key_bsd, value_bsd = (op.Reshape(op.Transpose(t, perm=[0, 2, 1, 3]), to_bsd)
+                                             for t in (query, key, value))
+            # lengths from the mask, which all layers share, so that one computation serves them all
+            total = op.Shape(mask, start=3, end=4)
+            batch = op.Shape(mask, start=0, end=1)
+            seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=ir.DataType.INT32)
+            total_scalar = op.Cast(op.Squeeze(total), to=ir.DataType.INT32)
+            scale = attention.producer().attributes.get("scale")
+            output, present_key, present_value = op.GroupQueryAttention(
+                query_bsd, key_bsd, value_bsd, past_key, past_value, seqlens_k, total_scalar,
+                None, None, None, mask, num_heads=self.heads, kv_num_heads=self.kv_heads, do_rotary=0,
+                **({"scale": scale.as_float()} if scale is not None else {}),
+                _domain="com.microsoft", _outputs=3)
+            heads_shape = op.Constant(value_ints=[0, 0, self.heads, -1])
+            return op.Transpose(op.Reshape(output, heads_shape), perm=[0, 2, 1, 3]), present_key, present_value
+
+    return _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([MaskedGroupQueryAttention.rule()]))
+
+
+def _static_dim(value, axis: int):
+    shape = value.shape
+    if shape is None or len(shape) <= axis or not isinstance(shape[axis], int):
+        return None
+    return shape[axis]
