@@ -1,11 +1,13 @@
-"""Decode speed of the torch builder's two attention fusions (`ulsexport onnx --attention mha|gqa`) on one
-pruned checkpoint, side by side in one process on onnxruntime (CUDA by default).
+"""Decode speed of the torch builder's two attention fusions (`ulsexport onnx --attention mha|gqa`) and of
+onnxruntime-genai's builder, on one pruned checkpoint, side by side in one process.
 
 A Llama-shaped model with random fp16 weights is made from a config on the device (nothing downloaded),
-pruned with the uls plan, exported twice and timed with the validator's `measure_speed`:
+pruned with the uls plan, exported with each fusion and built with genai's builder (when installed), and
+timed with the validator's `measure_speed` (ours in our onnxruntime loop, genai's in its own). On CUDA,
+each artifact's decode step is also seen from the GPU (`decode_kernel_time.py`: kernel time, launches).
 
-    python benchmarks/attention_fusion_speed.py --results $OUT                    # 1B-shaped, cuda
-    python benchmarks/attention_fusion_speed.py --tiny --device cpu --dtype fp32 --results /tmp/a
+    python benchmarks/attention_fusion_speed.py --shape 7b --results $OUT          # 32 -> 16 layers, cuda
+    python benchmarks/attention_fusion_speed.py --shape tiny --device cpu --dtype fp32 --results /tmp/a
 """
 from __future__ import annotations
 
@@ -15,72 +17,123 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_benchmark import TINY  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+from decode_kernel_time import decode_kernel_time  # noqa: E402
+from gpu_benchmark import SEVEN_B, TINY  # noqa: E402
 
 ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
-VARIANTS = ("mha", "gqa")
+SHAPES = {"tiny": TINY, "1b": ONE_B, "7b": SEVEN_B}
+FUSIONS = ("mha", "gqa")
+
+
+def build_checkpoints(args, shape: dict) -> Path:
+    """The random full checkpoint (with a tokenizer, which genai's builder needs) and its uls prune."""
+    import torch
+    from tiny_models import save_word_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ulsexport.prune import plan_for_model, prune_checkpoint
+
+    full, pruned = args.workdir / "full", args.workdir / "pruned"
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape, tie_word_embeddings=False), dtype=torch.float16)
+    model.save_pretrained(full)
+    model.generation_config.save_pretrained(full)
+    del model
+    save_word_tokenizer(full, shape["vocab_size"])
+    prune_checkpoint(full, pruned, plan_for_model(full, args.speedup), quiet=True, force=True)
+    return pruned
+
+
+def build_artifact(variant: str, pruned: Path, args) -> tuple[Path, dict]:
+    """(folder, what to record) of one artifact: our export with fusion `variant`, or genai's build."""
+    from ulsexport.export_onnx import export_onnx
+    from ulsexport.genai import build_genai
+
+    out = args.workdir / variant
+    start = time.perf_counter()
+    if variant == "genai":
+        build_genai(pruned, out, args.dtype, args.device, force=True, quiet=True)
+        return out, {"build_seconds": time.perf_counter() - start}
+    export = export_onnx(pruned, out, args.dtype, args.device, attention=variant, force=True, quiet=True)
+    return out, {"build_seconds": time.perf_counter() - start, "optimizations": export.manifest["optimizations"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/attention_fusion"))
+    ap.add_argument("--shape", choices=SHAPES, default="1b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--speedup", type=float, default=2)
-    ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--layers", type=int, help="decoder layers of the model before pruning [default: the shape's]")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-genai", action="store_true", help="leave out onnxruntime-genai's builder")
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ulsexport.export_onnx import export_onnx
-    from ulsexport.prune import plan_for_model, prune_checkpoint
     from ulsexport.runtimes import open_runtime
     from ulsexport.validate import SpeedSettings, measure_speed
 
     args.results.mkdir(parents=True, exist_ok=True)
-    shape = dict(TINY if args.tiny else ONE_B)
+    shape = dict(SHAPES[args.shape])
     shape["num_hidden_layers"] = args.layers or shape["num_hidden_layers"]
-    full, pruned = args.workdir / "full", args.workdir / "pruned"
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape, tie_word_embeddings=False), dtype=torch.float16)
-    model.save_pretrained(full)
-    del model
-    prune_checkpoint(full, pruned, plan_for_model(full, args.speedup), quiet=True, force=True)
+    pruned = build_checkpoints(args, shape)
     settings = SpeedSettings((1, 8), args.prompt_len, args.new_tokens, args.runs, 1)
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "shape": shape,
-               "speedup": args.speedup, "dtype": args.dtype, "variants": {}}
-    for variant in VARIANTS:
-        start = time.perf_counter()
-        export = export_onnx(pruned, args.workdir / variant, args.dtype, args.device, attention=variant,
-                             force=True, quiet=True)
-        runtime = open_runtime(export.out_dir, "ort", args.dtype, args.device)
-        results["variants"][variant] = {"export_seconds": time.perf_counter() - start,
-                                        "optimizations": export.manifest["optimizations"],
-                                        "speed": measure_speed(runtime, settings, shape["vocab_size"])}
+    cuda = args.device == "cuda"
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "shape": shape, "speedup": args.speedup,
+               "dtype": args.dtype, "variants": {}}
+    variants = FUSIONS if args.no_genai else (*FUSIONS, "genai")
+    for variant in variants:
+        folder, record = build_artifact(variant, pruned, args)
+        runtime = open_runtime(folder, "genai" if variant == "genai" else "ort", args.dtype, args.device)
+        record["speed"] = measure_speed(runtime, settings, shape["vocab_size"])
+        if cuda:
+            record["kernels"] = [decode_kernel_time(runtime, b, args.prompt_len, 16, shape["vocab_size"])
+                                 for b in (1, 8)]
+        results["variants"][variant] = record
         del runtime
         (args.results / "attention_fusion_speed.json").write_text(json.dumps(results, indent=2))
-    lines = [f"# Attention fusions of the torch builder: {results['device']}, {args.dtype}", "",
+    text = markdown(results, args)
+    (args.results / "attention_fusion_speed.md").write_text(text)
+    print(text)
+
+
+def markdown(results: dict, args) -> str:
+    shape, variants = results["shape"], results["variants"]
+    lines = [f"# Attention fusions of the torch builder, and genai's builder: {results['device']}, {args.dtype}", "",
              f"Llama-shaped {shape['num_hidden_layers']} x {shape['hidden_size']} (GQA {shape['num_attention_heads']}/"
              f"{shape['num_key_value_heads']}), pruned with uls at {args.speedup:g}x, random weights; prompt "
-             f"{args.prompt_len}, {args.new_tokens} new tokens, median of {args.runs} after 1 warm-up. "
-             "Command: `python benchmarks/attention_fusion_speed.py`.", "",
-             "| batch | " + " | ".join(f"{v} decode tok/s" for v in VARIANTS) + " | gqa / mha |", "|---|---|---|---|"]
-    for batch in ("1", "8"):
-        tps = {v: results["variants"][v]["speed"][batch]["decode_tokens_per_s"]["median"] for v in VARIANTS}
-        lines.append(f"| {batch} | " + " | ".join(f"{tps[v]:.1f}" for v in VARIANTS) + f" | {tps['gqa'] / tps['mha']:.2f} |")
-    kept = {v: results["variants"][v]["optimizations"].get("variant") for v in VARIANTS}
+             f"{args.prompt_len}, {args.new_tokens} new tokens, median of {args.runs} after 1 warm-up, one process. "
+             f"Command: `python benchmarks/attention_fusion_speed.py --shape {args.shape}"
+             + (f" --layers {args.layers}" if args.layers else "") + "`.", "",
+             "| artifact | runtime | batch 1 decode tok/s | batch 8 decode tok/s | build s |", "|---|---|---|---|---|"]
+    tps = {v: {b: r["speed"][b]["decode_tokens_per_s"]["median"] for b in ("1", "8")} for v, r in variants.items()}
+    for variant, record in variants.items():
+        runtime = "genai" if variant == "genai" else "ort"
+        lines.append(f"| {variant} | {runtime} | {tps[variant]['1']:.1f} | {tps[variant]['8']:.1f} | "
+                     f"{record['build_seconds']:.0f} |")
+    for a, b in (("gqa", "mha"), ("mha", "genai"), ("gqa", "genai")):
+        if a in tps and b in tps:
+            lines.append(f"\n{a} / {b}: " + ", ".join(f"batch {n} {tps[a][n] / tps[b][n]:.2f}" for n in ("1", "8")))
+    kept = {v: r["optimizations"].get("variant") for v, r in variants.items() if "optimizations" in r}
     lines += ["", f"Fused attention kept in each export: {kept}."]
-    (args.results / "attention_fusion_speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if any("kernels" in r for r in variants.values()):
+        lines += ["", "Decode step seen from the GPU (CUPTI, 16 steps): wall ms / kernel ms / kernels per step", "",
+                  "| artifact | batch | wall ms | kernel ms | kernels | top kernels (ms per step) |", "|---|---|---|---|---|---|"]
+        for variant, record in variants.items():
+            for row in record.get("kernels", []):
+                top = "; ".join(f"{k['name'][:40]} {k['ms_per_step']:.3f}" for k in row["top_kernels"][:4])
+                lines.append(f"| {variant} | {row['batch']} | {row['wall_ms_per_step']:.2f} | "
+                             f"{row['kernel_ms_per_step']:.2f} | {row['kernels_per_step']:.0f} | {top} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Random weights made on the GPU from a config (nothing downloaded). Stages keep t
 
 Stages: build (random checkpoint, uls prunes), torch (PyTorch), onnx (our torch builder), ort (its
 graphs in our onnxruntime loop), genai-torch (its graphs in onnxruntime-genai's loop), profile (op
-times of one decode step of its 2x graph), genai (onnxruntime-genai's builder, in genai's loop).
+times of one decode step of its 2x graph), genai (onnxruntime-genai's builder, in genai's loop),
+kernels (GPU kernel time and launches of a decode step of whichever 2x artifacts exist, via CUPTI).
 """
 from __future__ import annotations
 
@@ -105,6 +106,23 @@ def stage_profile(work: Path, args) -> None:
                                         for op, t in list(totals.items())[:12]}})
 
 
+def stage_kernels(work: Path, args) -> None:
+    """Decode steps of the 2x artifacts seen from the GPU (CUPTI): kernel time, wall time, launches."""
+    from decode_kernel_time import decode_kernel_time
+
+    from ulsexport.runtimes import open_runtime
+
+    vocab = (TINY if args.tiny else SEVEN_B)["vocab_size"]
+    for run in ("ort", "genai"):
+        runtime_name, suffix = RUNS[run]
+        key = f"kernels.uls2{suffix}.{runtime_name}"
+        if key in _results(args) or not (work / f"uls2{suffix}").exists():
+            continue
+        runtime = open_runtime(work / f"uls2{suffix}", runtime_name, args.dtype, args.device)
+        _record(args, key, [decode_kernel_time(runtime, b, args.prompt_len, 16, vocab) for b in (1, 8)])
+        del runtime
+
+
 def _results(args) -> dict:
     path = args.results / "gpu_benchmark.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -154,6 +172,10 @@ def markdown(results: dict, args) -> str:
                   f"{profile['ms_per_step']:.2f} ms; top op types: " + ", ".join(
                       f"{op} {t['ms_per_step']:.2f} ms ({t['calls_per_step']:.0f} calls)"
                       for op, t in list(profile["top_ops"].items())[:8])]
+    for key, rows in sorted((k, v) for k, v in results.items() if k.startswith("kernels.")):
+        lines += ["", f"Decode step of {key.split('.', 1)[1]} seen from the GPU (CUPTI): " + "; ".join(
+            f"batch {r['batch']}: wall {r['wall_ms_per_step']:.2f} ms, kernels {r['kernel_ms_per_step']:.2f} ms, "
+            f"{r['kernels_per_step']:.0f} launches" for r in rows)]
     exports = {k: v for k, v in results.items() if k.startswith("export_seconds")}
     if exports:
         lines += ["", "Export times: " + ", ".join(f"{k.split('.', 1)[1]} {v:.0f} s" for k, v in sorted(exports.items()))]
@@ -189,6 +211,7 @@ STAGES = {
     "ort": lambda work, args: validate_all(work, args, "ort"),
     "genai-torch": lambda work, args: validate_all(work, args, "genai-torch"),
     "profile": stage_profile,
+    "kernels": stage_kernels,
     "genai": lambda work, args: (stage_build_artifacts(work, args, "genai", "-genai"),
                                  validate_all(work, args, "genai")),
     "clean-onnx": lambda work, args: [shutil.rmtree(p) for p in work.glob("*-onnx")],

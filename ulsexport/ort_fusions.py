@@ -7,6 +7,12 @@ query heads after the cache concat) and keeps the mask as GroupQueryAttention's 
 every row is given the full length (seqlens_k = total - 1), the cache is laid out exactly as the
 unfused graph's concat, and the bias masks the padding. Rotary embedding stays outside (do_rotary=0),
 so positions are the model's own position_ids.
+
+GroupQueryAttention takes query, key and value as [batch, sequence, heads * head_dim], the layout
+the projections produce. Two layout rules then remove the round trips the model's own
+[batch, heads, sequence, head_dim] layout leaves around it: rotary embedding is applied to the
+projection directly (onnxruntime's RotaryEmbedding takes that layout too), and a reshape that only
+splits the last axis, followed by one that merges it back, is dropped.
 """
 from __future__ import annotations
 
@@ -22,6 +28,10 @@ def fuse_for_ort(ir_model, grouped_query_attention: bool = True):
     replacement = _masked_gqa_fusion() if grouped_query_attention else (lambda model, **_: 0)
     with mock.patch.object(_core, "fuse_gqa", replacement):
         model, counts = optimize_for_ort(ir_model)
+    if grouped_query_attention and counts.get("gqa"):
+        counts["gqa_layout"] = _layout_rules().apply_to_model(model)
+        common_passes.RemoveUnusedNodesPass()(model)
+        common_passes.IdentityEliminationPass()(model)
     common_passes.CommonSubexpressionEliminationPass()(model)  # one length computation for all layers
     return model, counts
 
@@ -70,10 +80,88 @@ def _masked_gqa_fusion():
                 None, None, None, mask, num_heads=self.heads, kv_num_heads=self.kv_heads, do_rotary=0,
                 **({"scale": scale.as_float()} if scale is not None else {}),
                 _domain="com.microsoft", _outputs=3)
+            batch_dim, _, seq_dim, head_dim = query.shape
+            output.shape = ir.Shape([batch_dim, seq_dim, self.heads * head_dim])  # for the layout rules
+            output.dtype = query.dtype
             heads_shape = op.Constant(value_ints=[0, 0, self.heads, -1])
             return op.Transpose(op.Reshape(output, heads_shape), perm=[0, 2, 1, 3]), present_key, present_value
 
     return _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([MaskedGroupQueryAttention.rule()]))
+
+
+def _layout_rules():
+    """Rotary embedding on [batch, sequence, hidden] and split-then-merge reshapes dropped (module doc)."""
+    from onnxscript.rewriter import pattern
+
+    to_heads = [0, 2, 1, 3]
+
+    class RotaryOnProjection(pattern.RewriteRuleClassBase):
+        def pattern(self, op, x, split_shape, position_ids, cos, sin, merge_shape):
+            heads = op.Transpose(op.Reshape(x, split_shape, _outputs=["split"]), perm=to_heads)
+            rotated = op.RotaryEmbedding(heads, position_ids, cos, sin, _domain="com.microsoft", _outputs=["rotated"])
+            return op.Reshape(op.Transpose(rotated, perm=to_heads), merge_shape, _outputs=["merged"])
+
+        def check(self, context, x, split, merged, rotated, **_):
+            if not (_splits_last_axis(x, split) and _merges_to(x, merged)):
+                return pattern.MatchResult().fail("not a split and merge of the last axis", [split, merged])
+            if not isinstance(split.shape[2], int):
+                return pattern.MatchResult().fail("head count unknown", split)
+            return True
+
+        def rewrite(self, op, x, split, position_ids, cos, sin, rotated, **_):
+            attributes = {name: attr.value for name, attr in rotated.producer().attributes.items()}
+            return op.RotaryEmbedding(x, position_ids, cos, sin, _domain="com.microsoft",
+                                      **{**attributes, "num_heads": split.shape[2]})
+
+    class SplitThenMerge(pattern.RewriteRuleClassBase):
+        def pattern(self, op, x, split_shape, merge_shape):
+            return op.Reshape(op.Reshape(x, split_shape, _outputs=["split"]), merge_shape, _outputs=["merged"])
+
+        def check(self, context, x, split, merged, **_):
+            if not (_splits_last_axis(x, split) and _merges_to(x, merged)):
+                return pattern.MatchResult().fail("not a split and merge of the last axis", [split, merged])
+            return True
+
+        def rewrite(self, op, x, **_):
+            return op.Identity(x)
+
+    return pattern.RewriteRuleSet([RotaryOnProjection.rule(), SplitThenMerge.rule()])
+
+
+def _splits_last_axis(x, split) -> bool:
+    """`split` ([b, s, h, d]) is rank-3 `x` ([b, s, h*d]) with only its last axis split."""
+    import onnx_ir as ir
+
+    if x.shape is None or len(x.shape) != 3:
+        return False
+    shape = _const_ints(split.producer().inputs[1])
+    if shape is not None and len(shape) == 4 and shape[:2] == [0, 0]:
+        return True
+    return split.shape is not None and len(split.shape) == 4 and all(
+        _same_dim(a, b) for a, b in zip(x.shape[:2], split.shape[:2])) and not isinstance(split.shape[3], ir.SymbolicDim)
+
+
+def _merges_to(x, merged) -> bool:
+    """`merged` has `x`'s rank-3 shape: its two leading axes, its last axis merged back."""
+    shape = _const_ints(merged.producer().inputs[1])
+    if shape == [0, 0, -1]:
+        return True
+    return merged.shape is not None and len(merged.shape) == 3 and all(
+        _same_dim(a, b) for a, b in zip(x.shape, merged.shape))
+
+
+def _same_dim(a, b) -> bool:
+    """Dimensions known to be equal: the same int, or the same named symbol."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a.value is not None and a.value == b.value
+
+
+def _const_ints(value) -> list[int] | None:
+    import onnx_ir as ir
+
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
 
 
 def _static_dim(value, axis: int):
