@@ -119,7 +119,10 @@ def stage_kernels(work: Path, args) -> None:
         if key in _results(args) or not (work / f"uls2{suffix}").exists():
             continue
         runtime = open_runtime(work / f"uls2{suffix}", runtime_name, args.dtype, args.device)
-        _record(args, key, [decode_kernel_time(runtime, b, args.prompt_len, 16, vocab) for b in (1, 8)])
+        try:  # CUPTI may be missing: record why, and let the later stages run
+            _record(args, key, [decode_kernel_time(runtime, b, args.prompt_len, 16, vocab) for b in (1, 8)])
+        except Exception as exc:
+            _record(args, f"kernel-error.uls2{suffix}", f"{type(exc).__name__}: {exc}"[:300])
         del runtime
 
 
