@@ -7,6 +7,7 @@ the prefill and one with the prefill and `steps` decode steps, differ by exactly
 
     kernel ms per step   GPU busy time of one decode step (kernels and copies)
     wall ms per step     the same step timed from the host, in a separate unprofiled run
+    session.run ms       of that, the time inside onnxruntime's run (our onnxruntime loop only)
     kernels per step     launches per step: the graph's fused-ness, seen from the GPU
 
 A wall time well above the kernel time means the host, not the GPU, sets the pace (launch overhead,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,12 +45,37 @@ def kernel_totals(run) -> dict:
     return totals
 
 
+class TimedSession:
+    """An onnxruntime session whose run_with_iobinding calls are timed: the rest of a step is our loop."""
+
+    def __init__(self, session):
+        self.session, self.seconds = session, 0.0
+
+    def run_with_iobinding(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self.session.run_with_iobinding(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
 def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: int, top: int = 12) -> dict:
     """Per decode step: kernel ms, wall ms, launches, and the `top` kernels by time."""
     ids = np.random.default_rng(0).integers(3, vocab, (batch, prompt_len), dtype=np.int64)
     mask = np.ones_like(ids)
     runtime.greedy(ids, mask, steps + 1)  # warm-up: kernel selection, allocations
+    decoder = getattr(runtime, "decoder", None)  # our onnxruntime loop: time the session's own share
+    session = TimedSession(decoder.session) if decoder is not None and decoder.io_binding else None
+    if session:
+        decoder.session = session
+        runtime.greedy(ids, mask, 1)
+        prefill_seconds = session.seconds
     wall = runtime.greedy(ids, mask, steps + 1).decode_seconds / steps
+    run_ms = 1000 * (session.seconds - 2 * prefill_seconds) / steps if session else None
+    if session:
+        decoder.session = session.session
     prefill = kernel_totals(lambda: runtime.greedy(ids, mask, 1))
     both = kernel_totals(lambda: runtime.greedy(ids, mask, steps + 1))
     per_step = {name: ((us - prefill.get(name, (0, 0))[0]) / steps, (n - prefill.get(name, (0, 0))[1]) / steps)
@@ -56,24 +83,30 @@ def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: 
     kernel_us = sum(us for us, _ in per_step.values())
     ranked = sorted(per_step.items(), key=lambda item: -item[1][0])
     return {"batch": batch, "steps": steps, "wall_ms_per_step": 1000 * wall, "kernel_ms_per_step": kernel_us / 1000,
+            "session_run_ms_per_step": run_ms,
             "kernels_per_step": sum(n for _, n in per_step.values()),
             "top_kernels": [{"name": name[:120], "ms_per_step": us / 1000, "per_step": n} for name, (us, n) in ranked[:top]]}
 
 
 def markdown(results: dict) -> str:
     lines = [f"# Decode-step GPU kernel time (CUPTI): {results.get('device', '?')}", "",
-             "| artifact | runtime | batch | wall ms/step | kernel ms/step | kernel / wall | kernels/step |",
-             "|---|---|---|---|---|---|---|"]
+             "| artifact | runtime | batch | wall ms/step | session.run ms/step | kernel ms/step | kernel / wall | kernels/step |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, rows in results["artifacts"].items():
         for row in rows:
             lines.append(f"| {key.rsplit(':', 1)[0]} | {key.rsplit(':', 1)[1]} | {row['batch']} | "
-                         f"{row['wall_ms_per_step']:.2f} | {row['kernel_ms_per_step']:.2f} | "
+                         f"{row['wall_ms_per_step']:.2f} | {_ms(row['session_run_ms_per_step'])} | "
+                         f"{row['kernel_ms_per_step']:.2f} | "
                          f"{row['kernel_ms_per_step'] / row['wall_ms_per_step']:.2f} | {row['kernels_per_step']:.0f} |")
     for key, rows in results["artifacts"].items():
         for row in rows:
             lines += ["", f"Top kernels, {key}, batch {row['batch']}: " + "; ".join(
                 f"{k['name'][:60]} {k['ms_per_step']:.3f} ms ({k['per_step']:.0f})" for k in row["top_kernels"][:8])]
     return "\n".join(lines) + "\n"
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:

@@ -13,6 +13,10 @@ the projections produce. Two layout rules then remove the round trips the model'
 [batch, heads, sequence, head_dim] layout leaves around it: rotary embedding is applied to the
 projection directly (onnxruntime's RotaryEmbedding takes that layout too), and a reshape that only
 splits the last axis, followed by one that merges it back, is dropped.
+
+onnxscript's cos/sin cache rule, which turns rotary embedding into onnxruntime's RotaryEmbedding,
+matches the frequencies as transformers computed them up to 5.17 (MatMul, then Transpose); a second
+rule matches the product newer versions compute (position_ids[..., None] * inv_freq).
 """
 from __future__ import annotations
 
@@ -26,14 +30,53 @@ def fuse_for_ort(ir_model, grouped_query_attention: bool = True):
     from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
 
     replacement = _masked_gqa_fusion() if grouped_query_attention else (lambda model, **_: 0)
-    with mock.patch.object(_core, "fuse_gqa", replacement):
+    with mock.patch.object(_core, "fuse_gqa", replacement), \
+            mock.patch.object(_core, "fuse_cos_sin_cache", _cos_sin_cache_fusion()):
         model, counts = optimize_for_ort(ir_model)
     if grouped_query_attention and counts.get("gqa"):
         counts["gqa_layout"] = _layout_rules().apply_to_model(model)
         common_passes.RemoveUnusedNodesPass()(model)
         common_passes.IdentityEliminationPass()(model)
+        counts["packed_qkv"] = pack_qkv_projections(model)
     common_passes.CommonSubexpressionEliminationPass()(model)  # one length computation for all layers
     return model, counts
+
+
+def _cos_sin_cache_fusion():
+    """onnxscript's cos/sin cache rules, then the same for freqs = Cast(Unsqueeze(position_ids)) * inv_freq."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import _fusion_utils, _ir_utils, pattern
+    from onnxscript.rewriter.ort_fusions import cos_sin_cache
+
+    class MulCosSinCacheFusion(cos_sin_cache.CosSinCacheFusion):
+        """inv_freq [E] times position_ids [B, S, 1]: no MatMul or Transpose; the rewrite is onnxscript's."""
+
+        def pattern(self, op, x, inv_freq, position_ids, interleaved, num_heads, freqs, dtype, extra_dims):
+            freqs = op.Mul(op.Cast(op.Unsqueeze(position_ids, extra_dims), to=ir.DataType.FLOAT), inv_freq)
+            emb = op.Concat(freqs, freqs, axis=-1)
+            cos, sin = op.Cos(emb), op.Sin(emb)
+            if self._cast:
+                cos, sin = op.Cast(cos, to=dtype), op.Cast(sin, to=dtype)
+            return op.RotaryEmbedding(x, op.Unsqueeze(cos, [1]), op.Unsqueeze(sin, [1]), interleaved=interleaved,
+                                      num_heads=num_heads, _domain="ai.onnxruntime._fusion")
+
+        def check(self, context, inv_freq, position_ids, extra_dims, **_):
+            if not (_ir_utils.has_rank(position_ids, 2)
+                    and _ir_utils.is_singleton_value(extra_dims, lambda axis: axis in (-1, 2))):
+                return pattern.MatchResult().fail("position_ids is not [batch, sequence] unsqueezed last",
+                                                  position_ids)
+            if inv_freq.const_value is None or not _ir_utils.has_rank(inv_freq, 1):
+                return pattern.MatchResult().fail("inv_freq is not a constant 1-D tensor", inv_freq)
+            return True
+
+    fuse_mul = _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([
+        MulCosSinCacheFusion.rule("CosSinCacheMul_cast", cast=True),
+        MulCosSinCacheFusion.rule("CosSinCacheMul", cast=False)]))
+
+    def fuse(model, **kwargs):
+        return cos_sin_cache.fuse_cos_sin_cache(model, **kwargs) + fuse_mul(model, **kwargs)
+
+    return fuse
 
 
 def _masked_gqa_fusion():
@@ -169,3 +212,61 @@ def _static_dim(value, axis: int):
     if shape is None or len(shape) <= axis or not isinstance(shape[axis], int):
         return None
     return shape[axis]
+
+
+def pack_qkv_projections(model) -> int:
+    """One MatMul for the query, key and value projections of each GroupQueryAttention, split after it.
+
+    One GEMM instead of three per layer. It also keeps onnxruntime's own GroupQueryAttentionFusion
+    (CUDA, 1.31) off our nodes: that fusion fires on MatMul -> RotaryEmbedding -> GroupQueryAttention,
+    drops the attention_bias input and leaves an invalid node ("The sum of input arg count is not
+    equal to size of input defs").
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    graph, packed = model.graph, 0
+    for attention in [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]:
+        projections = [_projection_of(value) for value in attention.inputs[:3]]
+        if any(p is None for p in projections) or len({p.inputs[0] for p in projections}) != 1:
+            continue
+        weights = [p.inputs[1].const_value.numpy() for p in projections]
+        if len({w.shape[0] for w in weights}) != 1:
+            continue
+        first = projections[0].inputs[1]
+        weight = ir.Value(name=f"{first.name}.qkv", const_value=ir.tensor(np.concatenate(weights, axis=1)))
+        sizes = ir.Value(name=f"{first.name}.qkv_sizes",
+                         const_value=ir.tensor(np.array([w.shape[1] for w in weights], np.int64)))
+        graph.register_initializer(weight)
+        graph.register_initializer(sizes)
+        matmul = ir.node("MatMul", [projections[0].inputs[0], weight])
+        split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=3)
+        earliest = min(projections, key=lambda p: graph.index(p))
+        graph.insert_before(earliest, [matmul, split])
+        for projection, part in zip(projections, split.outputs):
+            part.shape, part.dtype = projection.outputs[0].shape, projection.outputs[0].dtype
+            projection.outputs[0].replace_all_uses_with(part)
+        graph.remove(projections, safe=True)
+        packed += 1
+    _drop_unused_initializers(graph)
+    return packed
+
+
+def _projection_of(value):
+    """The MatMul by a constant rank-2 weight that makes `value`, directly or through RotaryEmbedding,
+    used only on that path; else None."""
+    node = value.producer() if value is not None else None
+    if node is not None and node.op_type == "RotaryEmbedding" and len(value.uses()) == 1:
+        value = node.inputs[0]
+        node = value.producer()
+    if node is None or node.op_type != "MatMul" or len(value.uses()) != 1:
+        return None
+    weight = node.inputs[1]
+    if weight.const_value is None or weight.shape is None or len(weight.shape) != 2:
+        return None
+    return node
+
+
+def _drop_unused_initializers(graph) -> None:
+    for name in [name for name, value in graph.initializers.items() if not value.uses()]:
+        del graph.initializers[name]

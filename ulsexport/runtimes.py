@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .manifest import read_manifest
+from .ort_runner import greedy_tokens
 
 
 @dataclass
@@ -105,7 +106,7 @@ class OrtRuntime:
             start = time.perf_counter()
             step_logits, cache = decoder.step(ids, mask, cache)
             last = step_logits[:, -1]
-            ids = last.argmax(-1)[:, None]
+            ids = greedy_tokens(last)[:, None]
             seconds.append(time.perf_counter() - start)  # logits come back to the host: synchronized
             tokens.append(ids[:, 0])
             if keep_logits:
