@@ -101,12 +101,37 @@ def main() -> None:
                                      for b in (1, 8)]
             except Exception as exc:
                 record["kernels_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        results["variants"][variant] = record
         del runtime
+        if cuda and variant == "gqa":  # the same graph in onnxruntime-genai's loop, and onnxruntime's profile
+            record.update(_genai_loop_and_profile(folder, args, settings, shape["vocab_size"]))
+        results["variants"][variant] = record
         (args.results / "attention_fusion_speed.json").write_text(json.dumps(results, indent=2))
     text = markdown(results, args)
     (args.results / "attention_fusion_speed.md").write_text(text)
     print(text)
+
+
+def _genai_loop_and_profile(folder: Path, args, settings, vocab: int) -> dict:
+    """Decode speed of our graph in genai's C++ loop (where our Python loop's share shows), and
+    onnxruntime's per-op profile of a decode step (which ops run on the CPU, which absorb waits)."""
+    from profile_decode_step import profile_decode
+
+    from ulsexport.runtimes import open_runtime
+    from ulsexport.validate import measure_speed
+
+    record = {}
+    try:
+        runtime = open_runtime(folder, "genai", args.dtype, args.device)
+        record["speed_in_genai_loop"] = measure_speed(runtime, settings, vocab)
+        del runtime
+    except Exception as exc:
+        record["genai_loop_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    record["profile"] = {}
+    for batch in (1, 8):
+        totals, steps = profile_decode(folder, args.device, batch, args.prompt_len, 8, vocab)
+        record["profile"][str(batch)] = {op: {"ms_per_step": t["us"] / steps / 1000, "calls_per_step": t["calls"] / steps}
+                                         for op, t in totals.items()}
+    return record
 
 
 def markdown(results: dict, args) -> str:
@@ -126,6 +151,15 @@ def markdown(results: dict, args) -> str:
     for a, b in (("gqa", "mha"), ("mha", "genai"), ("gqa", "genai")):
         if a in tps and b in tps:
             lines.append(f"\n{a} / {b}: " + ", ".join(f"batch {n} {tps[a][n] / tps[b][n]:.2f}" for n in ("1", "8")))
+    for variant, record in variants.items():
+        if "speed_in_genai_loop" in record:
+            loop = {b: record["speed_in_genai_loop"][b]["decode_tokens_per_s"]["median"] for b in ("1", "8")}
+            lines.append(f"\n{variant} graph in onnxruntime-genai's loop: " + ", ".join(
+                f"batch {b} {loop[b]:.1f} tok/s ({loop[b] / tps[variant][b]:.2f}x our loop)" for b in ("1", "8")))
+        for batch, ops in record.get("profile", {}).items():
+            top = sorted(ops.items(), key=lambda item: -item[1]["ms_per_step"])[:10]
+            lines.append(f"\n{variant} profile, batch {batch} (onnxruntime, host-timed ms per step, calls): " + "; ".join(
+                f"{op} {t['ms_per_step']:.2f} ({t['calls_per_step']:.0f})" for op, t in top))
     kept = {v: r["optimizations"].get("variant") for v, r in variants.items() if "optimizations" in r}
     lines += ["", f"Fused attention kept in each export: {kept}."]
     if any("kernels" in r for r in variants.values()):

@@ -4,6 +4,7 @@ Runs a prompt through an export of `ulsexport onnx --builder torch` (its folder)
 steps with
 SessionOptions.enable_profiling on, and prints the op types by total time over the decode steps
 only (the prefill run and the first few decode steps are left out), with their share and calls per step.
+On CUDA, nodes that onnxruntime placed on another provider (CPU) are listed apart, e.g. "Range (CPU)".
 
     python benchmarks/profile_decode_step.py artifacts/llama-2x/onnx --device cuda --batch 1 \
         --prompt-len 128 --steps 8 --json benchmarks/results/profile.json
@@ -59,6 +60,8 @@ def op_times(profile: list[dict], skip_runs: int = 1) -> tuple[dict, int]:
         if not any(run["ts"] <= event["ts"] <= run["ts"] + run["dur"] for run in kept):
             continue
         op = event.get("args", {}).get("op_name", "?")
+        provider = event.get("args", {}).get("provider", "")
+        op = op if provider in ("", "CUDAExecutionProvider") else f"{op} ({provider.replace('ExecutionProvider', '')})"
         totals[op]["us"] += event["dur"]
         totals[op]["calls"] += 1
     return dict(totals), len(kept)
