@@ -226,7 +226,7 @@ def main():
     ap.add_argument("--stages", default="build,torch,onnx,ort,genai-torch,profile,clean-onnx,genai")
     ap.add_argument("--depths", default=",".join(["full", *(f"uls{s}" for s in SPEEDUPS)]),
                     help="which checkpoints the artifact stages build, in this order")
-    ap.add_argument("--attention", default="mha", choices=["mha", "gqa"],
+    ap.add_argument("--attention", default="gqa", choices=["gqa", "mha"],
                     help="the fused attention of the torch builder's graphs (ulsexport onnx --attention)")
     ap.add_argument("--workdir", type=Path, default=Path("/root/bench"))
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))

@@ -36,7 +36,7 @@ for s in ${STEPS//,/ }; do
                 --results "$RESULTS/fusion" --workdir /root/fusion
             rm -rf /root/fusion ;;
     bench)  step bench python3 benchmarks/gpu_benchmark.py --results "$RESULTS/bench" \
-                --attention "${BENCH_ATTENTION:-mha}" \
+                --attention "${BENCH_ATTENTION:-gqa}" \
                 --stages "${BENCH_STAGES:-build,torch,onnx,ort,genai-torch,profile,clean-onnx,genai}" ;;
     *) echo "unknown step $s" >> "$RESULTS/progress.txt" ;;
   esac

@@ -98,22 +98,21 @@ def op_types(onnx_dir) -> set[str]:
 
 def test_fusions_recorded_and_fallback(exported):
     fused = read_manifest(exported("llama")[1])["optimizations"]
-    assert fused["kept"] and fused["variant"] == "mha" and fused["applied"]["rms_normalization"] > 0
-    # attention is fused, and not by onnxscript's GroupQueryAttention rule, which ignores the padding mask
-    ops = op_types(exported("llama")[1])
-    assert "MultiHeadAttention" in ops and "GroupQueryAttention" not in ops
+    assert fused["kept"] and fused["variant"] == "gqa" and fused["applied"]["rms_normalization"] > 0
+    ops = op_types(exported("llama")[1])  # the default: our mask-keeping GroupQueryAttention
+    assert "GroupQueryAttention" in ops and "MultiHeadAttention" not in ops
     rejected = read_manifest(exported("gpt2")[1])["optimizations"]  # onnxruntime rejects its fused Gemm
     assert not rejected["kept"] and "failure" in rejected
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])  # mistral: the prompt outruns its window
-def test_grouped_query_attention_keeps_left_padding(exported, tmp_path, family):
-    pruned, _ = exported(family)
-    result = export_onnx(pruned, tmp_path / "gqa", attention="gqa", quiet=True)
-    assert result.manifest["optimizations"]["variant"] == "gqa" and result.manifest["optimizations"]["kept"]
-    ops = op_types(result.out_dir)
+def test_grouped_query_attention_keeps_left_padding(exported, family):
+    pruned, onnx_dir = exported(family)  # exported with the default attention fusion, gqa
+    fusions = read_manifest(onnx_dir)["optimizations"]
+    assert fusions["variant"] == "gqa" and fusions["kept"]
+    ops = op_types(onnx_dir)
     assert "GroupQueryAttention" in ops and "MultiHeadAttention" not in ops
-    assert_greedy_parity(pruned, result.out_dir)
+    assert_greedy_parity(pruned, onnx_dir)
 
 
 def test_stories260k_cli_export(tmp_path):

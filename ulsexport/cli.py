@@ -317,10 +317,11 @@ def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_
               help="cpu or cuda: where the model is traced and checked (torch), or which the graph targets (genai).")
 @click.option("--opset", type=int, help="ONNX opset [default: torch.onnx's] (torch builder).")
 @click.option("--no-optimize", is_flag=True, help="Skip onnxruntime transformer fusions (torch builder).")
-@click.option("--attention", type=click.Choice(["mha", "gqa"]), default="mha", show_default=True,
-              help="Fused attention (torch builder): mha repeats key/value heads to the query heads (measured on "
-                   "CUDA); gqa keeps them grouped (onnxruntime GroupQueryAttention, padding mask kept; not yet "
-                   "timed on CUDA), falling back to mha if it fails the parity check.")
+@click.option("--attention", type=click.Choice(["gqa", "mha"]),
+              help="Fused attention (torch builder) [default: gqa]: gqa keeps key/value heads grouped "
+                   "(onnxruntime GroupQueryAttention, padding mask kept, one q/k/v MatMul) and falls back to mha "
+                   "if it fails the parity check; mha repeats key/value heads to the query heads. On an H100, gqa "
+                   "decodes as fast at batch 1 and up to 1.18x faster at batch 8.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
@@ -343,10 +344,10 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
     from .export_onnx import export_onnx, onnx_builder
 
     if builder == "torch":
-        result = export_onnx(model, out, dtype, device, opset, optimize=not no_optimize, attention=attention,
-                             force=force, quiet=ctx.obj["quiet"])
+        result = export_onnx(model, out, dtype, device, opset, optimize=not no_optimize,
+                             attention=attention or "gqa", force=force, quiet=ctx.obj["quiet"])
     else:
-        if opset is not None or no_optimize or attention != "mha":
+        if opset is not None or no_optimize or attention:
             raise UserError("--opset, --no-optimize and --attention apply to --builder torch only")
         result = onnx_builder(builder)(model, out, dtype, device, force=force, quiet=ctx.obj["quiet"])
     if as_json:

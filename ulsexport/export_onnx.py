@@ -95,13 +95,13 @@ def flat_cache_module(model, uses_position_ids: bool):
 
 
 def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int | None = None,
-                optimize: bool = True, attention: str = "mha", force: bool = False,
+                optimize: bool = True, attention: str = "gqa", force: bool = False,
                 quiet: bool = False) -> ExportResult:
     """Export checkpoint directory `model` to `out`/model.onnx with its manifest and tokenizer files.
 
-    `attention` picks the fused attention tried first: "mha" (MultiHeadAttention over key/value heads
-    repeated to the query heads) or "gqa" (GroupQueryAttention that keeps the padding mask; falls
-    back to "mha", then to no fusion, where the fused graph fails the parity check).
+    `attention` picks the fused attention tried first: "gqa" (GroupQueryAttention that keeps the
+    padding mask; falls back to "mha", then to no fusion, where the fused graph fails the parity
+    check) or "mha" (MultiHeadAttention over key/value heads repeated to the query heads).
     """
     start = time.perf_counter()
     model_dir, config, adapter = load_model_info(model)
