@@ -12,7 +12,8 @@ GroupQueryAttention takes query, key and value as [batch, sequence, heads * head
 the projections produce. Two layout rules then remove the round trips the model's own
 [batch, heads, sequence, head_dim] layout leaves around it: rotary embedding is applied to the
 projection directly (onnxruntime's RotaryEmbedding takes that layout too), and a reshape that only
-splits the last axis, followed by one that merges it back, is dropped.
+splits the last axis, followed by one that merges it back, is dropped. Last, the query, key and
+value projections are packed into one MatMul (`pack_qkv_projections`).
 
 onnxscript's cos/sin cache rule, which turns rotary embedding into onnxruntime's RotaryEmbedding,
 matches the frequencies as transformers computed them up to 5.17 (MatMul, then Transpose); a second
@@ -268,5 +269,6 @@ def _projection_of(value):
 
 
 def _drop_unused_initializers(graph) -> None:
-    for name in [name for name, value in graph.initializers.items() if not value.uses()]:
+    unused = [name for name, value in graph.initializers.items() if not value.uses() and not value.is_graph_output()]
+    for name in unused:
         del graph.initializers[name]
