@@ -51,8 +51,9 @@ def run_steps(decoder, batch: int, prompt_len: int, steps: int, vocab: int) -> N
         mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
 
 
-def op_times(profile: list[dict], skip_runs: int = 1) -> tuple[dict, int]:
-    """Total microseconds per op type over the session runs after the first `skip_runs`."""
+def op_times(profile: list[dict], skip_runs: int = 1, provider: str = "CUDAExecutionProvider") -> tuple[dict, int]:
+    """Total microseconds per op type over the session runs after the first `skip_runs`; op types run by
+    another provider than `provider` are counted apart, e.g. "Range (CPU)"."""
     runs = sorted((e for e in profile if e.get("name") == "model_run"), key=lambda e: e["ts"])
     kept = runs[skip_runs:]
     totals = defaultdict(lambda: {"us": 0, "calls": 0})
@@ -62,8 +63,8 @@ def op_times(profile: list[dict], skip_runs: int = 1) -> tuple[dict, int]:
         if not any(run["ts"] <= event["ts"] <= run["ts"] + run["dur"] for run in kept):
             continue
         op = event.get("args", {}).get("op_name", "?")
-        provider = event.get("args", {}).get("provider", "")
-        op = op if provider in ("", "CUDAExecutionProvider") else f"{op} ({provider.replace('ExecutionProvider', '')})"
+        placed = event.get("args", {}).get("provider", "")
+        op = op if placed in ("", provider) else f"{op} ({placed.replace('ExecutionProvider', '')})"
         totals[op]["us"] += event["dur"]
         totals[op]["calls"] += 1
     return dict(totals), len(kept)
@@ -71,11 +72,13 @@ def op_times(profile: list[dict], skip_runs: int = 1) -> tuple[dict, int]:
 
 def profile_decode(folder: Path, device: str, batch: int, prompt_len: int, steps: int, vocab: int):
     """(op type -> {"us", "calls"} over the decode steps, decode steps profiled), op types by time, largest first."""
+    from ulsexport.ort_runner import PROVIDERS
+
     with tempfile.TemporaryDirectory() as tmp:
         decoder = profiled_decoder(folder, device, Path(tmp))
         run_steps(decoder, batch, prompt_len, WARMUP_STEPS + steps, vocab)
         profile = json.loads(Path(decoder.session.end_profiling()).read_text())
-    totals, runs = op_times(profile, skip_runs=1 + WARMUP_STEPS)
+    totals, runs = op_times(profile, skip_runs=1 + WARMUP_STEPS, provider=PROVIDERS[device][0])
     return dict(sorted(totals.items(), key=lambda item: -item[1]["us"])), runs
 
 
