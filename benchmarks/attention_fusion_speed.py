@@ -28,6 +28,20 @@ SHAPES = {"tiny": TINY, "1b": ONE_B, "7b": SEVEN_B}
 FUSIONS = ("mha", "gqa")
 
 
+def add_checkpoint_arguments(ap: argparse.ArgumentParser, workdir: str, shape: str, runs: int) -> None:
+    """The options `build_checkpoints`, `build_artifact` and the speed runs read (shared with gqa_bias_cost.py)."""
+    ap.add_argument("--results", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, default=Path(workdir))
+    ap.add_argument("--shape", choices=SHAPES, default=shape)
+    ap.add_argument("--layers", type=int, help="decoder layers of the model before pruning [default: the shape's]")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--speedup", type=float, default=2)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=runs)
+
+
 def build_checkpoints(args, shape: dict) -> Path:
     """The random full checkpoint (with a tokenizer, which genai's builder needs) and its uls prune."""
     import torch
@@ -64,16 +78,7 @@ def build_artifact(variant: str, pruned: Path, args) -> tuple[Path, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, required=True)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/attention_fusion"))
-    ap.add_argument("--shape", choices=SHAPES, default="1b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16")
-    ap.add_argument("--speedup", type=float, default=2)
-    ap.add_argument("--layers", type=int, help="decoder layers of the model before pruning [default: the shape's]")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=3)
+    add_checkpoint_arguments(ap, workdir="/tmp/attention_fusion", shape="1b", runs=3)
     ap.add_argument("--no-genai", action="store_true", help="leave out onnxruntime-genai's builder")
     args = ap.parse_args()
 

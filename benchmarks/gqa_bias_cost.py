@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from attention_fusion_speed import SHAPES, build_artifact, build_checkpoints  # noqa: E402
+from attention_fusion_speed import SHAPES, add_checkpoint_arguments, build_artifact, build_checkpoints  # noqa: E402
 from decode_kernel_time import decode_kernel_time  # noqa: E402
 
 BIAS_INPUT = 10  # GroupQueryAttention's attention_bias
@@ -52,16 +52,7 @@ def same_greedy_tokens(folder_a: Path, folder_b: Path, args, vocab: int, steps: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, required=True)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/gqa_bias"))
-    ap.add_argument("--shape", choices=SHAPES, default="7b")
-    ap.add_argument("--layers", type=int)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16")
-    ap.add_argument("--speedup", type=float, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=5)
+    add_checkpoint_arguments(ap, workdir="/tmp/gqa_bias", shape="7b", runs=5)
     args = ap.parse_args()
 
     from ulsexport.runtimes import open_runtime
