@@ -40,15 +40,8 @@ WARMUP_STEPS = 4  # decode steps before the profiled ones: a kernel's first call
 
 def run_steps(decoder, batch: int, prompt_len: int, steps: int, vocab: int) -> None:
     """The prefill, then `steps` greedy decode steps (each one session run)."""
-    from ulsexport.ort_runner import greedy_tokens
-
     ids = np.random.default_rng(0).integers(3, vocab, (batch, prompt_len), dtype=np.int64)
-    mask = np.ones_like(ids)
-    cache = decoder.empty_cache(batch)
-    for _ in range(steps + 1):
-        logits, cache = decoder.step(ids, mask, cache)
-        ids = greedy_tokens(logits[:, -1])[:, None]
-        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
+    decoder.greedy(ids, np.ones_like(ids), steps + 1, keep_logits=False)
 
 
 def op_times(profile: list[dict], skip_runs: int = 1, provider: str = "CUDAExecutionProvider") -> tuple[dict, int]:

@@ -103,6 +103,17 @@ def test_torch_builder_export_runs_in_genai(name, pruned, references, tmp_path):
     assert_same_run(GenaiRuntime(out), name, pruned[name], references)
 
 
+@pytest.mark.parametrize("name", ["llama", "kjv16"])
+def test_torch_builder_shared_cache_runs_in_genai(name, pruned, references, tmp_path):
+    """The default export: GroupQueryAttention over a shared cache, lengths from the mask as genai feeds it."""
+    out = export_onnx(pruned[name], tmp_path / "onnx", quiet=True).out_dir
+    assert json.loads((out / "ulsexport.json").read_text())["onnx"]["kv_cache"] == "shared"
+    config = json.loads((out / GENAI_CONFIG).read_text())
+    assert "position_ids" not in config["model"]["decoder"]["inputs"]
+    assert config["search"]["past_present_share_buffer"] is False  # genai shares it on CUDA only, as for its own
+    assert_same_run(GenaiRuntime(out), name, pruned[name], references)
+
+
 @pytest.mark.parametrize("name,overrides,message", [
     ("stories260K", None, "multiple of 16"),  # head size 8
     ("phi3", dict(sliding_window=8), "sliding_window 8 but no layer_types"),

@@ -14,7 +14,7 @@ from ulsexport.export_onnx import export_onnx  # noqa: E402
 @pytest.mark.parametrize("attention", ["mha", "gqa"])
 def test_rotary_embedding_fused(tmp_path, attention):
     src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=2)
-    result = export_onnx(src, tmp_path / "onnx", attention=attention, quiet=True)
+    result = export_onnx(src, tmp_path / "onnx", attention=attention, kv_cache="concat", quiet=True)
     fusions = result.manifest["optimizations"]
     assert fusions["kept"] and fusions["variant"] == attention and fusions["applied"]["cos_sin_cache"] > 0
     ops = op_types(result.out_dir)
@@ -74,7 +74,7 @@ def test_gqa_projections_packed_into_one_matmul(tmp_path):
     import onnx
 
     src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=2)
-    result = export_onnx(src, tmp_path / "onnx", attention="gqa", quiet=True)
+    result = export_onnx(src, tmp_path / "onnx", attention="gqa", kv_cache="concat", quiet=True)
     assert result.manifest["optimizations"]["applied"]["packed_qkv"] == 2
     graph = onnx.load(str(result.out_dir / "model.onnx")).graph
     producers = {out: node for node in graph.node for out in node.output}
@@ -92,3 +92,58 @@ def test_greedy_tokens_of_float16_match_float32_argmax():
     logits[2] = 0
     logits[3, 7] = np.inf
     assert (greedy_tokens(logits) == logits.astype(np.float32).argmax(-1)).all()
+
+
+# Head size 16: onnxruntime's CPU GroupQueryAttention rotates only multiples of 16.
+SHARED_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_shared_cache_graph(tmp_path):
+    import onnx
+
+    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=3, overrides=SHARED_SHAPE)
+    result = export_onnx(src, tmp_path / "onnx", quiet=True)  # the default: gqa, shared cache
+    fusions, onnx_section = result.manifest["optimizations"], result.manifest["onnx"]
+    assert fusions["variant"] == "gqa-shared" and fusions["applied"]["shared_kv"] == 3 and len(fusions["tried"]) == 1
+    assert onnx_section["kv_cache"] == "shared" and onnx_section["max_sequence_length"] == 256
+    assert onnx_section["inputs"] == ["input_ids", "attention_mask"]
+    graph = onnx.load(str(result.out_dir / "model.onnx")).graph
+    attentions = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attentions) == 3
+    for node in attentions:  # packed q/k/v in, rotary inside, no attention_bias
+        assert node.input[1:3] == ["", ""] and len(node.input) == 9
+        assert {a.name: a.i for a in node.attribute}["do_rotary"] == 1
+    assert not {"RotaryEmbedding", "Split", "Where"} & {n.op_type for n in graph.node}
+    assert_greedy_parity(src, result.out_dir)  # a left-padded batch, moved to the right by the decoder
+
+
+def test_shared_cache_fp16(tmp_path):
+    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=2, overrides=SHARED_SHAPE)
+    result = export_onnx(src, tmp_path / "onnx", dtype="fp16", quiet=True)
+    assert result.manifest["onnx"]["kv_cache"] == "shared"
+    assert_greedy_parity(src, result.out_dir, dtype="fp16", tolerance=1e-2)
+
+
+@pytest.mark.parametrize("family,reason", [
+    ("mistral", "sliding window: the shared graph drops the mask that applies it"),
+    ("qwen3", "q/k norms between the projection and rotary: no packed form"),
+])
+def test_shared_cache_falls_back_to_concat(tmp_path, family, reason):
+    src = make_tiny_checkpoint(family, tmp_path / "hf", num_layers=2, overrides=SHARED_SHAPE)
+    result = export_onnx(src, tmp_path / "onnx", quiet=True)
+    fusions = result.manifest["optimizations"]
+    assert result.manifest["onnx"]["kv_cache"] == "concat", reason
+    assert fusions["variant"] == "gqa" and len(fusions["tried"]) == 1  # decided without a second trace
+    assert_greedy_parity(src, result.out_dir)
+
+
+def test_shared_cache_refuses_more_tokens_than_positions(tmp_path):
+    from ulsexport.errors import UserError
+    from ulsexport.ort_runner import OnnxDecoder
+
+    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=1,
+                               overrides={**SHARED_SHAPE, "max_position_embeddings": 16})
+    out = export_onnx(src, tmp_path / "onnx", quiet=True).out_dir
+    ids = np.full((1, 10), 5, np.int64)
+    with pytest.raises(UserError, match="pass the export's 16 positions"):
+        OnnxDecoder(out).greedy(ids, np.ones_like(ids), 7)

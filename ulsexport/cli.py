@@ -319,18 +319,22 @@ def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_
 @click.option("--no-optimize", is_flag=True, help="Skip onnxruntime transformer fusions (torch builder).")
 @click.option("--attention", type=click.Choice(["gqa", "mha"]),
               help="Fused attention (torch builder) [default: gqa]: gqa keeps key/value heads grouped "
-                   "(onnxruntime GroupQueryAttention, padding mask kept, one q/k/v MatMul) and falls back to mha "
-                   "if it fails the parity check; mha repeats key/value heads to the query heads. On an H100, gqa "
-                   "decodes as fast at batch 1 and up to 1.18x faster at batch 8.")
+                   "(onnxruntime GroupQueryAttention, one q/k/v MatMul) and falls back to mha "
+                   "if it fails the parity check; mha repeats key/value heads to the query heads.")
+@click.option("--kv-cache", type=click.Choice(["shared", "concat"]),
+              help="KV cache layout (torch builder, gqa) [default: shared]: shared = one buffer per cache tensor, "
+                   "bound as past and present, appended in place, rotary inside GroupQueryAttention, rows "
+                   "right-padded (onnxruntime-genai's layout; models with sliding-window attention keep concat); "
+                   "concat = past and present separate, padding mask as an attention bias.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
-def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention, force, as_json):
+def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention, kv_cache, force, as_json):
     """Export a checkpoint to ONNX: one decoder graph with a KV cache for the kept layers only.
 
-    The torch builder's graph has inputs input_ids, attention_mask, position_ids,
-    past_key_values.{i}.key/value and outputs logits, present.{i}.key/value; it is checked against
-    PyTorch before it is written, and fusions that break parity are dropped. Either builder writes
+    The torch builder's graph has inputs input_ids, attention_mask, past_key_values.{i}.key/value
+    (and position_ids where the cache is not shared) and outputs logits, present.{i}.key/value; it
+    is checked against PyTorch before it is written, and fusions that break parity are dropped. Either builder writes
     genai_config.json (loads in onnxruntime_genai.Model) and ulsexport.json, which maps every cache
     index i to its original layer.
 
@@ -345,10 +349,10 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
 
     if builder == "torch":
         result = export_onnx(model, out, dtype, device, opset, optimize=not no_optimize,
-                             attention=attention or "gqa", force=force, quiet=ctx.obj["quiet"])
+                             attention=attention or "gqa", kv_cache=kv_cache, force=force, quiet=ctx.obj["quiet"])
     else:
-        if opset is not None or no_optimize or attention:
-            raise UserError("--opset, --no-optimize and --attention apply to --builder torch only")
+        if opset is not None or no_optimize or attention or kv_cache:
+            raise UserError("--opset, --no-optimize, --attention and --kv-cache apply to --builder torch only")
         result = onnx_builder(builder)(model, out, dtype, device, force=force, quiet=ctx.obj["quiet"])
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .errors import UserError
-from .genai import write_genai_config
+from .genai import CPU_GQA_HEAD_MULTIPLE, write_genai_config
 from .manifest import read_manifest, write_manifest
 from .models import load_causal_lm, resolve_device
 from .outputs import atomic_output_dir
@@ -29,7 +29,9 @@ EXPORT_DTYPES = ("fp32", "fp16")
 # Sample sizes for tracing: distinct, so that torch.export never unifies two dynamic axes.
 SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST = 2, 3, 5
 PROBE_STEPS = 3  # greedy steps of the parity probe run at export time
-ATTENTION_FUSIONS = {"mha": ("mha",), "gqa": ("gqa", "mha")}  # the fused graphs tried, in order
+# The fused graphs tried, in order; "gqa-shared" is "gqa" with its cache shared (kv_cache="shared").
+ATTENTION_FUSIONS = {"mha": ("mha",), "gqa": ("gqa-shared", "gqa", "mha")}
+KV_CACHES = ("shared", "concat")
 
 
 @dataclass(frozen=True)
@@ -95,19 +97,30 @@ def flat_cache_module(model, uses_position_ids: bool):
 
 
 def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int | None = None,
-                optimize: bool = True, attention: str = "gqa", force: bool = False,
+                optimize: bool = True, attention: str = "gqa", kv_cache: str | None = None, force: bool = False,
                 quiet: bool = False) -> ExportResult:
     """Export checkpoint directory `model` to `out`/model.onnx with its manifest and tokenizer files.
 
-    `attention` picks the fused attention tried first: "gqa" (GroupQueryAttention that keeps the
-    padding mask; falls back to "mha", then to no fusion, where the fused graph fails the parity
-    check) or "mha" (MultiHeadAttention over key/value heads repeated to the query heads).
+    `attention` picks the fused attention tried first: "gqa" (GroupQueryAttention; falls back to
+    "mha", then to no fusion, where the fused graph fails the parity check) or "mha"
+    (MultiHeadAttention over key/value heads repeated to the query heads).
+
+    `kv_cache` (gqa only; default "shared" with gqa): "shared" makes GroupQueryAttention take the
+    packed projection, apply rotary itself and append to one cache buffer bound as both past and
+    present, with right-padded rows (onnxruntime-genai's layout, its fastest CUDA path); models with
+    sliding-window attention keep "concat". "concat": past and present are separate tensors and
+    the padding mask is an attention bias (left padding, as Hugging Face pads).
     """
     start = time.perf_counter()
     model_dir, config, adapter = load_model_info(model)
     _check_dtype_device(dtype, device)
     if attention not in ATTENTION_FUSIONS:
         raise UserError(f"unknown attention fusion '{attention}'; choose one of {', '.join(ATTENTION_FUSIONS)}")
+    kv_cache = kv_cache or ("shared" if attention == "gqa" else "concat")
+    if kv_cache not in KV_CACHES:
+        raise UserError(f"unknown KV cache layout '{kv_cache}'; choose one of {', '.join(KV_CACHES)}")
+    if kv_cache == "shared" and attention != "gqa":
+        raise UserError("--kv-cache shared needs --attention gqa (GroupQueryAttention appends to the shared buffer)")
     if not adapter.onnx_exportable:
         raise UserError(f"ONNX export of '{adapter.model_type}' is not supported: {adapter.onnx_note}")
     out = Path(out)
@@ -119,8 +132,13 @@ def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int
         bar.update()
         program, shapes = _export_program(torch_model, adapter, opset)
         bar.update()
-        variants = ATTENTION_FUSIONS[attention] if optimize else ()
-        data, fusions, parity = _save_verified(program, tmp, torch_model, adapter, opset, shapes, dtype, variants)
+        # onnxruntime's CPU kernel rotates only head sizes that are multiples of 16: unverifiable on CPU
+        cpu_rotary = device != "cpu" or shapes["head_dim"] % CPU_GQA_HEAD_MULTIPLE == 0
+        tables = rotary_tables(torch_model) if kv_cache == "shared" and cpu_rotary else None
+        variants = [v for v in ATTENTION_FUSIONS[attention] if tables is not None or v != "gqa-shared"] \
+            if optimize else []
+        data, fusions, parity, shapes = _save_verified(program, tmp, torch_model, adapter, opset, shapes, dtype,
+                                                       variants, tables)
         bar.update()
         ckpt.copy_side_files(model_dir, tmp)
         (tmp / ckpt.CONFIG_NAME).write_text((model_dir / ckpt.CONFIG_NAME).read_text())
@@ -129,6 +147,36 @@ def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int
         write_manifest(tmp, manifest)
         write_genai_config(tmp)
     return ExportResult(out, manifest, time.perf_counter() - start)
+
+
+def rotary_tables(torch_model):
+    """(cos, sin) [max positions, rotary dim / 2] float32 of the model's one rotary embedding, as
+    GroupQueryAttention takes them; None where the shared-buffer graph would be wrong or cannot be
+    built: sliding-window attention (the graph drops the mask that applies the window), or not
+    exactly one rotary module."""
+    import torch
+
+    text = torch_model.config.get_text_config()
+    if _attends_locally(text):
+        return None
+    rotary = [m for m in torch_model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if len(rotary) != 1:
+        return None
+    positions = torch.arange(int(text.max_position_embeddings), device=torch_model.device)[None]
+    with torch.no_grad():
+        cos, sin = rotary[0](torch.zeros(1, dtype=torch.float32, device=torch_model.device), positions)
+    half = cos.shape[-1] // 2  # Hugging Face repeats the frequencies: cat(freqs, freqs)
+    return cos[0, :, :half].float().cpu().numpy(), sin[0, :, :half].float().cpu().numpy()
+
+
+def _attends_locally(text_config) -> bool:
+    """Whether any layer attends through a sliding window, from the config fields transformers reads."""
+    if not getattr(text_config, "sliding_window", None):
+        return False
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        return any(kind != "full_attention" for kind in layer_types)
+    return getattr(text_config, "use_sliding_window", True) is not False
 
 
 def onnx_builder(name: str):
@@ -214,41 +262,63 @@ def _save(ir_model, folder: Path) -> str | None:
     return data
 
 
-def _save_verified(program, folder: Path, torch_model, adapter, opset, shapes, dtype, variants):
-    """Save the graph, fused for onnxruntime (the first of `variants` that keeps parity with PyTorch).
+def _save_verified(program, folder: Path, torch_model, adapter, opset, shapes, dtype, variants, rotary=None):
+    """Save the graph, fused for onnxruntime (the first of `variants` that keeps parity with PyTorch),
+    its cache shared (`share_kv_buffer`) where `rotary` tables are given; returns (external data file,
+    fusions, parity, shapes of the saved graph).
 
     The fusions rewrite the graph in place, so a fused graph that fails is replaced by a fresh
     trace, not by a copy kept on disk (that would double the disk a 70B export needs).
     """
     from onnxscript.optimizer import optimize as fold_constants
 
-    from .ort_fusions import fuse_for_ort
+    from .ort_fusions import fuse_for_ort, share_kv_buffer
 
     tolerance = PARITY_TOLERANCE[dtype]
     device = str(torch_model.device.type)
     fusions = {"applied": {}, "kept": False, "skipped": "--no-optimize", "tried": []}
+    tried = set()
     for variant in variants:
+        if variant in tried:
+            continue
         if fusions["tried"]:
             program, shapes = _export_program(torch_model, adapter, opset)
-        fused, counts = fuse_for_ort(program.model, grouped_query_attention=variant == "gqa")
+        fused, counts = fuse_for_ort(program.model, grouped_query_attention=variant.startswith("gqa"))
+        if variant == "gqa-shared":
+            counts["shared_kv"] = share_kv_buffer(fused, *rotary)
+            variant = variant if counts["shared_kv"] else "gqa"  # no node had the shared form: plain gqa
+        tried.add(variant)
+        saved = _shapes_of(fused, shapes, counts.get("shared_kv"), rotary)
         data = _save(fused, folder)
         attempt = {"variant": variant, "applied": {k: v for k, v in counts.items() if v}}
         try:
-            error = _parity_error(folder, shapes, dtype, torch_model, device)
+            error = _parity_error(folder, saved, dtype, torch_model, device)
         except Exception as exc:  # onnxruntime rejects some fused graphs outright (e.g. rank-3 Gemm)
             error, attempt["failure"] = float("inf"), f"{type(exc).__name__}: {str(exc)[:200]}"
         attempt["relative_error"] = error if error < float("inf") else None
         fusions = {**attempt, "kept": error <= tolerance, "tried": [*fusions["tried"], attempt]}
         if fusions["kept"]:
-            return data, fusions, _parity(error, tolerance)
+            return data, fusions, _parity(error, tolerance), saved
         for path in folder.glob(f"{ONNX_FILE}*"):
             path.unlink()
     if fusions["tried"]:
         program, shapes = _export_program(torch_model, adapter, opset)
     fold_constants(program.model)
     data = _save(program.model, folder)
-    return data, fusions, _parity(_parity_error(folder, shapes, dtype, torch_model, device), tolerance)
+    return data, fusions, _parity(_parity_error(folder, shapes, dtype, torch_model, device), tolerance), shapes
 
+
+def _shapes_of(ir_model, shapes: dict, shared: int | None, rotary) -> dict:
+    """`shapes` for the graph as saved: its inputs and I/O shapes, and its cache layout."""
+    graph = ir_model.graph
+    cache = {n for pair in shapes["cache_inputs"] for n in pair}
+    updated = dict(shapes, kv_cache="shared" if shared else "concat",
+                   inputs=[v.name for v in graph.inputs if v.name not in cache],
+                   io_shapes={v.name: [d if isinstance(d, int) else str(d) for d in v.shape]
+                              for v in [*graph.inputs, *graph.outputs]})
+    if shared:
+        updated["max_sequence_length"] = int(rotary[0].shape[0])
+    return updated
 
 def _parity(error: float, tolerance: float) -> dict:
     if error > tolerance:
@@ -278,6 +348,7 @@ def _onnx_section(shapes: dict, dtype: str, opset, external_data) -> dict:
             "outputs": ["logits"] + [n for pair in shapes["cache_outputs"] for n in pair],
             "cache_inputs": shapes["cache_inputs"], "cache_outputs": shapes["cache_outputs"],
             "num_kv_heads": shapes["num_kv_heads"], "head_dim": shapes["head_dim"],
+            "kv_cache": shapes.get("kv_cache", "concat"), "max_sequence_length": shapes.get("max_sequence_length"),
             "io_shapes": shapes["io_shapes"]}
 
 

@@ -7,8 +7,10 @@ graphs use fused kernels (GroupQueryAttention with rotary embedding inside, fuse
 and one KV buffer shared by past and present.
 
 `write_genai_config` makes an export of `--builder torch` loadable by `onnxruntime_genai.Model`
-too: the graph keeps the cache in separate past/present tensors (past_present_share_buffer off)
-and takes the Hugging Face attention mask, so genai's generic "decoder" model type runs it.
+too, through genai's generic "decoder" model type (everything model-specific is inside the graph).
+A graph with a shared cache takes the mask as the builder's graphs do (lengths from it), and
+genai shares its past and present buffer on CUDA, as it does for the builder's; a graph with a
+concatenated cache returns a new present tensor each step (past_present_share_buffer off).
 
 `GenaiRuntime` decodes through genai's own loop (Generator, append_tokens, generate_next_token).
 """
@@ -165,7 +167,8 @@ def write_genai_config(onnx_dir) -> Path:
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     if "position_ids" in onnx["inputs"]:
         inputs["position_ids"] = "position_ids"
-    providers = [{"cuda": {}}] if read_manifest(onnx_dir).get("device", "cpu").startswith("cuda") else []
+    on_cuda = read_manifest(onnx_dir).get("device", "cpu").startswith("cuda")
+    providers = [{"cuda": {}}] if on_cuda else []
     config = {
         "model": {
             **generation,
@@ -182,11 +185,11 @@ def write_genai_config(onnx_dir) -> Path:
                 "num_hidden_layers": len(onnx["cache_inputs"]),
                 "num_key_value_heads": onnx["num_kv_heads"],
             },
-            "type": "decoder",  # genai's generic decoder: everything model-specific is inside the graph
+            "type": "decoder",
             "vocab_size": text.vocab_size,
         },
-        # The graph returns a new present tensor each step (past and present are separate buffers).
-        "search": {"do_sample": False, "num_beams": 1, "max_length": context, "past_present_share_buffer": False},
+        "search": {"do_sample": False, "num_beams": 1, "max_length": context,
+                   "past_present_share_buffer": on_cuda and onnx.get("kv_cache") == "shared"},
     }
     path = onnx_dir / GENAI_CONFIG
     path.write_text(json.dumps(config, indent=2) + "\n")

@@ -272,3 +272,86 @@ def _drop_unused_initializers(graph) -> None:
     unused = [name for name, value in graph.initializers.items() if not value.uses() and not value.is_graph_output()]
     for name in unused:
         del graph.initializers[name]
+
+
+def share_kv_buffer(model, cos_table, sin_table) -> int:
+    """Rewrite every GroupQueryAttention into the form onnxruntime's fastest decode path takes; the count.
+
+    The packed q/k/v projection goes into GroupQueryAttention itself, which applies rotary embedding
+    (do_rotary=1, positions from the lengths, over `cos_table`/`sin_table` [max positions, rotary
+    dim / 2]) and appends the new key/value into the cache at each row's own length. Lengths come
+    from the attention mask as onnxruntime-genai's graphs take them: seqlens_k = real tokens - 1 per
+    row, total_sequence_length = the mask's width. So rows are right-padded, the cache can be one
+    buffer bound as both past and present (present has the past's shape when the past is the
+    longer), and no attention_bias is needed: the padding mask is dropped, which is only right where
+    attention is causal with no sliding window (the caller's check). All nodes or none: where one
+    does not match (a norm between projection and rotary, interleaved rotary, no packed projection),
+    the model is left as it was and 0 returned.
+    """
+    import numpy as np
+    import onnx_ir as ir
+    from onnx_ir.passes import common as common_passes
+
+    graph = model.graph
+    attentions = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    packed = [_packed_rotary_projection(node) for node in attentions]
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    if not attentions or mask is None or any(p is None for p in packed):
+        return 0
+
+    dtype = attentions[0].inputs[0].dtype
+    cos = ir.Value(name="cos_cache", const_value=ir.tensor(np.asarray(cos_table, dtype.numpy())))
+    sin = ir.Value(name="sin_cache", const_value=ir.tensor(np.asarray(sin_table, dtype.numpy())))
+    graph.register_initializer(cos)
+    graph.register_initializer(sin)
+    one = ir.Value(name="lengths.one", const_value=ir.tensor(np.array([1], np.int64)))
+    graph.register_initializer(one)
+    real_tokens = ir.node("ReduceSum", [mask, one], {"keepdims": 0})
+    last_index = ir.node("Sub", [real_tokens.outputs[0], one])
+    seqlens_k = ir.node("Cast", [last_index.outputs[0]], {"to": ir.DataType.INT32})
+    width = ir.node("Shape", [mask], {"start": 1, "end": 2})
+    total = ir.node("Cast", [ir.node("Squeeze", [width.outputs[0]]).outputs[0]], {"to": ir.DataType.INT32})
+    lengths = [real_tokens, last_index, seqlens_k, width, total.inputs[0].producer(), total]
+    graph.insert_before(next(iter(graph)), lengths)
+
+    for attention, projection in zip(attentions, packed):
+        keep = {name: attr.value for name, attr in attention.attributes.items()
+                if name in ("num_heads", "kv_num_heads", "scale", "softcap")}
+        fused = ir.node("GroupQueryAttention",
+                        [projection, None, None, *attention.inputs[3:5], seqlens_k.outputs[0], total.outputs[0],
+                         cos, sin],
+                        {**keep, "do_rotary": 1, "rotary_interleaved": 0}, domain="com.microsoft", num_outputs=3)
+        graph.insert_before(attention, fused)
+        for old, new in zip(attention.outputs, fused.outputs):
+            new.shape, new.dtype = old.shape, old.dtype
+            name = old.name
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+            old.name, new.name = None, name
+        graph.remove(attention, safe=True)
+    present_length = ir.SymbolicDim("present_sequence_length")
+    for value in graph.outputs:
+        if value.producer() is not None and value.producer().op_type == "GroupQueryAttention" and value.shape:
+            value.shape = ir.Shape([*value.shape[:2], present_length, *value.shape[3:]])
+    common_passes.RemoveUnusedNodesPass()(model)
+    for unused in [v for v in graph.inputs if not v.uses() and v.name == "position_ids"]:
+        graph.inputs.remove(unused)
+    _drop_unused_initializers(graph)
+    return len(attentions)
+
+
+def _packed_rotary_projection(attention):
+    """The packed q/k/v MatMul output feeding `attention` as Split -> RotaryEmbedding (q, k) and Split (v),
+    with nothing else on the path; else None."""
+    query, key, value = attention.inputs[:3]
+    rotaries = [v.producer() if v is not None else None for v in (query, key)]
+    if any(r is None or r.op_type != "RotaryEmbedding" or r.attributes.get_int("interleaved", 0)
+           or r.attributes.get_int("rotary_embedding_dim", 0) for r in rotaries):
+        return None
+    if value is None or any(v is not None for v in attention.inputs[7:10]):
+        return None
+    split = value.producer()
+    if split is None or split.op_type != "Split" or [r.inputs[0] for r in rotaries] != list(split.outputs[:2]) \
+            or split.outputs[2] is not value or len(split.outputs) != 3:
+        return None
+    packed = split.inputs[0]
+    return packed if packed.producer() is not None and packed.producer().op_type == "MatMul" else None

@@ -1,13 +1,20 @@
 """Running an exported ONNX decoder: an onnxruntime session and a greedy loop over its KV cache.
 
-The loop feeds `present.{i}.*` back as `past_key_values.{i}.*` and computes `attention_mask` and
-`position_ids` for left-padded batches the way Hugging Face `generate` does. With `io_binding`
-the cache stays where the execution provider put it (on the GPU for CUDA) between steps instead
-of round-tripping through numpy.
+Callers pass batches left-padded, as Hugging Face pads them. The cache is kept as the export's
+manifest says (`onnx.kv_cache`):
+
+- "concat": `present.{i}.*` is fed back as `past_key_values.{i}.*`; `attention_mask` and
+  `position_ids` are computed for the left-padded batch the way `generate` does. With `io_binding`
+  the cache stays where the execution provider put it (on the GPU for CUDA) between steps instead
+  of round-tripping through numpy.
+- "shared": one buffer per cache tensor, as long as the prompt plus the new tokens, is bound as
+  both past and present once; the graph appends to it at each row's length. Rows are moved to the
+  right-padded layout that graph takes, and each row's next token is read at its own last position.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +29,8 @@ NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 @dataclass
 class GreedyOutput:
     tokens: np.ndarray        # [batch, new_tokens]
-    logits: list[np.ndarray]  # one [batch, vocab] array per generated token (fp32)
+    logits: list[np.ndarray]  # one [batch, vocab] array per generated token (fp32), if kept
+    step_seconds: list[float] = field(default_factory=list)  # each forward pass and its token choice
 
 
 def greedy_tokens(logits: np.ndarray) -> np.ndarray:
@@ -61,56 +69,116 @@ class OnnxDecoder:
         options.log_severity_level = 3  # errors only: the exporter's shape annotations draw harmless warnings
         self.session = ort.InferenceSession(str(folder / self.onnx["file"]), options, providers=PROVIDERS[provider])
         self.device = provider
-        self.io_binding = provider == "cuda" if io_binding is None else io_binding
+        self.shared_cache = self.onnx.get("kv_cache") == "shared"
+        # the shared buffer is bound as input and output at once: that needs io binding, on any provider
+        self.io_binding = self.shared_cache or (provider == "cuda" if io_binding is None else io_binding)
         self.cache_inputs = [n for pair in self.onnx["cache_inputs"] for n in pair]
         self.cache_outputs = [n for pair in self.onnx["cache_outputs"] for n in pair]
         self.uses_position_ids = "position_ids" in self.onnx["inputs"]
         self.dtype = NUMPY_DTYPES[self.onnx["dtype"]]
 
-    def empty_cache(self, batch: int) -> list:
-        shape = (batch, self.onnx["num_kv_heads"], 0, self.onnx["head_dim"])
-        empty = np.zeros(shape, self.dtype)
-        return [self._to_device(empty) for _ in self.cache_inputs] if self.io_binding else \
-            [empty for _ in self.cache_inputs]
+    def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
+               keep_logits: bool = True) -> GreedyOutput:
+        """Greedy decoding of `max_new_tokens` tokens (no early stop), prefill then one token a step."""
+        stream = (SharedCacheStream if self.shared_cache else ConcatCacheStream)(
+            self, np.asarray(input_ids), np.asarray(attention_mask), max_new_tokens)
+        tokens, step_logits, seconds = [], [], []
+        next_ids = None
+        for _ in range(max_new_tokens):
+            start = time.perf_counter()
+            last = stream.forward(next_ids)  # the logits come back to the host: the step has finished
+            next_ids = greedy_tokens(last)
+            seconds.append(time.perf_counter() - start)
+            tokens.append(next_ids)
+            if keep_logits:
+                step_logits.append(last.astype(np.float32))
+        return GreedyOutput(np.stack(tokens, axis=1), step_logits, seconds)
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list):
-        """One forward pass; returns (logits [batch, seq, vocab] numpy, the new cache)."""
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        if self.uses_position_ids:
-            feed["position_ids"] = position_ids_for(attention_mask, input_ids.shape[1])
-        if self.io_binding:
-            return self._step_bound(feed, cache)
-        outputs = self.session.run(["logits", *self.cache_outputs], {**feed, **dict(zip(self.cache_inputs, cache))})
-        return outputs[0], outputs[1:]
-
-    def _to_device(self, array: np.ndarray):
+    def to_device(self, array: np.ndarray):
         import onnxruntime as ort
 
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
 
-    def _step_bound(self, feed: dict, cache: list):
-        binding = self.session.io_binding()
+    def cache_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+        return batch, self.onnx["num_kv_heads"], length, self.onnx["head_dim"]
+
+
+class ConcatCacheStream:
+    """Left-padded rows; each step's present cache becomes the next step's past."""
+
+    def __init__(self, decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int):
+        self.decoder, self.ids, self.mask = decoder, input_ids, attention_mask
+        empty = np.zeros(decoder.cache_shape(len(input_ids), 0), decoder.dtype)
+        self.cache = [decoder.to_device(empty) if decoder.io_binding else empty for _ in decoder.cache_inputs]
+
+    def forward(self, next_ids: np.ndarray | None) -> np.ndarray:
+        """The prompt (first call) or the tokens just chosen: one pass; the last position's logits."""
+        decoder = self.decoder
+        if next_ids is not None:
+            self.ids = next_ids[:, None]
+            self.mask = np.concatenate([self.mask, np.ones_like(self.mask[:, :1])], axis=1)
+        feed = {"input_ids": self.ids.astype(np.int64), "attention_mask": self.mask.astype(np.int64)}
+        if decoder.uses_position_ids:
+            feed["position_ids"] = position_ids_for(self.mask, self.ids.shape[1])
+        if decoder.io_binding:
+            logits, self.cache = self._run_bound(feed)
+        else:
+            outputs = decoder.session.run(["logits", *decoder.cache_outputs],
+                                          {**feed, **dict(zip(decoder.cache_inputs, self.cache))})
+            logits, self.cache = outputs[0], outputs[1:]
+        return logits[:, -1]
+
+    def _run_bound(self, feed: dict):
+        decoder = self.decoder
+        binding = decoder.session.io_binding()
         for name, array in feed.items():
-            binding.bind_ortvalue_input(name, self._to_device(array))
-        for name, value in zip(self.cache_inputs, cache):
+            binding.bind_ortvalue_input(name, decoder.to_device(array))
+        for name, value in zip(decoder.cache_inputs, self.cache):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name in self.cache_outputs:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+        for name in decoder.cache_outputs:
+            binding.bind_output(name, decoder.device)
+        decoder.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), outputs[1:]
 
-    def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> GreedyOutput:
-        """Greedy decoding of `max_new_tokens` tokens (no early stop), prefill then one token a step."""
-        cache = self.empty_cache(input_ids.shape[0])
-        tokens, step_logits = [], []
-        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-        for _ in range(max_new_tokens):
-            logits, cache = self.step(ids, mask, cache)
-            last = logits[:, -1].astype(np.float32)
-            ids = greedy_tokens(last)[:, None]
-            tokens.append(ids[:, 0])
-            step_logits.append(last)
-            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-        return GreedyOutput(np.stack(tokens, axis=1), step_logits)
+
+class SharedCacheStream:
+    """Right-padded rows over one cache buffer per tensor, bound as past and present for every step."""
+
+    def __init__(self, decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int):
+        batch, prompt = input_ids.shape
+        capacity = decoder.onnx.get("max_sequence_length")
+        if capacity and prompt + max_new_tokens > capacity:
+            raise UserError(f"{prompt} prompt + {max_new_tokens} new tokens pass the export's "
+                            f"{capacity} positions")
+        real = attention_mask.astype(bool)
+        self.lengths = real.sum(axis=1)
+        order = np.argsort(~real, axis=1, kind="stable")  # each row's real tokens first, in order
+        self.ids = np.take_along_axis(input_ids, order, axis=1).astype(np.int64)
+        self.mask = (np.arange(prompt)[None] < self.lengths[:, None]).astype(np.int64)
+        self.decoder = decoder
+        self.binding = decoder.session.io_binding()
+        self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        shape = decoder.cache_shape(batch, prompt + max_new_tokens)
+        # an array each: on CPU an OrtValue wraps its numpy array's memory, so one array would be one buffer
+        self.cache = [decoder.to_device(np.zeros(shape, decoder.dtype)) for _ in decoder.cache_inputs]
+        for past, present, buffer in zip(decoder.cache_inputs, decoder.cache_outputs, self.cache):
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
+        self.prefilled = False
+
+    def forward(self, next_ids: np.ndarray | None) -> np.ndarray:
+        """The prompt (first call) or the tokens just chosen: one pass; each row's last logits."""
+        if next_ids is not None:
+            self.ids = next_ids[:, None].astype(np.int64)
+            self.mask = np.concatenate([self.mask, np.ones_like(self.mask[:, :1])], axis=1)
+        self.binding.bind_cpu_input("input_ids", self.ids)
+        self.binding.bind_cpu_input("attention_mask", self.mask)
+        self.binding.bind_output("logits", "cpu")  # anew each step: a bound output keeps its first shape
+        self.decoder.session.run_with_iobinding(self.binding)
+        logits = self.binding.get_outputs()[0].numpy()
+        if self.prefilled:
+            return logits[:, -1]
+        self.prefilled = True
+        return logits[np.arange(len(logits)), self.lengths - 1]

@@ -15,7 +15,6 @@ import numpy as np
 
 from .errors import UserError
 from .manifest import read_manifest
-from .ort_runner import greedy_tokens
 
 
 @dataclass
@@ -98,21 +97,8 @@ class OrtRuntime:
         self.decoder = OnnxDecoder(folder, device)
 
     def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False) -> GreedyRun:
-        decoder = self.decoder
-        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-        cache = decoder.empty_cache(ids.shape[0])
-        tokens, logits, seconds = [], [], []
-        for _ in range(new_tokens):
-            start = time.perf_counter()
-            step_logits, cache = decoder.step(ids, mask, cache)
-            last = step_logits[:, -1]
-            ids = greedy_tokens(last)[:, None]
-            seconds.append(time.perf_counter() - start)  # logits come back to the host: synchronized
-            tokens.append(ids[:, 0])
-            if keep_logits:
-                logits.append(last.astype(np.float32))
-            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-        return GreedyRun(np.stack(tokens, 1), logits, seconds[0], sum(seconds[1:]))
+        out = self.decoder.greedy(input_ids, attention_mask, new_tokens, keep_logits=keep_logits)
+        return GreedyRun(out.tokens, out.logits, out.step_seconds[0], sum(out.step_seconds[1:]))
 
 
 def open_runtime(folder: str | Path, runtime: str, dtype: str = "fp32", device: str = "cpu"):
