@@ -1,5 +1,6 @@
-"""Decode speed of the torch builder's two attention fusions (`ulsexport onnx --attention mha|gqa`) and of
-onnxruntime-genai's builder, on one pruned checkpoint, side by side in one process.
+"""Decode speed of the torch builder's attention fusions and cache layouts (`ulsexport onnx --attention mha`,
+`--attention gqa --kv-cache concat`, `--attention gqa --kv-cache shared`) and of onnxruntime-genai's
+builder, on one pruned checkpoint, side by side in one process.
 
 A Llama-shaped model with random fp16 weights is made from a config on the device (nothing downloaded),
 pruned with the uls plan, exported with each fusion and built with genai's builder (when installed), and
@@ -25,7 +26,9 @@ from gpu_benchmark import SEVEN_B, TINY  # noqa: E402
 ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
 SHAPES = {"tiny": TINY, "1b": ONE_B, "7b": SEVEN_B}
-FUSIONS = ("mha", "gqa")
+# variant -> export_onnx options
+FUSIONS = {"mha": dict(attention="mha"), "gqa-concat": dict(attention="gqa", kv_cache="concat"),
+           "gqa-shared": dict(attention="gqa", kv_cache="shared")}
 
 
 def add_checkpoint_arguments(ap: argparse.ArgumentParser, workdir: str, shape: str, runs: int) -> None:
@@ -72,7 +75,7 @@ def build_artifact(variant: str, pruned: Path, args) -> tuple[Path, dict]:
     if variant == "genai":
         build_genai(pruned, out, args.dtype, args.device, force=True, quiet=True)
         return out, {"build_seconds": time.perf_counter() - start}
-    export = export_onnx(pruned, out, args.dtype, args.device, attention=variant, force=True, quiet=True)
+    export = export_onnx(pruned, out, args.dtype, args.device, **FUSIONS[variant], force=True, quiet=True)
     return out, {"build_seconds": time.perf_counter() - start, "optimizations": export.manifest["optimizations"]}
 
 
@@ -107,7 +110,7 @@ def main() -> None:
             except Exception as exc:
                 record["kernels_error"] = f"{type(exc).__name__}: {exc}"[:300]
         del runtime
-        if cuda and variant == "gqa":  # the same graph in onnxruntime-genai's loop, and onnxruntime's profile
+        if cuda and variant.startswith("gqa"):  # the same graph in onnxruntime-genai's loop, and onnxruntime's profile
             record.update(_genai_loop_and_profile(folder, args, settings, shape["vocab_size"]))
         results["variants"][variant] = record
         (args.results / "attention_fusion_speed.json").write_text(json.dumps(results, indent=2))
@@ -153,7 +156,8 @@ def markdown(results: dict, args) -> str:
         runtime = "genai" if variant == "genai" else "ort"
         lines.append(f"| {variant} | {runtime} | {tps[variant]['1']:.1f} | {tps[variant]['8']:.1f} | "
                      f"{record['build_seconds']:.0f} |")
-    for a, b in (("gqa", "mha"), ("mha", "genai"), ("gqa", "genai")):
+    for a, b in (("gqa-concat", "mha"), ("gqa-shared", "gqa-concat"), ("mha", "genai"), ("gqa-concat", "genai"),
+                 ("gqa-shared", "genai")):
         if a in tps and b in tps:
             lines.append(f"\n{a} / {b}: " + ", ".join(f"batch {n} {tps[a][n] / tps[b][n]:.2f}" for n in ("1", "8")))
     for variant, record in variants.items():
@@ -165,7 +169,7 @@ def markdown(results: dict, args) -> str:
             top = sorted(ops.items(), key=lambda item: -item[1]["ms_per_step"])[:10]
             lines.append(f"\n{variant} profile, batch {batch} (onnxruntime, host-timed ms per step, calls): " + "; ".join(
                 f"{op} {t['ms_per_step']:.2f} ({t['calls_per_step']:.0f})" for op, t in top))
-    kept = {v: r["optimizations"].get("variant") for v, r in variants.items() if "optimizations" in r}
+    kept = {v: r["optimizations"].get("variant") for v, r in variants.items() if "optimizations" in r}  # may fall back
     lines += ["", f"Fused attention kept in each export: {kept}."]
     if any("kernels" in r for r in variants.values()):
         lines += ["", "Decode step seen from the GPU (CUPTI, 16 steps): wall ms, of which inside onnxruntime's run "

@@ -68,7 +68,7 @@ def stage_build_artifacts(work: Path, args, builder: str, suffix: str) -> None:
     for name in args.depths.split(","):
         if not (work / f"{name}{suffix}").exists():
             start = time.perf_counter()
-            options = {"attention": args.attention} if builder == "torch" else {}
+            options = {"attention": args.attention, "kv_cache": args.kv_cache} if builder == "torch" else {}
             onnx_builder(builder)(work / name, work / f"{name}{suffix}", args.dtype, args.device, quiet=True,
                                   **options)
             _record(args, f"export_seconds.{builder}.{name}", time.perf_counter() - start)
@@ -228,6 +228,8 @@ def main():
                     help="which checkpoints the artifact stages build, in this order")
     ap.add_argument("--attention", default="gqa", choices=["gqa", "mha"],
                     help="the fused attention of the torch builder's graphs (ulsexport onnx --attention)")
+    ap.add_argument("--kv-cache", choices=["shared", "concat"],
+                    help="the torch builder's KV cache layout (ulsexport onnx --kv-cache) [default: its own]")
     ap.add_argument("--workdir", type=Path, default=Path("/root/bench"))
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--device", default="cuda")
@@ -242,7 +244,10 @@ def main():
     args.workdir.mkdir(parents=True, exist_ok=True)
     for stage in args.stages.split(","):
         start = time.perf_counter()
-        STAGES[stage](args.workdir, args)
+        try:  # one failing stage is recorded, and the later ones still run
+            STAGES[stage](args.workdir, args)
+        except Exception as exc:
+            _record(args, f"stage-error.{stage}", f"{type(exc).__name__}: {exc}"[:500])
         print(f"stage {stage}: {time.perf_counter() - start:.0f} s", flush=True)
     print((args.results / "gpu_benchmark.md").read_text() if (args.results / "gpu_benchmark.md").exists() else "")
 

@@ -12,7 +12,8 @@
 #   setsid nohup bash benchmarks/gpu_session.sh [STEPS] > /root/session.log 2>&1 < /dev/null &
 #
 # STEPS: comma-separated, from heal,parity,fusion,bench (default: heal,parity,bench, in that order).
-# BENCH_STAGES and BENCH_ATTENTION pass --stages and --attention to gpu_benchmark.py.
+# BENCH_STAGES and BENCH_ATTENTION pass --stages and --attention to gpu_benchmark.py; FUSION_LAYERS
+# sets the model depth of the fusion step (default 8).
 set -u
 RESULTS=${RESULTS:-/root/results}
 STEPS=${1:-heal,parity,bench}
@@ -32,7 +33,7 @@ for s in ${STEPS//,/ }; do
   case $s in
     heal)   step heal python3 benchmarks/heal_kjv16.py --device cuda --quiet --results "$RESULTS/heal" ;;
     parity) step parity python3 benchmarks/onnx_gpu_parity.py "$RESULTS/parity" ;;
-    fusion) step fusion python3 benchmarks/attention_fusion_speed.py --shape 7b --layers 8 \
+    fusion) step fusion python3 benchmarks/attention_fusion_speed.py --shape 7b --layers "${FUSION_LAYERS:-8}" \
                 --results "$RESULTS/fusion" --workdir /root/fusion
             rm -rf /root/fusion ;;
     bench)  step bench python3 benchmarks/gpu_benchmark.py --results "$RESULTS/bench" \

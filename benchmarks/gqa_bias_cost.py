@@ -62,7 +62,7 @@ def main() -> None:
     shape = dict(SHAPES[args.shape])
     shape["num_hidden_layers"] = args.layers or shape["num_hidden_layers"]
     pruned = build_checkpoints(args, shape)
-    gqa, _ = build_artifact("gqa", pruned, args)
+    gqa, _ = build_artifact("gqa-concat", pruned, args)  # the graph with an attention_bias
     genai, _ = build_artifact("genai", pruned, args)
     artifacts = {"gqa": (gqa, "ort"), "gqa-no-bias": (without_attention_bias(gqa, args.workdir / "gqa-no-bias"), "ort"),
                  "genai": (genai, "genai")}
