@@ -49,12 +49,12 @@ class TimedSession:
     """An onnxruntime session whose run_with_iobinding calls are timed: the rest of a step is our loop."""
 
     def __init__(self, session):
-        self.session, self.seconds = session, 0.0
+        self.session, self.seconds = session, []  # one entry per run
 
     def run_with_iobinding(self, *args, **kwargs):
         start = time.perf_counter()
         result = self.session.run_with_iobinding(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
+        self.seconds.append(time.perf_counter() - start)
         return result
 
     def __getattr__(self, name):
@@ -70,10 +70,8 @@ def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: 
     session = TimedSession(decoder.session) if decoder is not None and decoder.io_binding else None
     if session:
         decoder.session = session
-        runtime.greedy(ids, mask, 1)
-        prefill_seconds = session.seconds
     wall = runtime.greedy(ids, mask, steps + 1).decode_seconds / steps
-    run_ms = 1000 * (session.seconds - 2 * prefill_seconds) / steps if session else None
+    run_ms = 1000 * sum(session.seconds[1:]) / steps if session else None  # the runs after the prefill
     if session:
         decoder.session = session.session
     prefill = kernel_totals(lambda: runtime.greedy(ids, mask, 1))

@@ -222,7 +222,7 @@ class GenaiRuntime:
 
     name = "genai"
 
-    def __init__(self, folder: str | Path, dtype: str = "fp32", device: str = "cpu"):
+    def __init__(self, folder: str | Path, dtype: str = "fp32", device: str = "cpu", cuda_graph: bool = False):
         og = import_genai()
         folder = Path(folder)
         if not (folder / GENAI_CONFIG).is_file():
@@ -231,6 +231,8 @@ class GenaiRuntime:
         config.clear_providers()
         if device.startswith("cuda"):
             config.append_provider("cuda")
+            if cuda_graph:  # genai captures decode steps (it needs the shared past/present buffer)
+                config.set_provider_option("cuda", "enable_cuda_graph", "1")
         try:
             self.model = og.Model(config)
         except Exception as exc:  # genai's load errors are one line already

@@ -159,7 +159,6 @@ class SharedCacheStream:
         self.mask = (np.arange(prompt)[None] < self.lengths[:, None]).astype(np.int64)
         self.decoder = decoder
         self.binding = decoder.session.io_binding()
-        self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
         shape = decoder.cache_shape(batch, prompt + max_new_tokens)
         # an array each: on CPU an OrtValue wraps its numpy array's memory, so one array would be one buffer
         self.cache = [decoder.to_device(np.zeros(shape, decoder.dtype)) for _ in decoder.cache_inputs]
@@ -167,18 +166,30 @@ class SharedCacheStream:
             self.binding.bind_ortvalue_input(past, buffer)
             self.binding.bind_ortvalue_output(present, buffer)
         self.prefilled = False
+        self.logits = self._bind_logits(batch, prompt)
+
+    def _bind_logits(self, batch: int, seq: int) -> np.ndarray:
+        """A host array bound as the logits output: onnxruntime copies into it, and reading it needs no
+        get_outputs() (which wraps every bound output, the whole cache included, each step)."""
+        import onnxruntime as ort
+
+        logits = np.empty((batch, seq, self.decoder.onnx["io_shapes"]["logits"][-1]), self.decoder.dtype)
+        self.logits_value = ort.OrtValue.ortvalue_from_numpy(logits)  # wraps the array's memory
+        self.binding.bind_ortvalue_output("logits", self.logits_value)
+        return logits
 
     def forward(self, next_ids: np.ndarray | None) -> np.ndarray:
-        """The prompt (first call) or the tokens just chosen: one pass; each row's last logits."""
+        """The prompt (first call) or the tokens just chosen: one pass; each row's last logits
+        (a view, overwritten by the next pass)."""
         if next_ids is not None:
             self.ids = next_ids[:, None].astype(np.int64)
             self.mask = np.concatenate([self.mask, np.ones_like(self.mask[:, :1])], axis=1)
         self.binding.bind_cpu_input("input_ids", self.ids)
         self.binding.bind_cpu_input("attention_mask", self.mask)
-        self.binding.bind_output("logits", "cpu")  # anew each step: a bound output keeps its first shape
+        if self.logits.shape[1] != self.ids.shape[1]:  # the prompt's logits were bound; a step makes one row each
+            self.logits = self._bind_logits(*self.ids.shape)
         self.decoder.session.run_with_iobinding(self.binding)
-        logits = self.binding.get_outputs()[0].numpy()
         if self.prefilled:
-            return logits[:, -1]
+            return self.logits[:, -1]  # a view: valid until the next forward
         self.prefilled = True
-        return logits[np.arange(len(logits)), self.lengths - 1]
+        return self.logits[np.arange(len(self.logits)), self.lengths - 1]
