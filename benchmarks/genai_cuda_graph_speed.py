@@ -1,5 +1,6 @@
 """onnxruntime-genai's loop with and without CUDA graph capture (`enable_cuda_graph`), on the genai
-builder's graphs at every depth and on our torch builder's shared-cache graphs, side by side in one process.
+builder's graphs at every depth and on our torch builder's shared-cache graphs (these also in our own
+onnxruntime loop, mode "ort"), side by side in one process.
 
 Decode speed per artifact and mode, the measured speedups of the pruned graphs over the full one
 in each mode, and whether capture changes the greedy tokens. The 7B-shaped random checkpoint and
@@ -41,6 +42,7 @@ def main() -> None:
 
     from ulsexport.export_onnx import export_onnx
     from ulsexport.genai import GenaiRuntime, build_genai
+    from ulsexport.runtimes import OrtRuntime
     from ulsexport.validate import SpeedSettings, measure_speed
 
     args.results.mkdir(parents=True, exist_ok=True)
@@ -60,10 +62,11 @@ def main() -> None:
     modes = MODES if args.device == "cuda" else {"eager": False}
     for name, folder in artifacts.items():
         tokens = {}
-        for mode, cuda_graph in modes.items():
+        for mode, cuda_graph in ({"ort": None, **modes} if name.endswith("-torch") else modes).items():
             key = f"{name}.{mode}"
             try:
-                runtime = GenaiRuntime(folder, args.dtype, args.device, cuda_graph=cuda_graph)
+                runtime = OrtRuntime(folder, args.device) if mode == "ort" else \
+                    GenaiRuntime(folder, args.dtype, args.device, cuda_graph=cuda_graph)
                 start = time.perf_counter()
                 results["speed"][key] = measure_speed(runtime, settings, vocab)
                 results["speed"][key]["seconds"] = time.perf_counter() - start
@@ -71,7 +74,7 @@ def main() -> None:
                 del runtime
             except Exception as exc:  # record and go on: the other artifacts and modes still run
                 results["errors"][key] = f"{type(exc).__name__}: {exc}"[:400]
-        if len(tokens) == 2:
+        if "cuda-graph" in tokens and "eager" in tokens:
             results["tokens_equal"][name] = bool((tokens["eager"] == tokens["cuda-graph"]).all())
         (args.results / "genai_cuda_graph_speed.json").write_text(json.dumps(results, indent=2))
     text = markdown(results, args)
@@ -91,12 +94,15 @@ def markdown(results: dict, args) -> str:
              f"Decode tokens/s, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.runs} runs "
              f"after 1 warm-up. Command: `python benchmarks/genai_cuda_graph_speed.py --torch-depths "
              f"{args.torch_depths}`.", "",
-             "| artifact | mode | batch 1 | batch 8 | speedup over full-genai, same mode (b1 / b8) |", "|---|---|---|---|---|"]
+             "| artifact | mode | batch 1 | batch 8 | speedup over full-genai, same mode (b1 / b8) | "
+             "over the genai build of its depth, eager (b1 / b8) |", "|---|---|---|---|---|---|"]
     for key, tps in speed.items():
         name, mode = key.rsplit(".", 1)
         full = speed.get(f"full-genai.{mode}")
+        peer = speed.get(f"{name.rsplit('-', 1)[0]}-genai.eager")
         ratio = " / ".join(f"{tps[b] / full[b]:.2f}x" for b in ("1", "8")) if full else "-"
-        lines.append(f"| {name} | {mode} | {tps['1']:.1f} | {tps['8']:.1f} | {ratio} |")
+        over = " / ".join(f"{tps[b] / peer[b]:.2f}" for b in ("1", "8")) if peer else "-"
+        lines.append(f"| {name} | {mode} | {tps['1']:.1f} | {tps['8']:.1f} | {ratio} | {over} |")
     lines += ["", f"Greedy tokens (batch 8, 32 steps) equal with and without capture: {results['tokens_equal']}"]
     if results["errors"]:
         lines += ["", f"Errors: {results['errors']}"]
