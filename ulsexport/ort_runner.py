@@ -34,13 +34,20 @@ class GreedyOutput:
 
 
 def greedy_tokens(logits: np.ndarray) -> np.ndarray:
-    """argmax over the last axis. numpy's argmax of float16 is about 4x slower than converting first
-    (1.6 ms for 8 x 32000 logits): a float16's bits, as int16 with the negatives' magnitude bits
-    flipped, sort as the floats do, and int16 argmax is fast."""
+    """argmax over the last axis. numpy's argmax of float16 is slow (1.6 ms for 8 x 32000 logits here),
+    so it runs on the bits as int16, where non-negative floats sort as their bit patterns do and
+    every negative float sorts below them: one pass wherever a row's largest logit is non-negative.
+    Rows whose logits are all negative are redone with the negatives' magnitude bits flipped, which
+    makes the whole int16 order the float order."""
     if logits.dtype != np.float16:
         return logits.argmax(-1)
     bits = logits.view(np.int16)
-    return (bits ^ ((bits >> 15) & 0x7FFF)).argmax(-1)
+    tokens = bits.argmax(-1)
+    negative = np.take_along_axis(bits, tokens[..., None], -1)[..., 0] < 0
+    if negative.any():
+        rows = bits[negative]
+        tokens[negative] = (rows ^ ((rows >> 15) & 0x7FFF)).argmax(-1)
+    return tokens
 
 
 def position_ids_for(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
