@@ -152,6 +152,8 @@ def test_cli_builder_genai_writes_manifest_beside_genai_config(pruned, tmp_path)
 @pytest.mark.parametrize("args,message", [
     (("--builder", "genai", "--dtype", "fp16"), "makes no fp16 model for cpu"),
     (("--builder", "genai", "--no-optimize"), "--builder torch only"),
+    (("--builder", "genai", "--kv-cache", "shared"), "--builder torch only"),
+    (("--kv-cache", "shared", "--attention", "mha"), "--kv-cache shared needs --attention gqa"),
     (("--dtype", "int4"), "int4: --builder genai"),
 ])
 def test_cli_builder_bad_combinations(pruned, tmp_path, args, message):

@@ -358,7 +358,9 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
         click.echo(json.dumps(result.manifest, indent=2))
     else:
         layers = ", ".join(f"{i}<-{o}" for i, o in result.manifest["cache_to_original_layer"].items())
-        click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s; cache index<-original layer: {layers}")
+        graph = result.manifest.get("optimizations", {}).get("variant")  # the fused graph kept (torch builder)
+        click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s" + (f" ({graph} graph)" if graph else "")
+                   + f"; cache index<-original layer: {layers}")
 
 
 @main.command()
