@@ -13,7 +13,8 @@ Random weights made on the GPU from a config (nothing downloaded). Stages keep t
 Stages: build (random checkpoint, uls prunes), torch (PyTorch), onnx (our torch builder), ort (its
 graphs in our onnxruntime loop), genai-torch (its graphs in onnxruntime-genai's loop), profile (op
 times of one decode step of its 2x graph), genai (onnxruntime-genai's builder, in genai's loop),
-kernels (GPU kernel time and launches of a decode step of whichever 2x artifacts exist, via CUPTI).
+kernels (GPU kernel time and launches of a decode step of whichever artifacts exist at --kernel-depths,
+default the 2x ones, via CUPTI).
 """
 from __future__ import annotations
 
@@ -107,23 +108,24 @@ def stage_profile(work: Path, args) -> None:
 
 
 def stage_kernels(work: Path, args) -> None:
-    """Decode steps of the 2x artifacts seen from the GPU (CUPTI): kernel time, wall time, launches."""
+    """Decode steps of the artifacts at --kernel-depths seen from the GPU (CUPTI): kernel time, wall time, launches."""
     from decode_kernel_time import decode_kernel_time
 
     from ulsexport.runtimes import open_runtime
 
     vocab = (TINY if args.tiny else SEVEN_B)["vocab_size"]
-    for run in ("ort", "genai"):
-        runtime_name, suffix = RUNS[run]
-        key = f"kernels.uls2{suffix}.{runtime_name}"
-        if key in _results(args) or not (work / f"uls2{suffix}").exists():
-            continue
-        runtime = open_runtime(work / f"uls2{suffix}", runtime_name, args.dtype, args.device)
-        try:  # CUPTI may be missing: record why, and let the later stages run
-            _record(args, key, [decode_kernel_time(runtime, b, args.prompt_len, 16, vocab) for b in (1, 8)])
-        except Exception as exc:
-            _record(args, f"kernel-error.uls2{suffix}", f"{type(exc).__name__}: {exc}"[:300])
-        del runtime
+    for depth in args.kernel_depths.split(","):
+        for run in ("ort", "genai"):
+            runtime_name, suffix = RUNS[run]
+            key = f"kernels.{depth}{suffix}.{runtime_name}"
+            if key in _results(args) or not (work / f"{depth}{suffix}").exists():
+                continue
+            runtime = open_runtime(work / f"{depth}{suffix}", runtime_name, args.dtype, args.device)
+            try:  # CUPTI may be missing: record why, and let the later stages run
+                _record(args, key, [decode_kernel_time(runtime, b, args.prompt_len, 16, vocab) for b in (1, 8)])
+            except Exception as exc:
+                _record(args, f"kernel-error.{depth}{suffix}", f"{type(exc).__name__}: {exc}"[:300])
+            del runtime
 
 
 def _results(args) -> dict:
@@ -228,6 +230,7 @@ def main():
                     help="which checkpoints the artifact stages build, in this order")
     ap.add_argument("--attention", default="gqa", choices=["gqa", "mha"],
                     help="the fused attention of the torch builder's graphs (ulsexport onnx --attention)")
+    ap.add_argument("--kernel-depths", default="uls2", help="the depths the kernels stage looks at")
     ap.add_argument("--kv-cache", choices=["shared", "concat"],
                     help="the torch builder's KV cache layout (ulsexport onnx --kv-cache) [default: its own]")
     ap.add_argument("--workdir", type=Path, default=Path("/root/bench"))
