@@ -147,3 +147,27 @@ def test_shared_cache_refuses_more_tokens_than_positions(tmp_path):
     ids = np.full((1, 10), 5, np.int64)
     with pytest.raises(UserError, match="pass the export's 16 positions"):
         OnnxDecoder(out).greedy(ids, np.ones_like(ids), 7)
+
+
+@pytest.mark.parametrize("family,overrides,shared", [
+    ("llama", {}, True),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, False),
+    ("mistral", {"sliding_window": 8}, False),
+])
+def test_rotary_tables_only_where_one_table_is_exact(family, overrides, shared):
+    """The shared graph takes one cos/sin table: none for length-dependent rope or a sliding window."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import tiny_config
+    from ulsexport.export_onnx import rotary_tables
+
+    model = AutoModelForCausalLM.from_config(tiny_config(family, 1, {**SHARED_SHAPE, **overrides}))
+    tables = rotary_tables(model)
+    assert (tables is not None) == shared
+    if shared:
+        cos, sin = tables
+        assert cos.shape == sin.shape == (256, 8)
+        positions = torch.arange(256)[None]
+        reference = model.model.rotary_emb(torch.zeros(1), positions)[0][0, :, :8].numpy()
+        np.testing.assert_allclose(cos, reference, atol=1e-6)

@@ -32,6 +32,7 @@ PROBE_STEPS = 3  # greedy steps of the parity probe run at export time
 # The fused graphs tried, in order; "gqa-shared" is "gqa" with its cache shared (kv_cache="shared").
 ATTENTION_FUSIONS = {"mha": ("mha",), "gqa": ("gqa-shared", "gqa", "mha")}
 KV_CACHES = ("shared", "concat")
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # transformers' rope types whose frequencies follow the length
 
 
 @dataclass(frozen=True)
@@ -152,15 +153,15 @@ def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int
 def rotary_tables(torch_model):
     """(cos, sin) [max positions, rotary dim / 2] float32 of the model's one rotary embedding, as
     GroupQueryAttention takes them; None where the shared-buffer graph would be wrong or cannot be
-    built: sliding-window attention (the graph drops the mask that applies the window), or not
-    exactly one rotary module."""
+    built: sliding-window attention (the graph drops the mask that applies the window), not exactly
+    one rotary module, or frequencies that change with the sequence length (one table cannot hold them)."""
     import torch
 
     text = torch_model.config.get_text_config()
     if _attends_locally(text):
         return None
     rotary = [m for m in torch_model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
-    if len(rotary) != 1:
+    if len(rotary) != 1 or getattr(rotary[0], "rope_type", "default") in LENGTH_DEPENDENT_ROPE:
         return None
     positions = torch.arange(int(text.max_position_embeddings), device=torch_model.device)[None]
     with torch.no_grad():
