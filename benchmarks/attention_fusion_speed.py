@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from decode_kernel_time import decode_kernel_time  # noqa: E402
-from gpu_benchmark import SEVEN_B, TINY  # noqa: E402
+from gpu_benchmark import SEVEN_B, TINY, add_decode_arguments  # noqa: E402
 
 ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
@@ -37,11 +37,8 @@ def add_checkpoint_arguments(ap: argparse.ArgumentParser, workdir: str, shape: s
     ap.add_argument("--workdir", type=Path, default=Path(workdir))
     ap.add_argument("--shape", choices=SHAPES, default=shape)
     ap.add_argument("--layers", type=int, help="decoder layers of the model before pruning [default: the shape's]")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16")
+    add_decode_arguments(ap)
     ap.add_argument("--speedup", type=float, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=runs)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from gpu_benchmark import SEVEN_B, TINY, stage_build  # noqa: E402
+from gpu_benchmark import SEVEN_B, TINY, add_decode_arguments, stage_build  # noqa: E402
 
 MODES = {"eager": False, "cuda-graph": True}
 
@@ -30,11 +30,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/root/cuda_graph"))
     ap.add_argument("--depths", default="full,uls2,uls3", help="checkpoints built with genai's builder")
     ap.add_argument("--torch-depths", default="uls3", help="checkpoints also exported by our torch builder")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16")
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    add_decode_arguments(ap)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model, to check the script on CPU")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
 

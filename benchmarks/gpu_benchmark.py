@@ -223,6 +223,14 @@ STAGES = {
 }
 
 
+def add_decode_arguments(ap: argparse.ArgumentParser) -> None:
+    """The device, dtype and decode lengths that the GPU benchmark scripts all take."""
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="build,torch,onnx,ort,genai-torch,profile,clean-onnx,genai")
@@ -235,11 +243,8 @@ def main():
                     help="the torch builder's KV cache layout (ulsexport onnx --kv-cache) [default: its own]")
     ap.add_argument("--workdir", type=Path, default=Path("/root/bench"))
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16")
+    add_decode_arguments(ap)
     ap.add_argument("--tiny", action="store_true", help="a tiny model, to check the script on CPU")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--parity-steps", type=int, default=64)
     args = ap.parse_args()

@@ -16,7 +16,9 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
+from gpu_benchmark import add_decode_arguments  # noqa: E402
 
 
 def main() -> None:
@@ -24,10 +26,7 @@ def main() -> None:
     ap.add_argument("artifacts", nargs="+", help="name=folder:runtime")
     ap.add_argument("--results", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    add_decode_arguments(ap)
     ap.add_argument("--vocab", type=int, default=32000)
     args = ap.parse_args()
 
