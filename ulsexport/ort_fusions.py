@@ -310,8 +310,9 @@ def share_kv_buffer(model, cos_table, sin_table) -> int:
     last_index = ir.node("Sub", [real_tokens.outputs[0], one])
     seqlens_k = ir.node("Cast", [last_index.outputs[0]], {"to": ir.DataType.INT32})
     width = ir.node("Shape", [mask], {"start": 1, "end": 2})
-    total = ir.node("Cast", [ir.node("Squeeze", [width.outputs[0]]).outputs[0]], {"to": ir.DataType.INT32})
-    lengths = [real_tokens, last_index, seqlens_k, width, total.inputs[0].producer(), total]
+    width_scalar = ir.node("Squeeze", [width.outputs[0]])
+    total = ir.node("Cast", [width_scalar.outputs[0]], {"to": ir.DataType.INT32})
+    lengths = [real_tokens, last_index, seqlens_k, width, width_scalar, total]
     graph.insert_before(next(iter(graph)), lengths)
 
     for attention, projection in zip(attentions, packed):

@@ -172,7 +172,6 @@ class SharedCacheStream:
         for past, present, buffer in zip(decoder.cache_inputs, decoder.cache_outputs, self.cache):
             self.binding.bind_ortvalue_input(past, buffer)
             self.binding.bind_ortvalue_output(present, buffer)
-        self.prefilled = False
         self.logits = self._bind_logits(batch, prompt)
 
     def _bind_logits(self, batch: int, seq: int) -> np.ndarray:
@@ -196,7 +195,6 @@ class SharedCacheStream:
         if self.logits.shape[1] != self.ids.shape[1]:  # the prompt's logits were bound; a step makes one row each
             self.logits = self._bind_logits(*self.ids.shape)
         self.decoder.session.run_with_iobinding(self.binding)
-        if self.prefilled:
-            return self.logits[:, -1]  # a view: valid until the next forward
-        self.prefilled = True
-        return self.logits[np.arange(len(self.logits)), self.lengths - 1]
+        if next_ids is None:  # the prompt: each row's last real token
+            return self.logits[np.arange(len(self.logits)), self.lengths - 1]
+        return self.logits[:, -1]  # a view: valid until the next forward
