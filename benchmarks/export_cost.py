@@ -2,6 +2,7 @@
 depth and pruned 2x, on this machine.
 
     python benchmarks/export_cost.py --workdir /tmp/export-cost --out benchmarks/results/export-cost.md
+    python benchmarks/export_cost.py --tiny --out /tmp/export-cost.md     # a check of the script
 
 The checkpoint is the random 1.1B-parameter Llama of prune_memory.py (16 layers, hidden 2048); nothing is
 downloaded.
@@ -15,22 +16,28 @@ import platform
 import shutil
 from pathlib import Path
 
-from prune_memory import build, measure
+from prune_memory import SHAPE, build, measure
+
+from ulsexport.testing import SHAPES
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/export-cost"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/export-cost.md"))
+    ap.add_argument("--tiny", action="store_true", help="a tiny model, to check the script")
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     src = args.workdir / "src"
-    size = build(src)
+    size = build(src, args.tiny)
+    shape = SHAPES["tiny"] if args.tiny else SHAPE
     ulsexport = shutil.which("ulsexport")
     pruned = args.workdir / "pruned"
     measure([ulsexport, "--quiet", "prune", "--model", str(src), "--speedup", "2", "--out", str(pruned)])
     rows = {}
-    for name, model in (("full (16 layers)", src), ("uls 2x (8 layers)", pruned)):
+    layers = shape["num_hidden_layers"]
+    kept = len(json.loads((pruned / "ulsexport.json").read_text())["kept"])
+    for name, model in ((f"full ({layers} layers)", src), (f"uls 2x ({kept} layers)", pruned)):
         out = args.workdir / f"onnx-{model.name}"
         seconds, rss = measure([ulsexport, "--quiet", "onnx", "--model", str(model), "--out", str(out)])
         onnx_bytes = sum(p.stat().st_size for p in out.glob("model.onnx*"))
@@ -39,8 +46,8 @@ def main():
     lines = [
         "# ONNX export cost on this machine",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores. Checkpoint: random Llama, 16 layers, hidden 2048, "
-        f"fp32, {size / 2**30:.2f} GiB. `ulsexport onnx` (fp32, cpu: export, onnxruntime fusions, parity check of "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores. Checkpoint: random Llama, {layers} layers, "
+        f"hidden {shape['hidden_size']}, fp32, {size / 2**30:.2f} GiB. `ulsexport onnx` (fp32, cpu: export, onnxruntime fusions, parity check of "
         "the fused graph). Command: `python benchmarks/export_cost.py`.",
         "",
         "| model | seconds | peak RSS (MiB) | model.onnx* (GiB) | fusions kept |",

@@ -22,17 +22,11 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # profile_decode_step; tiny_models' tokenizer helper
+from ulsexport.testing import SHAPES, add_decode_arguments
 
-SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
 SPEEDUPS = (2, 3)
 TARGETS = {"2": {"1": 1.93, "8": 1.93}, "3": {"1": 3.0, "8": 3.0}}
 # runtime key -> (runtime, artifact suffix): which graphs each timing row runs.
@@ -40,38 +34,27 @@ RUNS = {"torch": ("torch", ""), "ort": ("ort", "-onnx"), "genai-torch": ("genai"
         "genai": ("genai", "-genai")}
 
 
+def shape(args) -> dict:
+    return SHAPES["tiny" if args.tiny else "7b"]
+
+
 def stage_build(work: Path, args) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """The random fp16 checkpoint (full, with a tokenizer: genai's builder wants one) and its uls prunes."""
+    from ulsexport.testing import make_pruned_set
 
-    from ulsexport.prune import plan_for_model, prune_checkpoint
-
-    if not (work / "full" / "tokenizer.json").is_file():
-        torch.manual_seed(0)
-        config = LlamaConfig(**(TINY if args.tiny else SEVEN_B), tie_word_embeddings=False)
-        with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-        model.save_pretrained(work / "full")
-        model.generation_config.save_pretrained(work / "full")
-        del model
-        from tiny_models import save_word_tokenizer
-
-        save_word_tokenizer(work / "full", config.vocab_size)  # genai's builder wants a tokenizer
-    for s in SPEEDUPS:
-        if not (work / f"uls{s}").exists():
-            prune_checkpoint(work / "full", work / f"uls{s}", plan_for_model(work / "full", s), quiet=True)
+    make_pruned_set(work, shape(args), args.device, SPEEDUPS)
 
 
 def stage_build_artifacts(work: Path, args, builder: str, suffix: str) -> None:
     """Every depth built with one ONNX builder into <depth><suffix>, timed."""
-    from ulsexport.export_onnx import onnx_builder
+    from ulsexport.export import get_builder
 
     for name in args.depths.split(","):
         if not (work / f"{name}{suffix}").exists():
             start = time.perf_counter()
             options = {"attention": args.attention, "kv_cache": args.kv_cache} if builder == "torch" else {}
-            onnx_builder(builder)(work / name, work / f"{name}{suffix}", args.dtype, args.device, quiet=True,
-                                  **options)
+            get_builder(builder).build(work / name, work / f"{name}{suffix}", args.dtype, args.device, quiet=True,
+                                       **options)
             _record(args, f"export_seconds.{builder}.{name}", time.perf_counter() - start)
 
 
@@ -94,14 +77,14 @@ def validate_all(work: Path, args, run: str) -> None:
 
 def stage_profile(work: Path, args) -> None:
     """onnxruntime's per-op kernel times of decode steps of our 2x graph, batch 1 and 8."""
-    from profile_decode_step import profile_decode
+    from ulsexport.testing import profile_decode
 
     for batch in (1, 8):
         key = f"profile.uls2-onnx.b{batch}"
         if key in _results(args):
             continue
         totals, steps = profile_decode(work / "uls2-onnx", args.device, batch, args.prompt_len, 8,
-                                       (TINY if args.tiny else SEVEN_B)["vocab_size"])
+                                       shape(args)["vocab_size"])
         _record(args, key, {"steps": steps, "ms_per_step": sum(t["us"] for t in totals.values()) / steps / 1000,
                             "top_ops": {op: {"ms_per_step": t["us"] / steps / 1000, "calls_per_step": t["calls"] / steps}
                                         for op, t in list(totals.items())[:12]}})
@@ -109,20 +92,21 @@ def stage_profile(work: Path, args) -> None:
 
 def stage_kernels(work: Path, args) -> None:
     """Decode steps of the artifacts at --kernel-depths seen from the GPU (CUPTI): kernel time, wall time, launches."""
-    from decode_kernel_time import decode_kernel_time
+    from ulsexport.runtime import open_runtime
+    from ulsexport.testing import decode_kernel_time
 
-    from ulsexport.runtimes import open_runtime
-
-    vocab = (TINY if args.tiny else SEVEN_B)["vocab_size"]
+    vocab = shape(args)["vocab_size"]
     for depth in args.kernel_depths.split(","):
         for run in ("ort", "genai"):
             runtime_name, suffix = RUNS[run]
             key = f"kernels.{depth}{suffix}.{runtime_name}"
             if key in _results(args) or not (work / f"{depth}{suffix}").exists():
                 continue
-            runtime = open_runtime(work / f"{depth}{suffix}", runtime_name, args.dtype, args.device)
+            folder = work / f"{depth}{suffix}"
+            runtime = open_runtime(folder, runtime_name, args.dtype, args.device)
             try:  # CUPTI may be missing: record why, and let the later stages run
-                _record(args, key, [decode_kernel_time(runtime, b, args.prompt_len, 16, vocab) for b in (1, 8)])
+                _record(args, key, [decode_kernel_time(runtime, b, args.prompt_len, 16, vocab, folder=folder)
+                                    for b in (1, 8)])
             except Exception as exc:
                 _record(args, f"kernel-error.{depth}{suffix}", f"{type(exc).__name__}: {exc}"[:300])
             del runtime
@@ -221,14 +205,6 @@ STAGES = {
                                  validate_all(work, args, "genai")),
     "clean-onnx": lambda work, args: [shutil.rmtree(p) for p in work.glob("*-onnx")],
 }
-
-
-def add_decode_arguments(ap: argparse.ArgumentParser) -> None:
-    """The device, dtype and decode lengths that the GPU benchmark scripts all take."""
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
 
 
 def main():

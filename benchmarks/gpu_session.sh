@@ -32,9 +32,9 @@ step() {  # name, command...: run one measurement, log it, note how it ended
 for s in ${STEPS//,/ }; do
   case $s in
     heal)   step heal python3 benchmarks/heal_kjv16.py --device cuda --quiet --results "$RESULTS/heal" ;;
-    parity) step parity python3 benchmarks/onnx_gpu_parity.py "$RESULTS/parity" ;;
-    fusion) step fusion python3 benchmarks/attention_fusion_speed.py --shape 7b --layers "${FUSION_LAYERS:-8}" \
-                --results "$RESULTS/fusion" --workdir /root/fusion
+    parity) step parity python3 benchmarks/experiments/onnx-gpu-parity/onnx_gpu_parity.py "$RESULTS/parity" ;;
+    fusion) step fusion python3 benchmarks/experiments/attention-fusion/attention_fusion_speed.py --shape 7b \
+                --layers "${FUSION_LAYERS:-8}" --results "$RESULTS/fusion" --workdir /root/fusion
             rm -rf /root/fusion ;;
     bench)  step bench python3 benchmarks/gpu_benchmark.py --results "$RESULTS/bench" \
                 --attention "${BENCH_ATTENTION:-gqa}" \

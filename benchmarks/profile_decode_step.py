@@ -13,66 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-
-def profiled_decoder(folder: Path, device: str, profile_dir: Path):
-    """An OnnxDecoder whose session writes onnxruntime's profile into profile_dir."""
-    import onnxruntime as ort
-
-    from ulsexport.ort_runner import PROVIDERS, OnnxDecoder
-
-    decoder = OnnxDecoder(folder, device)
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(profile_dir / "decode")
-    decoder.session = ort.InferenceSession(str(folder / decoder.onnx["file"]), sess_options=options,
-                                           providers=PROVIDERS[device])
-    return decoder
-
-
-WARMUP_STEPS = 4  # decode steps before the profiled ones: a kernel's first call includes its setup
-
-
-def run_steps(decoder, batch: int, prompt_len: int, steps: int, vocab: int) -> None:
-    """The prefill, then `steps` greedy decode steps (each one session run)."""
-    ids = np.random.default_rng(0).integers(3, vocab, (batch, prompt_len), dtype=np.int64)
-    decoder.greedy(ids, np.ones_like(ids), steps + 1, keep_logits=False)
-
-
-def op_times(profile: list[dict], skip_runs: int = 1, provider: str = "CUDAExecutionProvider") -> tuple[dict, int]:
-    """Total microseconds per op type over the session runs after the first `skip_runs`; op types run by
-    another provider than `provider` are counted apart, e.g. "Range (CPU)"."""
-    runs = sorted((e for e in profile if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    kept = runs[skip_runs:]
-    totals = defaultdict(lambda: {"us": 0, "calls": 0})
-    for event in profile:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        if not any(run["ts"] <= event["ts"] <= run["ts"] + run["dur"] for run in kept):
-            continue
-        op = event.get("args", {}).get("op_name", "?")
-        placed = event.get("args", {}).get("provider", "")
-        op = op if placed in ("", provider) else f"{op} ({placed.replace('ExecutionProvider', '')})"
-        totals[op]["us"] += event["dur"]
-        totals[op]["calls"] += 1
-    return dict(totals), len(kept)
-
-
-def profile_decode(folder: Path, device: str, batch: int, prompt_len: int, steps: int, vocab: int):
-    """(op type -> {"us", "calls"} over the decode steps, decode steps profiled), op types by time, largest first."""
-    from ulsexport.ort_runner import PROVIDERS
-
-    with tempfile.TemporaryDirectory() as tmp:
-        decoder = profiled_decoder(folder, device, Path(tmp))
-        run_steps(decoder, batch, prompt_len, WARMUP_STEPS + steps, vocab)
-        profile = json.loads(Path(decoder.session.end_profiling()).read_text())
-    totals, runs = op_times(profile, skip_runs=1 + WARMUP_STEPS, provider=PROVIDERS[device][0])
-    return dict(sorted(totals.items(), key=lambda item: -item[1]["us"])), runs
+from ulsexport.testing import profile_decode  # the measurement itself (shared with the headline benchmark)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 and against the naive route (from_pretrained, drop layers, save_pretrained).
 
     python benchmarks/prune_memory.py --workdir /tmp/prune-mem --out benchmarks/results/prune-memory.md
+    python benchmarks/prune_memory.py --tiny --out /tmp/prune-mem.md        # a check of the script, seconds
 
 Builds a random Llama of about 3.8 GB (fp32) from a config; nothing is downloaded.
 """
@@ -16,6 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from ulsexport.testing import SHAPES
+
+# the 1B shape with full multi-head attention (32 kv heads): 3.55 GiB in fp32, the checkpoint of
+# prune-memory.md and export-cost.md
+SHAPE = dict(SHAPES["1b"], num_key_value_heads=32)
+
 MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
            "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
            "print(rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
@@ -23,9 +30,8 @@ MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
 NAIVE = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-src, out = sys.argv[1], sys.argv[2]
+src, out, keep = sys.argv[1], sys.argv[2], [int(i) for i in sys.argv[3].split(",")]
 m = AutoModelForCausalLM.from_pretrained(src)
-keep = [0, 2, 4, 6, 8, 10, 12, 15]
 m.model.layers = torch.nn.ModuleList([m.model.layers[i] for i in keep])
 m.config.num_hidden_layers = len(keep)
 m.save_pretrained(out)
@@ -41,40 +47,42 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return float(seconds), int(maxrss_kb) / 1024
 
 
-def build(src: Path) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def build(src: Path, tiny: bool = False) -> int:
+    """The random fp32 checkpoint (SHAPE, or the tiny shape) in 1 GB shards; its size in bytes."""
+    from ulsexport.testing import make_random_llama
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(src, max_shard_size="1GB")
+    make_random_llama(src, SHAPES["tiny"] if tiny else SHAPE, "fp32", tokenizer=False, max_shard_size="1GB")
     return sum(p.stat().st_size for p in src.glob("*.safetensors"))
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/prune-mem"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prune-memory.md"))
+    ap.add_argument("--tiny", action="store_true", help="a tiny model, to check the script")
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     src = args.workdir / "src"
-    size = build(src)
+    size = build(src, args.tiny)
+    shape = SHAPES["tiny"] if args.tiny else SHAPE
+    from ulsexport.prune import plan_for_model
+
+    keep = ",".join(map(str, plan_for_model(src, 2).kept))  # the uls 2x plan, as `ulsexport prune` takes it
     ulsexport = shutil.which("ulsexport")
     rows = {
         "cp -r": measure(["cp", "-r", str(src), str(args.workdir / "copy")]),
         "ulsexport prune --speedup 2": measure([ulsexport, "--quiet", "prune", "--model", str(src),
                                                 "--speedup", "2", "--out", str(args.workdir / "pruned")]),
         "naive: from_pretrained + save_pretrained": measure([sys.executable, "-c", NAIVE, str(src),
-                                                             str(args.workdir / "naive")]),
+                                                             str(args.workdir / "naive"), keep]),
     }
     pruned = sum(p.stat().st_size for p in (args.workdir / "pruned").glob("*.safetensors"))
     lines = [
         "# Pruning memory and time",
         "",
         f"Machine: {platform.machine()}, {__import__('os').cpu_count()} cores. Checkpoint: random Llama, "
-        f"16 layers, hidden 2048, fp32, {size / 2**30:.2f} GiB in 1 GB shards; pruned (uls 2x, 8 layers): "
+        f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, fp32, {size / 2**30:.2f} GiB in 1 GB "
+        f"shards; pruned (uls 2x, {len(keep.split(','))} layers): "
         f"{pruned / 2**30:.2f} GiB. Command: `python benchmarks/prune_memory.py`.",
         "",
         "| command | seconds | peak RSS (MiB) |",

@@ -8,8 +8,12 @@ import pytest
 
 from conftest import KJV16, STORIES, run_cli
 from ulsexport.errors import UserError
-from ulsexport.export_onnx import export_onnx, relative_error, torch_greedy
-from ulsexport.genai import GENAI_CONFIG, GenaiRuntime, build_genai
+from ulsexport.export.trace import export_onnx
+from ulsexport.precision import relative_error
+from ulsexport.runtime.pytorch import torch_greedy
+from ulsexport.artifact import GENAI_CONFIG
+from ulsexport.export.genai import build_genai
+from ulsexport.runtime.genai import GenaiRuntime
 from ulsexport.prune import plan_for_model, prune_checkpoint
 from tiny_models import save_word_tokenizer
 

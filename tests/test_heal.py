@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 import tiny_models
 from conftest import DATA, KJV16, run_cli
-from ulsexport import heal as heal_module
-from ulsexport.corpus import corpus_files, documents, packed_windows, training_windows
+from ulsexport.heal import train as heal_module
+from ulsexport.heal.corpus import corpus_files, documents, packed_windows, training_windows
 from ulsexport.heal import distillation_loss, heal, work_dir
-from ulsexport.manifest import read_manifest
+from ulsexport.artifact import read_manifest
 from ulsexport.models import load_tokenizer
 from ulsexport.prune import plan_for_model, prune_checkpoint
 
@@ -239,7 +239,7 @@ def test_lm_loss_needs_no_teacher_and_no_manifest(models, strangers, tmp_path):
 
 
 def test_healed_model_exports_to_onnx_and_passes_parity(models, tmp_path):
-    from ulsexport.export_onnx import export_onnx
+    from ulsexport.export.trace import export_onnx
     from ulsexport.validate import validate
 
     healed = heal(models["teacher"], models["student"], models["data"], tmp_path / "healed", **FAST).out_dir

@@ -10,10 +10,12 @@ from tiny_models import FAMILIES, make_tiny_checkpoint
 
 pytest.importorskip("onnxruntime")
 
-from ulsexport.export_onnx import export_onnx, relative_error, torch_greedy  # noqa: E402
-from ulsexport.manifest import read_manifest  # noqa: E402
+from ulsexport.export.trace import export_onnx
+from ulsexport.precision import relative_error
+from ulsexport.runtime.pytorch import torch_greedy  # noqa: E402
+from ulsexport.artifact import read_manifest  # noqa: E402
 from ulsexport.models import load_causal_lm  # noqa: E402
-from ulsexport.ort_runner import OnnxDecoder  # noqa: E402
+from ulsexport.runtime.ort import OnnxDecoder  # noqa: E402
 from ulsexport.prune import plan_for_model, prune_checkpoint  # noqa: E402
 
 NEW_TOKENS = 32
@@ -48,7 +50,8 @@ def assert_greedy_parity(pruned, onnx_dir, io_binding=False, dtype="fp32", toler
     model = load_causal_lm(pruned, dtype)
     ids, mask = left_padded_prompt(model.config.vocab_size)
     expected_tokens, expected_logits = torch_greedy(model, ids, mask, NEW_TOKENS)
-    out = OnnxDecoder(onnx_dir, "cpu", io_binding=io_binding).greedy(ids.numpy(), mask.numpy(), NEW_TOKENS)
+    out = OnnxDecoder(onnx_dir, "cpu", io_binding=io_binding).greedy(ids.numpy(), mask.numpy(), NEW_TOKENS,
+                                                                keep_logits=True)
     np.testing.assert_array_equal(out.tokens, expected_tokens)
     errors = [relative_error(a, e) for a, e in zip(out.logits, expected_logits)]
     assert len(errors) == NEW_TOKENS and max(errors) < tolerance, errors
@@ -153,7 +156,7 @@ def test_cli_bad_input(tmp_path, case):
 def test_family_marked_unexportable_is_refused(tmp_path, monkeypatch):
     import dataclasses
 
-    from ulsexport import adapters
+    from ulsexport import families as adapters
 
     llama = dataclasses.replace(adapters.ADAPTERS["llama"], onnx_exportable=False, onnx_note="reason here")
     monkeypatch.setitem(adapters.ADAPTERS, "llama", llama)

@@ -7,8 +7,8 @@ from tiny_models import make_tiny_checkpoint
 ort = pytest.importorskip("onnxruntime")
 
 from test_onnx import assert_greedy_parity, op_types  # noqa: E402
-from ulsexport import ort_fusions  # noqa: E402
-from ulsexport.export_onnx import export_onnx  # noqa: E402
+from ulsexport.export import ort_fusions  # noqa: E402
+from ulsexport.export.trace import export_onnx  # noqa: E402
 
 
 @pytest.mark.parametrize("attention", ["mha", "gqa"])
@@ -85,7 +85,7 @@ def test_gqa_projections_packed_into_one_matmul(tmp_path):
 
 
 def test_greedy_tokens_of_float16_match_float32_argmax():
-    from ulsexport.ort_runner import greedy_tokens
+    from ulsexport.runtime.base import greedy_tokens
 
     logits = np.random.default_rng(0).standard_normal((6, 1000)).astype(np.float16)
     logits[1] = -np.abs(logits[1])  # all negative: the flipped-magnitude path
@@ -139,7 +139,7 @@ def test_shared_cache_falls_back_to_concat(tmp_path, family, reason):
 
 def test_shared_cache_refuses_more_tokens_than_positions(tmp_path):
     from ulsexport.errors import UserError
-    from ulsexport.ort_runner import OnnxDecoder
+    from ulsexport.runtime.ort import OnnxDecoder
 
     src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=1,
                                overrides={**SHARED_SHAPE, "max_position_embeddings": 16})
@@ -160,7 +160,7 @@ def test_rotary_tables_only_where_one_table_is_exact(family, overrides, shared):
     from transformers import AutoModelForCausalLM
 
     from tiny_models import tiny_config
-    from ulsexport.export_onnx import rotary_tables
+    from ulsexport.export.trace import rotary_tables
 
     model = AutoModelForCausalLM.from_config(tiny_config(family, 1, {**SHARED_SHAPE, **overrides}))
     tables = rotary_tables(model)

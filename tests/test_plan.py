@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 from ulsexport.errors import UserError
-from ulsexport.plan import even_layers, first_layers, make_plan, top_layers, uls_layers
+from ulsexport.plan.positional import even_layers, first_layers, make_plan, top_layers, uls_layers
 
 
 @pytest.mark.parametrize("num_layers,speedup,expected", [

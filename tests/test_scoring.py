@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from tiny_models import make_tiny_checkpoint
-from ulsexport import scoring
+from ulsexport.plan import scoring
 from ulsexport.cli import main
 from ulsexport.errors import UserError
 from ulsexport.models import decoder_layers, load_causal_lm, load_tokenizer

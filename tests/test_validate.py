@@ -5,9 +5,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
-from ulsexport.export_onnx import export_onnx
+from ulsexport.export.trace import export_onnx
 from ulsexport.prune import plan_for_model, prune_checkpoint
-from ulsexport.runtimes import GreedyRun
+from ulsexport.runtime import GreedyRun
 from ulsexport.validate import SpeedSettings, compare_runs, validate
 
 TINY_SPEED = SpeedSettings(batches=(1, 2), prompt_len=5, new_tokens=3, runs=2, warmup=1)

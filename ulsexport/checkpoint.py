@@ -68,6 +68,15 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
     raise UserError(f"{path} does not exist")
 
 
+def load_model_info(model: str | Path):
+    """(directory, config, adapter) for a checkpoint, with the unsupported cases refused."""
+    from .families import adapter_for
+
+    model_dir = resolve_model_dir(model)
+    config = read_config(model_dir)
+    return model_dir, config, adapter_for(config)
+
+
 def read_config(model_dir: Path) -> dict:
     try:
         return json.loads((Path(model_dir) / CONFIG_NAME).read_text())

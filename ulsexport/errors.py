@@ -6,3 +6,9 @@ class UserError(Exception):
 
     The CLI prints ``error: <message>`` on one line and exits with status 2.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' own errors are often pages long)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

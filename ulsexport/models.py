@@ -4,33 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"unknown device '{device}'; choose cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA device here")
-    return device
+from .precision import resolve_device, torch_dtype
 
 
 def load_causal_lm(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
     """An eval-mode AutoModelForCausalLM with eager-compatible attention, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    from .prune import load_model_info
+    from .checkpoint import load_model_info
 
     model_dir, _, _ = load_model_info(path)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .adapters import adapter_for, remap_config
+from .checkpoint import load_model_info
+from .families import adapter_for, remap_config
 from .errors import UserError
-from .manifest import file_sha256, read_manifest, write_manifest
+from .artifact import file_sha256, read_manifest, write_manifest
 from .outputs import atomic_output_dir
-from .plan import LayerPlan, make_plan
+from .plan.positional import LayerPlan, make_plan
 from .progress import progress_bar
 
 
@@ -20,13 +21,6 @@ class PruneResult:
     plan: LayerPlan
     manifest: dict
     seconds: float
-
-
-def load_model_info(model: str | Path):
-    """(directory, config, adapter) for a checkpoint, with the unsupported cases refused."""
-    model_dir = ckpt.resolve_model_dir(model)
-    config = ckpt.read_config(model_dir)
-    return model_dir, config, adapter_for(config)
 
 
 def plan_for_model(model: str | Path, speedup=None, strategy="uls", keep=None, skip=None) -> LayerPlan:

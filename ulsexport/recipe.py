@@ -18,8 +18,8 @@ from typing import Callable
 import yaml
 
 from .errors import UserError
-from .scoring import DEFAULT_CALIB_TOKENS
-from .validate import SpeedSettings
+from .plan.scoring import DEFAULT_CALIB_TOKENS
+from .validate.speed import SpeedSettings
 
 REQUIRED = object()
 # Every field a recipe may hold: section -> field -> (type, default); "" is the top level.
@@ -101,8 +101,10 @@ def _checked(data: dict, path: Path, lines: dict) -> dict:
     out.update(_fields("", {k: v for k, v in data.items() if k in SCHEMA[""]}, where))
     out.setdefault("plan", _fields("plan", {}, where))
     if "validate" in out and out["validate"]["runtime"] is None:
+        from .export import get_builder
+
         builder = out.get("onnx", {}).get("builder")
-        out["validate"]["runtime"] = {None: "torch", "genai": "genai"}.get(builder, "ort")
+        out["validate"]["runtime"] = get_builder(builder).runtime if builder else "torch"
     return out
 
 
@@ -133,7 +135,7 @@ def _kind_name(kind) -> str:
 def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
                echo: Callable[[str], None] = print) -> RecipeRun:
     """prune -> onnx -> validate as the recipe says, each stage skipped when its inputs are unchanged."""
-    from .scoring import layer_plan_for_model
+    from .plan.scoring import layer_plan_for_model
 
     out = Path(recipe["artifacts"]) / recipe["name"]
     stamps_path = out / STAMPS
@@ -180,14 +182,14 @@ def _prune(recipe: dict, target: Path, quiet: bool, layer_plan_for_model) -> Non
 
 
 def _onnx(section: dict, out: Path, quiet: bool) -> None:
-    from .export_onnx import onnx_builder
+    from .export import get_builder
 
-    onnx_builder(section["builder"])(out / "hf", out / "onnx", section["dtype"], section["device"],
-                                     force=True, quiet=quiet)
+    get_builder(section["builder"]).build(out / "hf", out / "onnx", section["dtype"], section["device"],
+                                          force=True, quiet=quiet)
 
 
 def _validate(recipe: dict, out: Path, quiet: bool) -> dict:
-    from .report import write_reports
+    from .validate.report import write_reports
     from .validate import validate
 
     v = recipe["validate"]

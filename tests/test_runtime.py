@@ -1,0 +1,111 @@
+"""The runtime interface (prefill, step, greedy) and the fixed-width decode loop that CUDA graphs replay.
+
+The capture itself needs a GPU (benchmarks/gpu_benchmark.py measures it on the device); here the same
+loop runs uncaptured on the CPU: same buffers, a mask as wide as the cache, one graph id per
+(batch, capacity), and it must give the tokens and logits of the plain loop.
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from ulsexport.errors import UserError  # noqa: E402
+from ulsexport.export.trace import export_onnx  # noqa: E402
+from ulsexport.precision import TOLERANCES, relative_error  # noqa: E402
+from ulsexport.runtime import open_runtime  # noqa: E402
+from ulsexport.runtime.ort import CAPACITY_STEP, OnnxDecoder, placements_off_cuda  # noqa: E402
+from ulsexport.testing import make_tiny_checkpoint  # noqa: E402
+
+# Head size 16: onnxruntime's CPU GroupQueryAttention rotates only multiples of 16.
+SHARED_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def shared_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared")
+    src = make_tiny_checkpoint("llama", root / "hf", num_layers=3, overrides=SHARED_SHAPE)
+    out = export_onnx(src, root / "onnx", quiet=True).out_dir
+    return src, out
+
+
+def _left_padded(seed: int, batch: int = 3, prompt: int = 9):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 128, (batch, prompt), dtype=np.int64)
+    mask = np.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, :2 * row] = 0
+    return ids, mask
+
+
+def test_fixed_width_loop_equals_the_plain_loop(shared_export):
+    _, onnx_dir = shared_export
+    plain = OnnxDecoder(onnx_dir, "cpu")
+    fixed = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)
+    assert not plain.fixed_width and fixed.fixed_width and not fixed.cuda_graph
+    for seed in (0, 1):  # the second call reuses the first call's buffers, stale cache and all
+        ids, mask = _left_padded(seed)
+        expected = plain.greedy(ids, mask, 12, keep_logits=True)
+        got = fixed.greedy(ids, mask, 12, keep_logits=True)
+        np.testing.assert_array_equal(got.tokens, expected.tokens)
+        assert max(relative_error(a, e) for a, e in zip(got.logits, expected.logits)) < TOLERANCES["fp32"]
+    assert list(fixed._step_buffers) == [(3, CAPACITY_STEP)]  # one graph per (batch, capacity), reused
+
+
+def test_fixed_width_buffers_per_batch_and_capacity(shared_export):
+    _, onnx_dir = shared_export
+    decoder = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)
+    for batch, new in ((1, 4), (2, 4), (1, CAPACITY_STEP)):
+        ids = np.full((batch, 5), 7, np.int64)
+        decoder.greedy(ids, np.ones_like(ids), new)
+    assert sorted(decoder._step_buffers) == [(1, CAPACITY_STEP), (1, 2 * CAPACITY_STEP), (2, CAPACITY_STEP)]
+    assert sorted(b.graph_id for b in decoder._step_buffers.values()) == [1, 2, 3]
+    assert decoder.capacity_for(CAPACITY_STEP + 1) == 2 * CAPACITY_STEP
+    assert decoder.capacity_for(10_000) == 512  # never past the export's positions
+    assert decoder.run_options(1) is None  # no capture on the CPU: no graph ids passed
+
+
+def test_cuda_graph_needs_cuda_and_the_shared_cache(shared_export):
+    _, onnx_dir = shared_export
+    with pytest.raises(UserError, match="needs --device cuda"):
+        OnnxDecoder(onnx_dir, "cpu", cuda_graph=True)
+    assert not OnnxDecoder(onnx_dir, "cpu").cuda_graph  # the CPU default: off, nothing to say
+
+
+def test_prefill_and_step_match_greedy_and_pytorch(shared_export):
+    src, onnx_dir = shared_export
+    ids, mask = _left_padded(3)
+    for runtime in (open_runtime(onnx_dir, "ort"), open_runtime(src, "torch")):
+        run = runtime.greedy(ids, mask, 6, keep_logits=True)
+        state, logits = runtime.prefill(ids, mask, 6)
+        tokens = [runtime.to_host(runtime.next_tokens(logits))]
+        for _ in range(5):
+            tokens.append(runtime.to_host(runtime.next_tokens(runtime.step(state, tokens[-1]))))
+        np.testing.assert_array_equal(np.stack(tokens, 1), run.tokens)
+        assert len(run.step_seconds) == 6 and run.prefill_seconds > 0 and run.decode_seconds > 0
+    np.testing.assert_array_equal(open_runtime(onnx_dir, "ort").greedy(ids, mask, 6).tokens,
+                                  open_runtime(src, "torch").greedy(ids, mask, 6).tokens)
+
+
+def test_ort_runtime_refuses_another_dtype(shared_export):
+    _, onnx_dir = shared_export
+    with pytest.raises(UserError, match="fp32 export"):
+        open_runtime(onnx_dir, "ort", "fp16")
+
+
+def test_placement_log_names_the_nodes_off_cuda():
+    log = "\n".join([
+        "2026-12-01 [V:onnxruntime:, session_state.cc:1598 VerifyEachNodeIsAssignedToAnEp] Node placements",
+        "2026-12-01 [V:onnxruntime:, session_state.cc:1345 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+        "[CUDAExecutionProvider]. Number of nodes: 2",
+        "2026-12-01 [V:onnxruntime:, session_state.cc:1347 VerifyEachNodeIsAssignedToAnEp]   MatMul (mm0)",
+        "2026-12-01 [V:onnxruntime:, session_state.cc:1347 VerifyEachNodeIsAssignedToAnEp]   Add (add0)",
+        "2026-12-01 [V:onnxruntime:, session_state.cc:1345 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+        "[CPUExecutionProvider]. Number of nodes: 1",
+        "2026-12-01 [V:onnxruntime:, session_state.cc:1347 VerifyEachNodeIsAssignedToAnEp]   Shape (shape_of_mask)",
+        "2026-12-01 [I:onnxruntime:, inference_session.cc:3424 operator()] Session successfully initialized.",
+    ])
+    assert placements_off_cuda(log) == ["Shape (shape_of_mask)"]
+    assert placements_off_cuda("[V:onnxruntime:, x] All nodes placed on [CUDAExecutionProvider]. Number of nodes: 9") == []
+    assert placements_off_cuda(" All nodes placed on [CPUExecutionProvider]. Number of nodes: 9") == [
+        "all 9 nodes (CPUExecutionProvider)"]

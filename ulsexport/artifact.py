@@ -1,0 +1,79 @@
+"""What an artifact is: the `ulsexport.json` manifest that travels with it, its kind, and its lineage
+(which original layer each of its layers, or cache entries, came from)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+MANIFEST_NAME = "ulsexport.json"
+GENAI_CONFIG = "genai_config.json"
+KINDS = ("hf-checkpoint", "onnx", "genai")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a stage that writes an artifact returns: where, its manifest, and how long it took."""
+    out_dir: Path
+    manifest: dict
+    seconds: float
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict | None:
+    path = Path(directory) / MANIFEST_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_manifest(directory: Path, data: dict) -> Path:
+    path = Path(directory) / MANIFEST_NAME
+    path.write_text(json.dumps({"tool": "ulsexport", "version": __version__, **data}, indent=2) + "\n")
+    return path
+
+
+def artifact_kind(folder: Path) -> str:
+    """'hf-checkpoint', 'onnx' or 'genai', from the folder's manifest (or its files)."""
+    manifest = read_manifest(folder) or {}
+    if (Path(folder) / GENAI_CONFIG).is_file() and manifest.get("builder") == "genai":
+        return "genai"
+    if manifest.get("kind"):
+        return manifest["kind"]
+    if (Path(folder) / "config.json").is_file():
+        return "hf-checkpoint"
+    raise UserError(f"{folder} is neither a checkpoint nor an ulsexport artifact (no ulsexport.json)")
+
+
+def original_layer_of(manifest: dict | None, index: int) -> int:
+    """Follow a chain of prune manifests from a layer index back to the layer of the first source."""
+    while manifest and "new_to_original" in manifest:
+        index = int(manifest["new_to_original"][str(index)])
+        manifest = manifest.get("source_manifest")
+    return index
+
+
+def lineage(source_manifest: dict | None, num_layers: int) -> dict:
+    """The manifest fields of an export that say where each cache index came from: original layer,
+    plan, kept layers and the source's own manifest."""
+    fields = {"cache_to_original_layer": {str(i): original_layer_of(source_manifest, i) for i in range(num_layers)}}
+    if source_manifest:
+        fields.update(kept=source_manifest.get("kept"), plan=source_manifest.get("plan"),
+                      source_manifest=source_manifest)
+    return fields
+
+
+def graph_entry(file: str, cache_to_original_layer: dict, role: str = "decoder", **extra) -> dict:
+    """One entry of an export manifest's `graphs` list: a graph file, its role, and its layers."""
+    kept = [cache_to_original_layer[str(i)] for i in range(len(cache_to_original_layer))]
+    return {"file": file, "role": role, "kept": kept,
+            "cache_to_original_layer": cache_to_original_layer, **extra}

@@ -1,0 +1,64 @@
+"""`ulsexport heal`: train a pruned model back towards the original."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--teacher", "-t", help="The original model the student was pruned from (optional with --loss lm).")
+@click.option("--student", required=True, help="The pruned checkpoint to heal. Never modified.")
+@click.option("--data", "-d", required=True, type=click.Path(path_type=Path),
+              help="Training text: a .txt file (one document per paragraph), a .jsonl file (a 'text' "
+                   "field per line), or a directory of them.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--loss", type=click.Choice(["kd", "lm", "kd+lm"]), default="kd", show_default=True,
+              help="kd: distil the teacher's token distributions; lm: next-token loss on --data; kd+lm: both.")
+@click.option("--kd-weight", type=float, default=0.5, show_default=True, help="Weight of kd in kd+lm.")
+@click.option("--temperature", "-T", type=float, default=1.0, show_default=True, help="Distillation temperature.")
+@click.option("--steps", type=int, default=600, show_default=True, help="Optimizer steps.")
+@click.option("--batch", type=int, default=32, show_default=True, help="Windows per step.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per window.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak AdamW learning rate (cosine decay).")
+@click.option("--lora-rank", type=int, help="Train LoRA adapters of this rank instead of all weights "
+                                            "(merged when saved; needs peft).")
+@click.option("--device", help="cpu or cuda [default: cuda when available].")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: bf16 autocast and a bf16 teacher (trained weights stay fp32).")
+@click.option("--eval-text", type=click.Path(path_type=Path), help="Held-out text: perplexity before and after.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in <out>.work/.")
+@click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists; discard an earlier run's checkpoints.")
+@click.option("--json", "as_json", is_flag=True, help="Print the output's manifest as JSON.")
+@click.pass_context
+def heal(ctx, as_json, **options):
+    """Heal a pruned model: train it briefly to match the original it was pruned from.
+
+    Checkpoints go to <out>.work/ every --save-every steps; after Ctrl-C, run the same command
+    with --resume. The output is an ordinary checkpoint whose ulsexport.json records the healing.
+
+    \b
+    Example:
+      ulsexport prune --model kjv16 --speedup 2 --out kjv16-2x
+      ulsexport heal --teacher kjv16 --student kjv16-2x --data kjv-train.txt \\
+          --eval-text kjv-valid.txt --out kjv16-2x-healed --device cuda
+    """
+    from ..heal import heal as heal_model
+
+    echo_healed(heal_model(quiet=ctx.obj["quiet"], **options), as_json)
+
+
+def echo_healed(result, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.manifest, indent=2))
+        return
+    record = result.manifest["healing"]
+    if record["perplexity_before"] is not None:
+        teacher = f" (teacher {record['teacher_perplexity']:.2f})" if record["teacher_perplexity"] else ""
+        click.echo(f"perplexity on {record['eval_text']}: {record['perplexity_before']:.2f} before, "
+                   f"{record['perplexity_after']:.2f} after{teacher}")
+    click.echo(f"healed with {record['loss']} for {record['steps']} steps; "
+               f"wrote {result.out_dir} in {result.seconds:.1f} s")

@@ -1,0 +1,60 @@
+"""`ulsexport onnx`: export a checkpoint to ONNX with a KV cache."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..export import BUILDERS, DEFAULT_BUILDER, get_builder
+
+
+@click.command()
+@click.option("--model", "-m", required=True, help="Checkpoint directory (usually from `ulsexport prune`).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--builder", type=click.Choice(list(BUILDERS)), default=DEFAULT_BUILDER, show_default=True,
+              help="; ".join(f"{b.name}: {b.summary}" for b in BUILDERS.values()) + ".")
+@click.option("--dtype", default="fp32", show_default=True,
+              help="fp32, fp16 (meant for cuda; the torch builder's also runs on cpu), int4 (genai builder only).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu or cuda: where the model is traced and checked (torch), or which the graph targets (genai).")
+@click.option("--opset", type=int, help="ONNX opset [default: torch.onnx's] (torch builder).")
+@click.option("--no-optimize", is_flag=True, help="Skip onnxruntime transformer fusions (torch builder).")
+@click.option("--attention", type=click.Choice(["gqa", "mha"]),
+              help="Fused attention (torch builder) [default: gqa]: gqa keeps key/value heads grouped "
+                   "(onnxruntime GroupQueryAttention, one q/k/v MatMul) and falls back to mha "
+                   "if it fails the parity check; mha repeats key/value heads to the query heads.")
+@click.option("--kv-cache", type=click.Choice(["shared", "concat"]),
+              help="KV cache layout (torch builder, gqa) [default: shared]: shared = one buffer per cache tensor, "
+                   "bound as past and present, appended in place, rotary inside GroupQueryAttention, rows "
+                   "right-padded (onnxruntime-genai's layout; models with sliding-window attention keep concat); "
+                   "concat = past and present separate, padding mask as an attention bias.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.pass_context
+def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention, kv_cache, force, as_json):
+    """Export a checkpoint to ONNX: one decoder graph with a KV cache for the kept layers only.
+
+    The torch builder's graph has inputs input_ids, attention_mask, past_key_values.{i}.key/value
+    (and position_ids where the cache is not shared) and outputs logits, present.{i}.key/value; it
+    is checked against PyTorch before it is written, and fusions that break parity are dropped. Either builder writes
+    genai_config.json (loads in onnxruntime_genai.Model) and ulsexport.json, which maps every cache
+    index i to its original layer.
+
+    \b
+    Examples:
+      ulsexport prune --model path/to/llama --speedup 2 --out artifacts/llama-2x/hf
+      ulsexport onnx  --model artifacts/llama-2x/hf --out artifacts/llama-2x/onnx
+      ulsexport onnx  --model artifacts/llama-2x/hf --out artifacts/llama-2x/genai --builder genai \\
+          --dtype fp16 --device cuda
+    """
+    result = get_builder(builder).build(model, out, dtype, device, force=force, quiet=ctx.obj["quiet"], opset=opset,
+                                        optimize=False if no_optimize else None, attention=attention,
+                                        kv_cache=kv_cache)
+    if as_json:
+        click.echo(json.dumps(result.manifest, indent=2))
+    else:
+        layers = ", ".join(f"{i}<-{o}" for i, o in result.manifest["cache_to_original_layer"].items())
+        graph = result.manifest.get("optimizations", {}).get("variant")  # the fused graph kept (torch builder)
+        click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s" + (f" ({graph} graph)" if graph else "")
+                   + f"; cache index<-original layer: {layers}")

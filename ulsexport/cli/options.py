@@ -1,0 +1,61 @@
+"""Options and helpers that several commands share."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+from ..plan import parse_index_list
+
+ARTIFACTS = Path("artifacts")
+
+
+def plan_options(f):
+    f = click.option("--skip", help="Explicit layers to remove, e.g. 1,3,10-12 (instead of a strategy).")(f)
+    f = click.option("--keep", help="Explicit layers to keep, e.g. 0,2,5,7 (instead of a strategy).")(f)
+    f = click.option("--strategy", default="uls", show_default=True,
+                     help="uls: the ULS authors' rule; even: K layers spread evenly; "
+                          "top: drop the layers just below the last; first: keep the first K; "
+                          "bi, angular, greedy-ppl: chosen from --calib text (see compare-plans).")(f)
+    f = click.option("--speedup", "-s", type=float,
+                     help="Target speedup s; the plan keeps K = int(L / s) layers.")(f)
+    return f
+
+
+def calib_options(f):
+    from ..plan.scoring import DEFAULT_CALIB_TOKENS
+
+    f = click.option("--device", default="cpu", show_default=True,
+                     help="Where calibration scoring runs: cpu or cuda.")(f)
+    f = click.option("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, show_default=True,
+                     help="Calibration tokens used (from the start of --calib).")(f)
+    f = click.option("--calib", type=click.Path(path_type=Path),
+                     help="Calibration text (one paragraph a line) for --strategy bi|angular|greedy-ppl.")(f)
+    return f
+
+
+def layer_plan_option(model, speedup, strategy, keep, skip, calib, calib_tokens, device):
+    from ..plan.scoring import layer_plan_for_model
+
+    keep_list, skip_list = index_lists(keep, skip)
+    return layer_plan_for_model(model, speedup, strategy, keep_list, skip_list, calib,
+                                calib_tokens=calib_tokens, device=device,
+                                quiet=click.get_current_context().obj["quiet"])
+
+
+def index_lists(keep, skip):
+    return (parse_index_list(keep, "--keep") if keep else None,
+            parse_index_list(skip, "--skip") if skip else None)
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            try:
+                return int(float(upper[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise UserError(f"--max-shard-size: '{text}' is not a size like 5GB or 500MB")

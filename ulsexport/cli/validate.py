@@ -1,0 +1,58 @@
+"""`ulsexport validate`: output parity and measured speedup of an artifact."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..runtime import RUNTIMES
+
+@click.command()
+@click.option("--reference", "-r", required=True, help="The ORIGINAL (full-depth) checkpoint.")
+@click.option("--candidate", "-c", required=True, type=click.Path(path_type=Path),
+              help="The artifact: a pruned checkpoint or an ONNX export (its ulsexport.json names the kept layers).")
+@click.option("--runtime", default="torch", show_default=True,
+              help=", ".join(f"{r.name} ({r.summary})" for r in RUNTIMES.values()) + ".")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--dtype", help="fp32, fp16 or bf16 [default: the artifact's own, else fp32].")
+@click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes to time, comma-separated.")
+@click.option("--prompt-len", default=128, show_default=True, help="Prompt tokens for timing.")
+@click.option("--new-tokens", default=128, show_default=True, help="Generated tokens for timing.")
+@click.option("--runs", default=3, show_default=True, help="Timed runs per setting (median reported).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed warm-up runs per setting.")
+@click.option("--no-speed", is_flag=True, help="Check parity (and quality) only.")
+@click.option("--parity-steps", default=32, show_default=True, help="Greedy steps compared for parity.")
+@click.option("--tolerance", type=float, help="Relative logit error allowed [default: fp32 1e-4, fp16 1e-2].")
+@click.option("--text", type=click.Path(path_type=Path), help="Held-out text: perplexity of full vs pruned.")
+@click.option("--tasks", type=click.Path(path_type=Path), help="JSONL of prompt/reference: BLEU and ROUGE-L.")
+@click.option("--reference-artifact", type=click.Path(path_type=Path),
+              help="The full model built like the candidate (e.g. its ONNX export) [default: built on the fly].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the Markdown report here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write the PNG plot here.")
+@click.pass_context
+def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
+             no_speed, parity_steps, tolerance, text, tasks, reference_artifact, json_path, report_path, plot_path):
+    """Check an artifact's output parity and measure its speedup over the full model.
+
+    Parity: the candidate's greedy run against the pruned checkpoint in PyTorch fp32, step by step.
+    Speed: full and pruned model on the same runtime, device and dtype, in this one process.
+    Exits 1 when parity fails (the report says at which step and batch row), 2 on bad input.
+
+    \b
+    Example:
+      ulsexport validate --reference path/to/llama --candidate artifacts/llama-2x/onnx \\
+          --runtime ort --device cuda --batch 1,8 --report report.md --json report.json
+    """
+    from ..validate.report import markdown, write_reports
+    from ..validate import SpeedSettings, validate as run_validation
+
+    speed = None if no_speed else SpeedSettings(tuple(int(b) for b in batches.split(",")), prompt_len,
+                                                new_tokens, runs, warmup)
+    result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance, text,
+                            tasks, reference_artifact, quiet=ctx.obj["quiet"])
+    write_reports(result, json_path, report_path, plot_path)
+    click.echo(markdown(result))
+    if not result["parity"]["passed"]:
+        sys.exit(1)

@@ -1,0 +1,57 @@
+"""Runtimes that decode greedily with a KV cache behind one interface (`base.Runtime`: prefill, step,
+greedy), in one registry that the CLI, recipes, the validator and the server read.
+
+- `torch`: a Hugging Face checkpoint in PyTorch (`pytorch`);
+- `ort`: an ONNX export in onnxruntime, CPU or CUDA (`ort`);
+- `genai`: an ONNX artifact with a genai_config.json in onnxruntime-genai's own loop (`genai`).
+
+Adding a runtime is one module with a class offering `open(folder, dtype, device)` and one line in
+RUNTIMES.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifact import artifact_kind
+from ..errors import UserError
+from .base import GreedyRun, Runtime
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    name: str
+    module: str                 # imported on first use: onnxruntime-genai, for one, is optional
+    cls: str
+    kinds: tuple[str, ...]      # artifact kinds it runs
+    summary: str
+
+    def open(self, folder, dtype: str | None = None, device: str = "cpu") -> Runtime:
+        return getattr(importlib.import_module(self.module, __name__), self.cls).open(folder, dtype, device)
+
+
+RUNTIMES: dict[str, RuntimeEntry] = {r.name: r for r in [
+    RuntimeEntry("torch", ".pytorch", "TorchRuntime", ("hf-checkpoint",), "checkpoints in PyTorch"),
+    RuntimeEntry("ort", ".ort", "OnnxDecoder", ("onnx",), "ONNX exports in onnxruntime"),
+    # an "onnx" export of the torch builder runs too: it carries a genai_config.json
+    RuntimeEntry("genai", ".genai", "GenaiRuntime", ("genai", "onnx"), "onnxruntime-genai (either ONNX builder)"),
+]}
+
+
+def default_runtime(kind: str) -> str:
+    """The runtime an artifact kind runs in when none is named."""
+    return next(name for name, entry in RUNTIMES.items() if kind in entry.kinds)
+
+
+def open_runtime(folder: str | Path, runtime: str, dtype: str | None = None, device: str = "cpu") -> Runtime:
+    """The runtime named `runtime` over artifact `folder`, refusing artifacts it cannot run."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}")
+    entry, kind = RUNTIMES[runtime], artifact_kind(Path(folder))
+    if kind not in entry.kinds:
+        raise UserError(f"--runtime {runtime} runs {' or '.join(entry.kinds)} artifacts; {folder} is a {kind} artifact")
+    return entry.open(folder, dtype, device)
+
+
+__all__ = ["RUNTIMES", "GreedyRun", "Runtime", "RuntimeEntry", "default_runtime", "open_runtime"]

@@ -1,0 +1,93 @@
+"""What every runtime offers: a prefill over the prompt, one decode step at a time, and a greedy loop
+built on the two, returning one result type.
+
+`prefill(input_ids, attention_mask, max_new_tokens)` runs the (left-padded) prompt and returns the
+decoding state and each row's last logits; `step(state, next_ids)` feeds one token per row and
+returns the next logits. `greedy` times each call up to the moment its tokens are known on the
+host, so the first entry of `step_seconds` is the prefill and the rest are decode steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class GreedyRun:
+    tokens: np.ndarray                                        # [batch, new_tokens]
+    logits: list[np.ndarray] = field(default_factory=list)    # per step [batch, vocab] fp32, if kept
+    step_seconds: list[float] = field(default_factory=list)   # the prefill, then every decode step
+
+    @property
+    def prefill_seconds(self) -> float:
+        return self.step_seconds[0] if self.step_seconds else 0.0
+
+    @property
+    def decode_seconds(self) -> float:
+        return float(sum(self.step_seconds[1:]))
+
+
+def position_ids_from_mask(mask):
+    """Hugging Face generate's rule for left-padded batches: count real tokens; pads get position 1.
+    Works on numpy arrays and torch tensors alike."""
+    positions = mask.cumsum(-1) - 1
+    positions[mask == 0] = 1
+    return positions
+
+
+def greedy_tokens(logits: np.ndarray) -> np.ndarray:
+    """argmax over the last axis. numpy's argmax of float16 is slow (1.6 ms for 8 x 32000 logits here),
+    so it runs on the bits as int16, where non-negative floats sort as their bit patterns do and
+    every negative float sorts below them: one pass wherever a row's largest logit is non-negative.
+    Rows whose logits are all negative are redone with the negatives' magnitude bits flipped, which
+    makes the whole int16 order the float order."""
+    if logits.dtype != np.float16:
+        return logits.argmax(-1)
+    bits = logits.view(np.int16)
+    tokens = bits.argmax(-1)
+    negative = np.take_along_axis(bits, tokens[..., None], -1)[..., 0] < 0
+    if negative.any():
+        rows = bits[negative]
+        tokens[negative] = (rows ^ ((rows >> 15) & 0x7FFF)).argmax(-1)
+    return tokens
+
+
+class Runtime:
+    """A decoder with a KV cache. Subclasses give `prefill` and `step`; arrays are numpy unless a
+    subclass keeps its own (then it overrides `next_tokens` and `to_host`)."""
+
+    name = ""
+
+    def prefill(self, input_ids, attention_mask, max_new_tokens: int):
+        """Run the prompt; (state, each row's last logits [batch, vocab])."""
+        raise NotImplementedError
+
+    def step(self, state, next_ids):
+        """Feed one token per row; the next logits [batch, vocab]."""
+        raise NotImplementedError
+
+    def next_tokens(self, logits):
+        """The greedy choice, known on the host when this returns (the step's work has finished)."""
+        return greedy_tokens(logits)
+
+    def to_host(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+    def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False) -> GreedyRun:
+        """Greedy decoding of exactly `new_tokens` tokens (no early stop)."""
+        tokens, kept, seconds = [], [], []
+        state = next_ids = None
+        for _ in range(new_tokens):
+            start = time.perf_counter()
+            if state is None:
+                state, logits = self.prefill(input_ids, attention_mask, new_tokens)
+            else:
+                logits = self.step(state, next_ids)
+            next_ids = self.next_tokens(logits)
+            seconds.append(time.perf_counter() - start)
+            tokens.append(next_ids)
+            if keep_logits:
+                kept.append(self.to_host(logits).astype(np.float32))
+        return GreedyRun(np.stack([self.to_host(t) for t in tokens], axis=1), kept, seconds)

@@ -1,0 +1,104 @@
+"""onnxruntime-genai's own generation loop as a runtime, over an artifact of either ONNX builder."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import GENAI_CONFIG
+from ..errors import UserError, first_line
+from .base import GreedyRun, Runtime
+
+INSTALL_HINT = "pip install 'ulsexport[genai]' (CPU) or 'ulsexport[genai-cuda]' (CUDA)"
+
+
+def import_genai():
+    """The onnxruntime_genai module, or one line saying how to install it."""
+    try:
+        import onnxruntime_genai
+    except ImportError:
+        raise UserError(f"onnxruntime-genai is not installed: {INSTALL_HINT}") from None
+    return onnxruntime_genai
+
+
+class GenaiRuntime(Runtime):
+    """An artifact with a genai_config.json, decoded by onnxruntime-genai's own generation loop.
+
+    Every run makes exactly the tokens asked for: `min_length` is the whole length, so genai never
+    stops at an eos token. The price: where the model's own top token is eos, genai takes the next
+    best (get_logits still returns the raw logits), so a parity run compares up to the first eos. A
+    left-padded batch is decoded one row at a time on the row's real tokens: genai marks padding
+    by pad_token_id, and neither the builder's GroupQueryAttention graph nor genai's masks for our
+    graph reproduce Hugging Face's left-padded results (measured); unpadded batches run batched.
+
+    `greedy` runs genai's own loop (generate_next_token: genai picks the tokens); `prefill` and
+    `step` feed tokens chosen by the caller through append_tokens, for unpadded batches.
+    """
+
+    name = "genai"
+
+    def __init__(self, folder: str | Path, dtype: str = "fp32", device: str = "cpu", cuda_graph: bool = False):
+        og = import_genai()
+        folder = Path(folder)
+        if not (folder / GENAI_CONFIG).is_file():
+            raise UserError(f"{folder} has no {GENAI_CONFIG}; build it with `ulsexport onnx` (either builder)")
+        config = og.Config(str(folder))
+        config.clear_providers()
+        if device.startswith("cuda"):
+            config.append_provider("cuda")
+            if cuda_graph:  # genai captures decode steps (it needs the shared past/present buffer)
+                config.set_provider_option("cuda", "enable_cuda_graph", "1")
+        try:
+            self.model = og.Model(config)
+        except Exception as exc:  # genai's load errors are one line already
+            raise UserError(f"onnxruntime-genai could not load {folder}: {first_line(exc)}") from None
+        self.og = og
+
+    @classmethod
+    def open(cls, folder: str | Path, dtype: str | None = None, device: str = "cpu") -> GenaiRuntime:
+        return cls(folder, dtype or "fp32", device)
+
+    def _generator(self, batch: int, length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=length, min_length=length, batch_size=batch, do_sample=False)
+        return self.og.Generator(self.model, params)
+
+    def prefill(self, input_ids, attention_mask, max_new_tokens: int):
+        ids = np.asarray(input_ids, np.int64)
+        if not np.asarray(attention_mask).all():
+            raise UserError("onnxruntime-genai marks padding by pad_token_id, which does not reproduce Hugging "
+                            "Face's left-padded results: prefill unpadded batches (greedy decodes padded rows "
+                            "one at a time)")
+        generator = self._generator(*ids.shape[:1], ids.shape[1] + max_new_tokens)
+        generator.append_tokens(ids)
+        return generator, np.array(generator.get_logits())[:, -1]
+
+    def step(self, state, next_ids):
+        state.append_tokens(np.asarray(next_ids, np.int64)[:, None])
+        return np.array(state.get_logits())[:, -1]
+
+    def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False):
+        ids, mask = np.asarray(input_ids, np.int64), np.asarray(attention_mask)
+        if mask.all():
+            return self._run(ids, new_tokens, keep_logits)
+        rows = [self._run(ids[row:row + 1, mask[row] == 1], new_tokens, keep_logits) for row in range(len(ids))]
+        logits = [np.concatenate(step) for step in zip(*(r.logits for r in rows))] if keep_logits else []
+        return GreedyRun(np.concatenate([r.tokens for r in rows]), logits,
+                         [sum(step) for step in zip(*(r.step_seconds for r in rows))])
+
+    def _run(self, ids: np.ndarray, new_tokens: int, keep_logits: bool) -> GreedyRun:
+        """One batched run of genai's own loop."""
+        generator = self._generator(ids.shape[0], ids.shape[1] + new_tokens)
+        tokens, logits, seconds = [], [], []
+        start = time.perf_counter()
+        generator.append_tokens(ids)  # the prefill forward pass
+        for _ in range(new_tokens):
+            if keep_logits:  # the logits the next token is chosen from (genai computes them here, lazily)
+                logits.append(np.array(generator.get_logits())[:, -1].astype(np.float32))
+            generator.generate_next_token()
+            tokens.append(np.array(generator.get_next_tokens()))  # a host copy: the step has finished
+            now = time.perf_counter()
+            seconds.append(now - start)
+            start = now
+        return GreedyRun(np.stack(tokens, 1), logits, seconds)

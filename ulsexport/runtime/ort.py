@@ -1,0 +1,446 @@
+"""Running an exported ONNX decoder: an onnxruntime session and a greedy loop over its KV cache.
+
+Callers pass batches left-padded, as Hugging Face pads them. The cache is kept as the export's
+manifest says (`onnx.kv_cache`):
+
+- "concat": `present.{i}.*` is fed back as `past_key_values.{i}.*`; `attention_mask` and
+  `position_ids` are computed for the left-padded batch the way `generate` does. With `io_binding`
+  the cache stays where the execution provider put it (on the GPU for CUDA) between steps instead
+  of round-tripping through numpy.
+- "shared": one buffer per cache tensor, as long as the prompt plus the new tokens, is bound as
+  both past and present once; the graph appends to it at each row's length. Rows are moved to the
+  right-padded layout that graph takes, and each row's next token is read at its own last position.
+
+Fixed-width decode (shared cache; the default on CUDA): every decode step of a (batch, capacity)
+reads and writes the same buffers, kept by the decoder across calls: token ids, an attention mask
+as wide as the cache buffer (its shape never changes; each step sets one more column per row), the
+cache and the logits. That is what a CUDA graph needs: with `cuda_graph`, onnxruntime captures the
+first decode step of each (batch, capacity) (`gpu_graph_id`) and replays it after, while the prompt
+runs uncaptured (`gpu_graph_id` -1), so any batch size works. A graph with a node that is not on
+the CUDA provider cannot be captured: the decoder then runs uncaptured and says which nodes
+(`cuda_graph_off`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import contextlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..artifact import read_manifest
+from ..errors import UserError, first_line
+from .base import Runtime, position_ids_from_mask
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+CAPACITY_STEP = 256  # fixed-width cache buffers are rounded up to this, so that calls share captured graphs
+
+
+def position_ids_for(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
+    """Positions of the last `seq_len` columns of a left-padded batch (Hugging Face's rule)."""
+    return position_ids_from_mask(np.array(attention_mask, np.int64))[:, -seq_len:]
+
+
+class OnnxDecoder(Runtime):
+    """An exported decoder folder (model.onnx + ulsexport.json) loaded in onnxruntime.
+
+    `session` is an InferenceSession already made over the folder's graph (e.g. with profiling
+    options), or a factory `session(path, options, providers)`; by default one is made here.
+    `cuda_graph` (shared cache on CUDA; default on there) captures decode steps; `fixed_width`
+    (default: where capturing) runs the fixed-width decode loop without capturing, as on the CPU.
+    """
+
+    name = "ort"
+
+    def __init__(self, folder: str | Path, provider: str = "cpu", io_binding: bool | None = None, session=None,
+                 cuda_graph: bool | None = None, fixed_width: bool | None = None, graph: str | None = None):
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if not manifest or manifest.get("kind") != "onnx":
+            raise UserError(f"{folder} has no ONNX export manifest (ulsexport.json of kind 'onnx')")
+        if provider not in PROVIDERS:
+            raise UserError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
+        if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UserError("CUDAExecutionProvider is not available (install onnxruntime-gpu)")
+        self.onnx = graph_section(manifest, graph)
+        self.device = provider
+        self.shared_cache = self.onnx.get("kv_cache") == "shared"
+        if cuda_graph and not (provider == "cuda" and self.shared_cache):
+            raise UserError("CUDA graph decoding needs --device cuda and an export with the shared KV cache "
+                            f"(this one: {provider}, {self.onnx.get('kv_cache', 'concat')} cache)")
+        self.cuda_graph = provider == "cuda" and self.shared_cache if cuda_graph is None else cuda_graph
+        self.cuda_graph_off = None  # why capture was asked for and is not used
+        path = str(folder / self.onnx["file"])
+        if not isinstance(session, ort.InferenceSession):
+            make = session or ort.InferenceSession
+            session = self._captured_session(make, path) if self.cuda_graph else None
+            session = session or make(path, self._session_options(), providers=PROVIDERS[provider])
+        self.session = session
+        self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
+        self._step_buffers: dict[tuple[int, int], StepBuffers] = {}
+        # the shared buffer is bound as input and output at once: that needs io binding, on any provider
+        self.io_binding = self.shared_cache or (provider == "cuda" if io_binding is None else io_binding)
+        self.cache_inputs = [n for pair in self.onnx["cache_inputs"] for n in pair]
+        self.cache_outputs = [n for pair in self.onnx["cache_outputs"] for n in pair]
+        self.uses_position_ids = "position_ids" in self.onnx["inputs"]
+        self.dtype = NUMPY_DTYPES[self.onnx["dtype"]]
+
+    @classmethod
+    def open(cls, folder: str | Path, dtype: str | None = None, device: str = "cpu") -> Runtime:
+        """The runtime over an export: an OnnxDecoder, or a MultiDepthDecoder for a multi-depth export."""
+        decoder = MultiDepthDecoder(folder, device) if (read_manifest(folder) or {}).get("multi_depth") \
+            else cls(folder, device)
+        if dtype is not None and dtype != decoder.onnx["dtype"]:
+            raise UserError(f"{folder} is a {decoder.onnx['dtype']} export; --runtime ort runs it in "
+                            f"{decoder.onnx['dtype']}, not {dtype}")
+        return decoder
+
+    def prefill(self, input_ids, attention_mask, max_new_tokens: int):
+        """The prompt's pass; the logits come back to the host, so the step has finished."""
+        stream = (SharedCacheStream if self.shared_cache else ConcatCacheStream)(
+            self, np.asarray(input_ids), np.asarray(attention_mask), max_new_tokens)
+        return stream, stream.forward(None)
+
+    def step(self, state, next_ids):
+        return state.forward(np.asarray(next_ids))
+
+    @staticmethod
+    def _session_options(severity: int = 3):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = severity  # 3, errors only: the exporter's shape annotations draw warnings
+        return options
+
+    def _captured_session(self, make, path: str):
+        """A session that can capture CUDA graphs, or None (and `cuda_graph_off` says why)."""
+        providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+        try:
+            return make(path, self._session_options(), providers=providers)
+        except Exception as exc:  # onnxruntime refuses capture when a node is not on the CUDA provider
+            off_cuda = nodes_off_cuda(path)
+            self.cuda_graph_off = (f"not on the CUDA provider: {', '.join(off_cuda)}" if off_cuda
+                                   else first_line(exc))
+            self.cuda_graph = False
+            return None
+
+    def run_options(self, graph_id: int):
+        """Run options naming the CUDA graph of a step (-1: run uncaptured), or None without capture."""
+        if not self.cuda_graph:
+            return None
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
+
+    def capacity_for(self, length: int) -> int:
+        """The fixed-width cache length that holds `length` positions: rounded up, so that calls of
+        similar lengths share one captured graph, and never past the export's positions."""
+        limit = self.onnx.get("max_sequence_length") or length
+        return min(-(-length // CAPACITY_STEP) * CAPACITY_STEP, limit)
+
+    def step_buffers(self, batch: int, capacity: int) -> StepBuffers:
+        """The buffers of the (batch, capacity) decode step, made and bound on first use."""
+        key = (batch, capacity)
+        if key not in self._step_buffers:
+            vocab = self.onnx["io_shapes"]["logits"][-1]
+            cache = [self.to_device(np.zeros(self.cache_shape(batch, capacity), self.dtype))
+                     for _ in self.cache_inputs]
+            buffers = StepBuffers(cache, self.to_device(np.zeros((batch, 1), np.int64)),
+                                  self.to_device(np.zeros((batch, capacity), np.int64)),
+                                  self.to_device(np.zeros((batch, 1, vocab), self.dtype)),
+                                  self.session.io_binding(), len(self._step_buffers) + 1)
+            buffers.binding.bind_ortvalue_input("input_ids", buffers.ids)
+            buffers.binding.bind_ortvalue_input("attention_mask", buffers.mask)
+            buffers.binding.bind_ortvalue_output("logits", buffers.logits)
+            for past, present, value in zip(self.cache_inputs, self.cache_outputs, cache):
+                buffers.binding.bind_ortvalue_input(past, value)
+                buffers.binding.bind_ortvalue_output(present, value)
+            self._step_buffers[key] = buffers
+        return self._step_buffers[key]
+
+    def to_device(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
+    def cache_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+        return batch, self.onnx["num_kv_heads"], length, self.onnx["head_dim"]
+
+
+def graph_section(manifest: dict, graph: str | None) -> dict:
+    """The `onnx` section of the graph named `graph` (a multi-depth export's tag), or the default one."""
+    if graph is None:
+        return manifest["onnx"]
+    graphs = {g.get("tag"): g for g in manifest.get("graphs", [])}
+    if graph not in graphs or "onnx" not in graphs[graph]:
+        raise UserError(f"no graph '{graph}' in this export; it has: {', '.join(map(str, graphs)) or 'one graph'}")
+    return graphs[graph]["onnx"]
+
+
+@dataclass
+class StepBuffers:
+    """What one (batch, capacity) decode step reads and writes, at fixed addresses for the decoder's life."""
+    cache: list
+    ids: object       # OrtValue [batch, 1] int64
+    mask: object      # OrtValue [batch, capacity] int64
+    logits: object    # OrtValue [batch, 1, vocab]
+    binding: object   # IOBinding of all of them
+    graph_id: int
+
+
+def nodes_off_cuda(path: str) -> list[str]:
+    """'OpType (node name)' of each node onnxruntime places on another provider than CUDA, read from
+    its verbose placement log (written to the process's stderr, so fd 2 is redirected meanwhile)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 0  # the placements are logged at VERBOSE
+    with tempfile.TemporaryFile(mode="w+") as log:
+        saved = os.dup(2)
+        try:
+            os.dup2(log.fileno(), 2)
+            with contextlib.suppress(Exception):
+                ort.InferenceSession(path, options, providers=PROVIDERS["cuda"])
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        return placements_off_cuda(log.read())
+
+
+PLACED = re.compile(r"(Node\(s\)|All nodes) placed on \[(\w+)\]\. Number of nodes: (\d+)")
+PLACED_NODE = re.compile(r"(?:VerifyEachNodeIsAssignedToAnEp\]|^)\s{2,}(\S+ \(.*\))\s*$")
+
+
+def placements_off_cuda(log: str) -> list[str]:
+    """The nodes that onnxruntime's placement log ('Node(s) placed on [EP]. Number of nodes: N', then a
+    line per node; 'All nodes placed on [EP]' when one provider takes them all) puts off CUDA."""
+    nodes, provider = [], None
+    for line in log.splitlines():
+        if header := PLACED.search(line):
+            provider = header.group(2)
+            if header.group(1) == "All nodes" and provider != "CUDAExecutionProvider":
+                nodes.append(f"all {header.group(3)} nodes ({provider})")
+        elif provider not in (None, "CUDAExecutionProvider") and (node := PLACED_NODE.search(line)):
+            nodes.append(node.group(1))
+    return nodes
+
+
+class ConcatCacheStream:
+    """Left-padded rows; each step's present cache becomes the next step's past."""
+
+    def __init__(self, decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int):
+        self.decoder, self.ids, self.mask = decoder, input_ids, attention_mask
+        empty = np.zeros(decoder.cache_shape(len(input_ids), 0), decoder.dtype)
+        self.cache = [decoder.to_device(empty) if decoder.io_binding else empty for _ in decoder.cache_inputs]
+
+    def forward(self, next_ids: np.ndarray | None) -> np.ndarray:
+        """The prompt (first call) or the tokens just chosen: one pass; the last position's logits."""
+        decoder = self.decoder
+        if next_ids is not None:
+            self.ids = next_ids[:, None]
+            self.mask = np.concatenate([self.mask, np.ones_like(self.mask[:, :1])], axis=1)
+        feed = {"input_ids": self.ids.astype(np.int64), "attention_mask": self.mask.astype(np.int64)}
+        if decoder.uses_position_ids:
+            feed["position_ids"] = position_ids_for(self.mask, self.ids.shape[1])
+        if decoder.io_binding:
+            logits, self.cache = self._run_bound(feed)
+        else:
+            outputs = decoder.session.run(["logits", *decoder.cache_outputs],
+                                          {**feed, **dict(zip(decoder.cache_inputs, self.cache))})
+            logits, self.cache = outputs[0], outputs[1:]
+        return logits[:, -1]
+
+    def _run_bound(self, feed: dict):
+        decoder = self.decoder
+        binding = decoder.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_ortvalue_input(name, decoder.to_device(array))
+        for name, value in zip(decoder.cache_inputs, self.cache):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in decoder.cache_outputs:
+            binding.bind_output(name, decoder.device)
+        decoder.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), outputs[1:]
+
+
+class SharedCacheStream:
+    """Right-padded rows over one cache buffer per tensor, bound as past and present for every step."""
+
+    def __init__(self, decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int):
+        batch, prompt = input_ids.shape
+        capacity = decoder.onnx.get("max_sequence_length")
+        if capacity and prompt + max_new_tokens > capacity:
+            raise UserError(f"{prompt} prompt + {max_new_tokens} new tokens pass the export's "
+                            f"{capacity} positions")
+        real = attention_mask.astype(bool)
+        self.lengths = real.sum(axis=1)
+        order = np.argsort(~real, axis=1, kind="stable")  # each row's real tokens first, in order
+        self.ids = np.take_along_axis(input_ids, order, axis=1).astype(np.int64)
+        self.mask = (np.arange(prompt)[None] < self.lengths[:, None]).astype(np.int64)
+        self.decoder = decoder
+        self.binding = decoder.session.io_binding()
+        self.steps = 0
+        if decoder.fixed_width:
+            self.buffers = decoder.step_buffers(batch, decoder.capacity_for(prompt + max_new_tokens))
+            self.cache = self.buffers.cache
+            self.wide_mask = np.zeros(self.buffers.mask.shape(), np.int64)
+            self.wide_mask[:, :prompt] = self.mask
+        else:
+            shape = decoder.cache_shape(batch, prompt + max_new_tokens)
+            # an array each: on CPU an OrtValue wraps its numpy array's memory, so one array would be one buffer
+            self.cache = [decoder.to_device(np.zeros(shape, decoder.dtype)) for _ in decoder.cache_inputs]
+        for past, present, buffer in zip(decoder.cache_inputs, decoder.cache_outputs, self.cache):
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
+        self.logits = self._bind_logits(batch, prompt)
+
+    def _bind_logits(self, batch: int, seq: int) -> np.ndarray:
+        """A host array bound as the logits output: onnxruntime copies into it, and reading it needs no
+        get_outputs() (which wraps every bound output, the whole cache included, each step)."""
+        import onnxruntime as ort
+
+        logits = np.empty((batch, seq, self.decoder.onnx["io_shapes"]["logits"][-1]), self.decoder.dtype)
+        self.logits_value = ort.OrtValue.ortvalue_from_numpy(logits)  # wraps the array's memory
+        self.binding.bind_ortvalue_output("logits", self.logits_value)
+        return logits
+
+    def forward(self, next_ids: np.ndarray | None) -> np.ndarray:
+        """The prompt (first call) or the tokens just chosen: one pass; each row's last logits
+        (a view, overwritten by the next pass)."""
+        if next_ids is not None and self.decoder.fixed_width:
+            return self._fixed_width_step(next_ids)
+        if next_ids is not None:
+            self.ids = next_ids[:, None].astype(np.int64)
+            self.mask = np.concatenate([self.mask, np.ones_like(self.mask[:, :1])], axis=1)
+        self.binding.bind_cpu_input("input_ids", self.ids)
+        self.binding.bind_cpu_input("attention_mask", self.mask)
+        if self.logits.shape[1] != self.ids.shape[1]:  # the prompt's logits were bound; a step makes one row each
+            self.logits = self._bind_logits(*self.ids.shape)
+        self.decoder.session.run_with_iobinding(self.binding, self.decoder.run_options(-1))
+        if next_ids is None:  # the prompt: each row's last real token
+            return self.logits[np.arange(len(self.logits)), self.lengths - 1]
+        return self.logits[:, -1]  # a view: valid until the next forward
+
+    def _fixed_width_step(self, next_ids: np.ndarray) -> np.ndarray:
+        """One decode step through the fixed buffers (captured as a CUDA graph, or replayed)."""
+        buffers = self.buffers
+        self.steps += 1
+        self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
+        buffers.ids.update_inplace(np.ascontiguousarray(next_ids[:, None], np.int64))
+        buffers.mask.update_inplace(self.wide_mask)
+        self.decoder.session.run_with_iobinding(buffers.binding, self.decoder.run_options(buffers.graph_id))
+        return buffers.logits.numpy()[:, -1]
+
+
+class SharedWeights:
+    """A multi-depth export's weights file, held once in memory (host for the CPU, device for CUDA) as
+    OrtValues that every depth's session takes (`SessionOptions.add_initializer`): no session loads
+    or copies its own. onnxruntime accepts only memory the caller owns for a CUDA initializer, so
+    device tensors are torch's, wrapped through DLPack."""
+
+    def __init__(self, folder: Path, manifest: dict, provider: str):
+        import onnx
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        self.file = Path(folder) / manifest["weights"]["file"]
+        self.provider = provider
+        self.arrays: dict[str, np.ndarray] = {}
+        self.names: dict[str, list[str]] = {}      # graph file -> the shared initializers it names
+        data = np.memmap(self.file, dtype=np.uint8, mode="r")
+        for graph in manifest["graphs"]:
+            proto = onnx.load(str(Path(folder) / graph["file"]), load_external_data=False)
+            names = []
+            for tensor in proto.graph.initializer:
+                info = {e.key: e.value for e in tensor.external_data}
+                if info.get("location") != self.file.name:
+                    continue
+                names.append(tensor.name)
+                if tensor.name not in self.arrays:
+                    start, length = int(info["offset"]), int(info["length"])
+                    self.arrays[tensor.name] = data[start:start + length].view(
+                        tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
+            self.names[graph["file"]] = names
+        self.device_tensors = []
+        self.values = {name: self._value(array) for name, array in self.arrays.items()}
+
+    def _value(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        if self.provider == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(np.array(array))  # one host copy, shared by every session
+        import torch
+        from onnxruntime.capi._pybind_state import OrtValue as C_OrtValue
+
+        tensor = torch.from_numpy(np.array(array)).cuda()
+        self.device_tensors.append(tensor)  # the OrtValue borrows this memory
+        return C_OrtValue.from_dlpack(torch.utils.dlpack.to_dlpack(tensor), False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def session_factory(self, graph_file: str):
+        """make(path, options, providers) that hands the graph its shared initializers."""
+        import onnxruntime as ort
+
+        def make(path, options, providers):
+            options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies weights
+            for name in self.names[graph_file]:
+                options.add_initializer(name, self.values[name])
+            return ort.InferenceSession(path, options, providers=providers)
+
+        return make
+
+
+class DepthState:
+    def __init__(self, decoder: OnnxDecoder, inner):
+        self.decoder, self.inner = decoder, inner
+
+
+class MultiDepthDecoder(Runtime):
+    """Every depth of a multi-depth export, over one copy of its weights; `depth` picks the graph per
+    call ("full", "2x", ...; the manifest's default graph when left out)."""
+
+    name = "ort"
+
+    def __init__(self, folder: str | Path, provider: str = "cpu", **decoder_options):
+        folder = Path(folder)
+        manifest = read_manifest(folder) or {}
+        if not manifest.get("multi_depth"):
+            raise UserError(f"{folder} is not a multi-depth export (ulsexport onnx --speedups ...)")
+        self.weights = SharedWeights(folder, manifest, provider)
+        self.default = manifest["default_graph"]
+        self.decoders = {g["tag"]: OnnxDecoder(folder, provider, graph=g["tag"],
+                                               session=self.weights.session_factory(g["file"]), **decoder_options)
+                         for g in manifest["graphs"]}
+        self.onnx = self.decoders[self.default].onnx
+        self.depths = list(self.decoders)
+
+    def decoder(self, depth: str | None = None) -> OnnxDecoder:
+        depth = depth or self.default
+        if depth not in self.decoders:
+            raise UserError(f"no depth '{depth}' in this export; it has: {', '.join(self.decoders)}")
+        return self.decoders[depth]
+
+    def prefill(self, input_ids, attention_mask, max_new_tokens: int, depth: str | None = None):
+        decoder = self.decoder(depth)
+        inner, logits = decoder.prefill(input_ids, attention_mask, max_new_tokens)
+        return DepthState(decoder, inner), logits
+
+    def step(self, state: DepthState, next_ids):
+        return state.decoder.step(state.inner, next_ids)
+
+    def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False, depth: str | None = None):
+        return self.decoder(depth).greedy(input_ids, attention_mask, new_tokens, keep_logits=keep_logits)

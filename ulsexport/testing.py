@@ -1,0 +1,275 @@
+"""What the tests and the benchmarks share: model shapes, tiny random checkpoints of every family, a
+tokenizer for random models, and the decode-step measurements the GPU benchmarks make.
+
+Nothing here is imported by the package itself; torch, transformers, tokenizers and onnxruntime are
+imported inside the functions that need them, so `import ulsexport.testing` stays cheap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+# --- Llama shapes of the benchmarks (random weights, made from a config: nothing is downloaded) ---
+
+SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
+ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+SHAPES: dict[str, dict] = {"7b": SEVEN_B, "1b": ONE_B, "tiny": TINY}
+
+# --- tiny random checkpoints, one per supported family, built from configs with a fixed seed ---
+
+VOCAB = 128
+SLIDING_WINDOW = 8  # prompts plus generation in the tests run well past this
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(_COMMON),
+    "mistral": dict(_COMMON, sliding_window=SLIDING_WINDOW),
+    "qwen2": dict(_COMMON, use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=3),
+    "qwen3": dict(_COMMON, head_dim=8, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+                  max_window_layers=3),
+    "gemma2": dict(_COMMON, head_dim=8, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=8),
+    "gemma3_text": dict(_COMMON, head_dim=8, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=8),
+    "phi3": dict(_COMMON, sliding_window=SLIDING_WINDOW),
+    "olmo2": dict(_COMMON),
+    "granite": dict(_COMMON),
+    "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2),
+    "opt": dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
+                max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                     max_position_embeddings=256, bos_token_id=1, eos_token_id=2),
+}
+FAMILIES = tuple(TINY_CONFIGS)
+
+
+def tiny_config(model_type: str, num_layers: int = 8, overrides: dict | None = None):
+    from transformers import AutoConfig
+
+    from .families import ADAPTERS
+
+    kwargs = {**TINY_CONFIGS[model_type], **(overrides or {})}
+    kwargs[ADAPTERS[model_type].num_layers_field] = num_layers
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def make_tiny_checkpoint(model_type: str, directory: Path, num_layers: int = 8, seed: int = 0,
+                         overrides: dict | None = None) -> Path:
+    """Save a random model of `model_type` (config fields `overrides` changed) to `directory`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers, overrides))
+    with torch.no_grad():  # larger weights than the default init, so layers change the output a lot
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.eval()
+    model.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    return Path(directory)
+
+
+def save_word_tokenizer(directory, vocab_size):
+    """A word-level tokenizer over t0..tN: onnxruntime-genai's builder copies a tokenizer and fails without one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(directory)
+
+
+def make_random_llama(directory, shape: dict, dtype: str = "fp16", device: str = "cpu", seed: int = 0,
+                      tokenizer: bool = True, max_shard_size: str | None = None, **config) -> Path:
+    """Save a Llama of `shape` (extra LlamaConfig fields in `config`) with random weights made on `device`,
+    and a word tokenizer over its vocabulary unless told not to (onnxruntime-genai's builder wants one)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from .precision import torch_dtype
+
+    torch.manual_seed(seed)
+    llama = LlamaConfig(**{"tie_word_embeddings": False, **shape, **config})
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(llama, dtype=torch_dtype(dtype))
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    model.generation_config.save_pretrained(directory)
+    del model
+    if tokenizer:
+        save_word_tokenizer(directory, shape["vocab_size"])
+    return Path(directory)
+
+
+def make_pruned_set(work, shape: dict, device: str = "cpu", speedups=(2, 3)) -> dict[str, Path]:
+    """work/full (a random fp16 Llama of `shape`) and work/uls{s} (its uls prune at each speedup), each
+    made only if missing; name -> folder."""
+    from .prune import plan_for_model, prune_checkpoint
+
+    work = Path(work)
+    if not (work / "full" / "tokenizer.json").is_file():
+        make_random_llama(work / "full", shape, "fp16", device)
+    folders = {"full": work / "full"}
+    for s in speedups:
+        folders[f"uls{s}"] = work / f"uls{s}"
+        if not folders[f"uls{s}"].exists():
+            prune_checkpoint(work / "full", folders[f"uls{s}"], plan_for_model(work / "full", s), quiet=True)
+    return folders
+
+
+# --- command-line options the benchmark scripts share ---
+
+def add_decode_arguments(ap: argparse.ArgumentParser) -> None:
+    """The device, dtype and decode lengths that the GPU benchmark scripts all take."""
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+
+
+def add_shape_arguments(ap: argparse.ArgumentParser, shape: str) -> None:
+    """--shape (a key of SHAPES) and --layers (its depth before pruning); read them with `shape_from_args`."""
+    ap.add_argument("--shape", choices=SHAPES, default=shape)
+    ap.add_argument("--layers", type=int, help="decoder layers of the model before pruning [default: the shape's]")
+
+
+def shape_from_args(args) -> dict:
+    shape = dict(SHAPES[args.shape])
+    shape["num_hidden_layers"] = args.layers or shape["num_hidden_layers"]
+    return shape
+
+
+# --- a decode step seen from the GPU (CUPTI, through torch.profiler) ---
+
+def kernel_totals(run) -> dict:
+    """name -> [microseconds, launches] of every GPU activity (kernel, copy, memset) during run()."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    # without CUDA (a check of a script on CPU) nothing is recorded on a device: totals stay empty
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        run()
+    totals = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            totals[event.name][0] += event.time_range.elapsed_us()
+            totals[event.name][1] += 1
+    return totals
+
+
+class TimedSession:
+    """An onnxruntime session whose run_with_iobinding calls are timed: the rest of a step is our loop."""
+
+    def __init__(self, session):
+        self.session, self.seconds = session, []  # one entry per run
+
+    def run_with_iobinding(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self.session.run_with_iobinding(*args, **kwargs)
+        self.seconds.append(time.perf_counter() - start)
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: int, top: int = 12,
+                       folder=None) -> dict:
+    """Per decode step of `runtime`: kernel ms, wall ms, launches, and the `top` kernels by time. For our
+    onnxruntime loop (an OnnxDecoder with io binding) over export `folder`, also the ms inside
+    onnxruntime's run, timed by a second decoder over the same session."""
+    import numpy as np
+
+    from .runtime.ort import OnnxDecoder
+
+    ids = np.random.default_rng(0).integers(3, vocab, (batch, prompt_len), dtype=np.int64)
+    mask = np.ones_like(ids)
+    runtime.greedy(ids, mask, steps + 1)  # warm-up: kernel selection, allocations
+    timed = None
+    if folder is not None and isinstance(runtime, OnnxDecoder) and runtime.io_binding:
+        timed = OnnxDecoder(folder, runtime.device, session=TimedSession(runtime.session))
+    wall = (timed or runtime).greedy(ids, mask, steps + 1).decode_seconds / steps
+    run_ms = 1000 * sum(timed.session.seconds[1:]) / steps if timed else None  # the runs after the prefill
+    prefill = kernel_totals(lambda: runtime.greedy(ids, mask, 1))
+    both = kernel_totals(lambda: runtime.greedy(ids, mask, steps + 1))
+    per_step = {name: ((us - prefill.get(name, (0, 0))[0]) / steps, (n - prefill.get(name, (0, 0))[1]) / steps)
+                for name, (us, n) in both.items()}
+    kernel_us = sum(us for us, _ in per_step.values())
+    ranked = sorted(per_step.items(), key=lambda item: -item[1][0])
+    return {"batch": batch, "steps": steps, "wall_ms_per_step": 1000 * wall, "kernel_ms_per_step": kernel_us / 1000,
+            "session_run_ms_per_step": run_ms,
+            "kernels_per_step": sum(n for _, n in per_step.values()),
+            "top_kernels": [{"name": name[:120], "ms_per_step": us / 1000, "per_step": n} for name, (us, n) in ranked[:top]]}
+
+
+# --- a decode step seen by onnxruntime's own profiler, by op type ---
+
+PROFILE_WARMUP_STEPS = 4  # decode steps before the profiled ones: a kernel's first call includes its setup
+
+
+def profiled_decoder(folder, device: str, profile_dir: Path):
+    """An OnnxDecoder over export `folder` whose session writes onnxruntime's profile into profile_dir."""
+    import onnxruntime as ort
+
+    from .runtime.ort import OnnxDecoder
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(profile_dir / "decode")
+    return OnnxDecoder(folder, device,
+                       session=lambda path, _, providers: ort.InferenceSession(path, options, providers=providers))
+
+
+def op_times(profile: list[dict], skip_runs: int = 1, provider: str = "CUDAExecutionProvider") -> tuple[dict, int]:
+    """Total microseconds per op type over the session runs after the first `skip_runs`; op types run by
+    another provider than `provider` are counted apart, e.g. "Range (CPU)"."""
+    runs = sorted((e for e in profile if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    kept = runs[skip_runs:]
+    totals = defaultdict(lambda: {"us": 0, "calls": 0})
+    for event in profile:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        if not any(run["ts"] <= event["ts"] <= run["ts"] + run["dur"] for run in kept):
+            continue
+        op = event.get("args", {}).get("op_name", "?")
+        placed = event.get("args", {}).get("provider", "")
+        op = op if placed in ("", provider) else f"{op} ({placed.replace('ExecutionProvider', '')})"
+        totals[op]["us"] += event["dur"]
+        totals[op]["calls"] += 1
+    return dict(totals), len(kept)
+
+
+def profile_decode(folder, device: str, batch: int, prompt_len: int, steps: int, vocab: int):
+    """(op type -> {"us", "calls"} over `steps` decode steps, decode steps profiled), op types by time,
+    largest first; the prefill and PROFILE_WARMUP_STEPS decode steps before them are left out."""
+    import numpy as np
+
+    from .runtime.ort import PROVIDERS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        decoder = profiled_decoder(folder, device, Path(tmp))
+        ids = np.random.default_rng(0).integers(3, vocab, (batch, prompt_len), dtype=np.int64)
+        decoder.greedy(ids, np.ones_like(ids), PROFILE_WARMUP_STEPS + steps + 1)
+        profile = json.loads(Path(decoder.session.end_profiling()).read_text())
+    totals, runs = op_times(profile, skip_runs=1 + PROFILE_WARMUP_STEPS, provider=PROVIDERS[device][0])
+    return dict(sorted(totals.items(), key=lambda item: -item[1]["us"])), runs
+
+
+__all__ = ["SEVEN_B", "ONE_B", "TINY", "SHAPES", "VOCAB", "SLIDING_WINDOW", "TINY_CONFIGS", "FAMILIES",
+           "tiny_config", "make_tiny_checkpoint", "save_word_tokenizer", "make_random_llama", "make_pruned_set",
+           "add_decode_arguments", "add_shape_arguments", "shape_from_args", "kernel_totals", "TimedSession",
+           "decode_kernel_time", "PROFILE_WARMUP_STEPS", "profiled_decoder", "op_times", "profile_decode"]

@@ -1,0 +1,99 @@
+"""The validator: does the artifact still compute what the pruned model computes, how much faster
+is it than the full model on the same runtime, and what did pruning cost in quality.
+
+Parity compares the candidate artifact, greedy-decoding through its runtime, with the Hugging Face
+checkpoint it was made from in PyTorch fp32 (`generate`, the reference for "did the export change
+anything"). Speed runs the full model and the pruned one on the same runtime, device and dtype in
+this one process, warm-up runs excluded, and reports the median of several runs with the spread.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ..artifact import artifact_kind, file_sha256, read_manifest
+from ..errors import UserError
+from ..precision import tolerance_for
+from ..runtime import open_runtime
+from .parity import check_parity, compare_runs, parity_reference
+from .speed import SpeedSettings, full_depth_artifact, measure_speed, speedups
+
+
+def _hf_source(candidate: Path) -> Path:
+    """The Hugging Face checkpoint behind an artifact (the artifact itself for a checkpoint)."""
+    if artifact_kind(candidate) == "hf-checkpoint":
+        return candidate
+    return Path((read_manifest(candidate) or {}).get("source", ""))
+
+
+def _check_lineage(reference: Path, candidate_source: Path) -> dict:
+    manifest = read_manifest(candidate_source) or {}
+    expected = manifest.get("source_config_sha256")
+    if expected and expected != file_sha256(reference / "config.json"):
+        raise UserError(f"{candidate_source} was not pruned from {reference} (its config hash differs)")
+    if "kept" not in manifest:
+        raise UserError(f"{candidate_source} has no ulsexport.json with kept layers; prune it with ulsexport")
+    return manifest
+
+
+def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", dtype: str | None = None,
+             speed: SpeedSettings | None = SpeedSettings(), parity_steps: int = 32, tolerance: float | None = None,
+             text=None, tasks=None, reference_artifact=None, quiet: bool = False) -> dict:
+    """Validate artifact `candidate` against the original checkpoint `reference`; returns the report."""
+    from ..checkpoint import load_model_info
+    from ..progress import progress_bar
+
+    reference_dir, reference_config, adapter = load_model_info(reference)
+    candidate = Path(candidate)
+    if not candidate.is_dir():
+        raise UserError(f"--candidate {candidate} does not exist")
+    candidate_manifest = read_manifest(candidate) or {}
+    dtype = dtype or (candidate_manifest.get("onnx") or {}).get("dtype") or "fp32"
+    tolerance = tolerance_for(dtype) if tolerance is None else tolerance
+    pruned_dir = _hf_source(candidate)
+    lineage = _check_lineage(reference_dir, pruned_dir)
+    vocab = adapter.shape(reference_config).vocab_size
+    report = {
+        "reference": str(reference_dir), "candidate": str(candidate), "candidate_kind": artifact_kind(candidate),
+        "runtime": runtime, "device": device, "dtype": dtype, "kept": lineage["kept"],
+        "num_layers_original": adapter.num_layers(reference_config), "plan": lineage.get("plan"),
+        "device_name": _device_name(device),
+    }
+    candidate_runtime = open_runtime(candidate, runtime, dtype, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        expected = parity_reference(reference_dir, candidate, lineage["kept"], Path(tmp))
+        report["parity"] = {"reference_checkpoint": str(expected) if expected != Path(tmp) / "pruned-reference"
+                            else "the reference, pruned afresh to the kept layers",
+                            **check_parity(candidate_runtime, expected, parity_steps, tolerance, device=device)}
+        if speed is not None:
+            full = full_depth_artifact(reference_dir, runtime, dtype, device, Path(tmp),
+                                       Path(reference_artifact) if reference_artifact else None,
+                                       candidate_manifest.get("builder", "torch"))
+            total = 2 * len(speed.batches) * (speed.warmup + speed.runs)
+            with progress_bar(total, "timing", quiet=quiet) as bar:
+                report["speed"] = {"settings": speed.__dict__,
+                                   "full": measure_speed(open_runtime(full, runtime, dtype, device), speed, vocab, bar),
+                                   "pruned": measure_speed(candidate_runtime, speed, vocab, bar)}
+            report["speedup"] = speedups(report["speed"], lineage.get("plan") or {})
+    if text is not None:
+        from .quality import perplexities
+
+        report["perplexity"] = perplexities(reference_dir, pruned_dir, text, device)
+    if tasks is not None:
+        from .quality import score_tasks
+
+        report["tasks"] = score_tasks(reference_dir, pruned_dir, tasks, device)
+    return report
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+__all__ = ["SpeedSettings", "check_parity", "compare_runs", "measure_speed", "validate"]

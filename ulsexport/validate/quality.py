@@ -1,0 +1,49 @@
+"""Quality: what pruning cost, as perplexity on held-out text and BLEU / ROUGE-L on prompted tasks."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def perplexities(reference_dir: Path, pruned_dir: Path, text, device: str) -> dict:
+    from ..models import load_causal_lm, load_tokenizer
+    from ..quality import perplexity, read_text, token_windows
+
+    windows = token_windows(load_tokenizer(pruned_dir), read_text(text), 256, max_tokens=100_000)
+    return {"text": str(text), "tokens": sum(len(w) for w in windows),
+            "full": perplexity(load_causal_lm(reference_dir, "fp32", device), windows),
+            "pruned": perplexity(load_causal_lm(pruned_dir, "fp32", device), windows)}
+
+
+def score_tasks(reference_dir: Path, pruned_dir: Path, tasks, device: str, max_new_tokens: int = 64) -> dict:
+    """BLEU (sacrebleu) and ROUGE-L (rouge-score) of greedy outputs for a JSONL of prompt/reference."""
+    import json
+
+    import sacrebleu
+    import torch
+    from rouge_score import rouge_scorer
+
+    from ..models import load_causal_lm, load_tokenizer
+
+    rows = [json.loads(line) for line in Path(tasks).read_text().splitlines() if line.strip()]
+    if not rows or not all({"prompt", "reference"} <= set(r) for r in rows):
+        raise UserError(f"{tasks} must be JSONL with 'prompt' and 'reference' on every line")
+    tokenizer = load_tokenizer(pruned_dir)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    out = {}
+    for name, folder in (("full", reference_dir), ("pruned", pruned_dir)):
+        model = load_causal_lm(folder, "fp32", device)
+        outputs = []
+        for row in rows:
+            ids = tokenizer(row["prompt"], return_tensors="pt").input_ids.to(model.device)
+            with torch.no_grad():
+                new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+            outputs.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+        refs = [r["reference"] for r in rows]
+        out[name] = {"bleu": sacrebleu.corpus_bleu(outputs, [refs]).score,
+                     "rougeL": 100 * statistics.mean(scorer.score(r, o)["rougeL"].fmeasure
+                                                     for r, o in zip(refs, outputs))}
+    out["examples"] = len(rows)
+    return out
