@@ -11,7 +11,8 @@
 #
 #   setsid nohup bash benchmarks/gpu_session.sh [STEPS] > /root/session.log 2>&1 < /dev/null &
 #
-# STEPS: comma-separated, from heal,parity,fusion,bench (default: heal,parity,bench, in that order).
+# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,tensorrt (default: heal,parity,bench, in
+# that order). CUDA_GRAPH_ARGS and TENSORRT_ARGS pass extra flags to cuda_graph_decode.py and tensorrt_build.py.
 # BENCH_STAGES and BENCH_ATTENTION pass --stages and --attention to gpu_benchmark.py; FUSION_LAYERS
 # sets the model depth of the fusion step (default 8).
 set -u
@@ -39,6 +40,10 @@ for s in ${STEPS//,/ }; do
     bench)  step bench python3 benchmarks/gpu_benchmark.py --results "$RESULTS/bench" \
                 --attention "${BENCH_ATTENTION:-gqa}" \
                 --stages "${BENCH_STAGES:-build,torch,onnx,ort,genai-torch,profile,clean-onnx,genai}" ;;
+    cuda-graph) step cuda-graph python3 benchmarks/cuda_graph_decode.py --workdir /root/cuda-graph-work \
+                --results "$RESULTS/cuda-graph" ${CUDA_GRAPH_ARGS:-} ;;
+    tensorrt) step tensorrt python3 benchmarks/tensorrt_build.py --results "$RESULTS/tensorrt" \
+                --workdir /root/tensorrt-work ${TENSORRT_ARGS:-} ;;
     *) echo "unknown step $s" >> "$RESULTS/progress.txt" ;;
   esac
 done

@@ -87,6 +87,33 @@ def assert_same_run(runtime, name, folder, cache):
     return run
 
 
+@pytest.mark.parametrize("name", ["llama", "kjv16"])
+def test_genai_builder_graph_runs_in_our_loop(name, pruned, references, tmp_path):
+    """The builder's graph shares its cache as ours does: `--runtime ort` decodes it, left padding and all."""
+    from ulsexport.runtime import open_runtime
+
+    result = build_genai(pruned[name], tmp_path / "genai", quiet=True)
+    assert result.manifest["onnx"]["kv_cache"] == "shared" and result.manifest["onnx"]["inputs"] == [
+        "input_ids", "attention_mask"]
+    assert_same_run(open_runtime(result.out_dir, "ort"), name, pruned[name], references)
+
+
+def test_genai_prefill_and_step_match_its_own_loop(pruned, tmp_path):
+    result = build_genai(pruned["llama"], tmp_path / "genai", quiet=True)
+    runtime = GenaiRuntime(result.out_dir)
+    ids = np.random.default_rng(5).integers(3, GENAI_SHAPE["vocab_size"], (2, 7), dtype=np.int64)
+    own = runtime.greedy(ids, np.ones_like(ids), 8, keep_logits=True)
+    state, logits = runtime.prefill(ids, np.ones_like(ids), 8)
+    tokens = [runtime.next_tokens(logits)]
+    for _ in range(7):
+        tokens.append(runtime.next_tokens(runtime.step(state, tokens[-1])))
+    np.testing.assert_array_equal(np.stack(tokens, 1), own.tokens)
+    with pytest.raises(UserError, match="pad_token_id"):
+        mask = np.ones_like(ids)
+        mask[1, 0] = 0
+        runtime.prefill(ids, mask, 8)
+
+
 @pytest.mark.parametrize("name", [*GENAI_FAMILIES, "kjv16"])
 def test_genai_builder_matches_pytorch(name, pruned, references, tmp_path):
     result = build_genai(pruned[name], tmp_path / "genai", quiet=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import UserError
 from ..export import BUILDERS, DEFAULT_BUILDER, get_builder
 
 
@@ -29,10 +30,19 @@ from ..export import BUILDERS, DEFAULT_BUILDER, get_builder
                    "bound as past and present, appended in place, rotary inside GroupQueryAttention, rows "
                    "right-padded (onnxruntime-genai's layout; models with sliding-window attention keep concat); "
                    "concat = past and present separate, padding mask as an attention bias.")
+@click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
+              help="tensorrt: standard ONNX ops only (the torch builder's graph, no fusions, concat KV cache), "
+                   "the input of `ulsexport engine`.")
+@click.option("--speedups", help="Several depths from one set of weights, e.g. 1,2,3 (1 = full depth): --model is "
+                                 "the ORIGINAL checkpoint, planned at each speedup with --strategy; one graph per "
+                                 "depth, every weight stored once (torch builder).")
+@click.option("--strategy", default="uls", show_default=True, help="With --speedups: the plan strategy (see `plan`).")
+@click.option("--calib", type=click.Path(path_type=Path), help="With --speedups: calibration text for bi|angular|greedy-ppl.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
-def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention, kv_cache, force, as_json):
+def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention, kv_cache, target, speedups, strategy,
+         calib, force, as_json):
     """Export a checkpoint to ONNX: one decoder graph with a KV cache for the kept layers only.
 
     The torch builder's graph has inputs input_ids, attention_mask, past_key_values.{i}.key/value
@@ -48,11 +58,32 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
       ulsexport onnx  --model artifacts/llama-2x/hf --out artifacts/llama-2x/genai --builder genai \\
           --dtype fp16 --device cuda
     """
-    result = get_builder(builder).build(model, out, dtype, device, force=force, quiet=ctx.obj["quiet"], opset=opset,
-                                        optimize=False if no_optimize else None, attention=attention,
-                                        kv_cache=kv_cache)
+    options = dict(opset=opset, optimize=False if no_optimize else None, attention=attention, kv_cache=kv_cache)
+    if target == "tensorrt":
+        if builder != DEFAULT_BUILDER or speedups:
+            raise UserError("--target tensorrt is the torch builder's graph of one depth: drop --builder/--speedups")
+        builder = "tensorrt"
+    if speedups:
+        from ..export.multi_depth import export_multi_depth
+        from ..plan.compare import parse_speedups
+
+        if builder != DEFAULT_BUILDER:
+            raise UserError("--speedups builds with --builder torch only")
+        result = export_multi_depth(model, out, parse_speedups(speedups), strategy, calib,
+                                    dtype=dtype, device=device, force=force, quiet=ctx.obj["quiet"],
+                                    **{k: v for k, v in options.items() if v is not None})
+    else:
+        if strategy != "uls" or calib:
+            raise UserError("--strategy and --calib go with --speedups (to prune one depth: ulsexport prune)")
+        result = get_builder(builder).build(model, out, dtype, device, force=force, quiet=ctx.obj["quiet"], **options)
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2))
+    elif result.manifest.get("multi_depth"):
+        weights = result.manifest["weights"]
+        click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s: "
+                   + "; ".join(f"{g['tag']} keeps {','.join(map(str, g['kept']))}" for g in result.manifest["graphs"])
+                   + f"; weights {weights['bytes'] / 2**20:.1f} MiB stored once "
+                     f"({weights['bytes_if_each_depth_held_its_own'] / 2**20:.1f} MiB if each depth held its own)")
     else:
         layers = ", ".join(f"{i}<-{o}" for i, o in result.manifest["cache_to_original_layer"].items())
         graph = result.manifest.get("optimizations", {}).get("variant")  # the fused graph kept (torch builder)

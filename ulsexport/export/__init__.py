@@ -2,7 +2,8 @@
 
 - `trace`: torch.onnx export of the transformers model (every supported family), checked against
   PyTorch, fused for onnxruntime by `ort_fusions`;
-- `genai`: onnxruntime-genai's own model builder.
+- `genai`: onnxruntime-genai's own model builder;
+- `tensorrt`: the torch builder's graph with standard ONNX ops only, for `ulsexport engine` (`ulsexport.engine`).
 
 Adding a builder is one module with a `build(model, out, dtype, device, force=, quiet=, **options)`
 function and one line in BUILDERS.
@@ -48,6 +49,9 @@ BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("genai", ".genai", "build_genai",
             "onnxruntime-genai's model builder (fused kernels, fastest on CUDA; fewer families)",
             ("fp32", "fp16", "int4"), "genai"),
+    Builder("tensorrt", "..engine.onnx_target", "export_standard_onnx",
+            "standard ONNX ops only (no onnxruntime fusions), concat KV cache: the input of `ulsexport engine`",
+            ("fp32", "fp16"), "ort", {"opset": "--opset"}),
 ]}
 DEFAULT_BUILDER = "torch"
 

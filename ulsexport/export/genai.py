@@ -58,14 +58,28 @@ def build_genai(model, out, dtype: str = "fp32", device: str = "cpu", force: boo
             "exporter": "onnxruntime_genai.models.builder",
             "device": device,
             "genai_config": GENAI_CONFIG,
-            "onnx": {"file": decoder["filename"], "dtype": dtype, "inputs": decoder["inputs"],
-                     "outputs": decoder["outputs"], "num_kv_heads": decoder["num_key_value_heads"],
-                     "head_dim": decoder["head_size"]},
+            "onnx": _onnx_section(decoder, genai_config, dtype),
             **lineage(read_manifest(model_dir), decoder["num_hidden_layers"]),
         }
         manifest["graphs"] = [graph_entry(decoder["filename"], manifest["cache_to_original_layer"])]
         write_manifest(tmp, manifest)
     return BuildResult(out, manifest, time.perf_counter() - start)
+
+
+def _onnx_section(decoder: dict, genai_config: dict, dtype: str) -> dict:
+    """The manifest's `onnx` section of a builder graph, in the terms `runtime.ort.OnnxDecoder` reads:
+    the builder's graphs take the attention mask and append to a cache buffer shared by past and
+    present, as the torch builder's shared-cache graphs do, so our loop runs them too."""
+    io, outputs, layers = decoder["inputs"], decoder["outputs"], range(decoder["num_hidden_layers"])
+    cache_inputs = [(io["past_key_names"] % i, io["past_value_names"] % i) for i in layers]
+    cache_outputs = [(outputs["present_key_names"] % i, outputs["present_value_names"] % i) for i in layers]
+    return {"file": decoder["filename"], "dtype": dtype, "genai_io": {"inputs": io, "outputs": outputs},
+            "inputs": [name for role, name in io.items() if not role.endswith("_names")],
+            "outputs": [outputs["logits"], *[n for pair in cache_outputs for n in pair]],
+            "cache_inputs": cache_inputs, "cache_outputs": cache_outputs, "kv_cache": "shared",
+            "max_sequence_length": genai_config["model"]["context_length"],
+            "num_kv_heads": decoder["num_key_value_heads"], "head_dim": decoder["head_size"],
+            "io_shapes": {"logits": ["batch_size", "sequence_length", genai_config["model"]["vocab_size"]]}}
 
 
 def _check_buildable(model_dir: Path, config: dict, adapter, dtype: str, device: str) -> None:

@@ -3,7 +3,8 @@ greedy), in one registry that the CLI, recipes, the validator and the server rea
 
 - `torch`: a Hugging Face checkpoint in PyTorch (`pytorch`);
 - `ort`: an ONNX export in onnxruntime, CPU or CUDA (`ort`);
-- `genai`: an ONNX artifact with a genai_config.json in onnxruntime-genai's own loop (`genai`).
+- `genai`: an ONNX artifact with a genai_config.json in onnxruntime-genai's own loop (`genai`);
+- `tensorrt`: an engine of `ulsexport engine` (`tensorrt`).
 
 Adding a runtime is one module with a class offering `open(folder, dtype, device)` and one line in
 RUNTIMES.
@@ -33,15 +34,17 @@ class RuntimeEntry:
 
 RUNTIMES: dict[str, RuntimeEntry] = {r.name: r for r in [
     RuntimeEntry("torch", ".pytorch", "TorchRuntime", ("hf-checkpoint",), "checkpoints in PyTorch"),
-    RuntimeEntry("ort", ".ort", "OnnxDecoder", ("onnx",), "ONNX exports in onnxruntime"),
+    RuntimeEntry("ort", ".ort", "OnnxDecoder", ("onnx", "genai"), "ONNX exports of either builder in onnxruntime"),
     # an "onnx" export of the torch builder runs too: it carries a genai_config.json
     RuntimeEntry("genai", ".genai", "GenaiRuntime", ("genai", "onnx"), "onnxruntime-genai (either ONNX builder)"),
+    RuntimeEntry("tensorrt", ".tensorrt", "TensorrtRuntime", ("tensorrt",), "TensorRT engines of `ulsexport engine` (CUDA)"),
 ]}
 
 
 def default_runtime(kind: str) -> str:
     """The runtime an artifact kind runs in when none is named."""
-    return next(name for name, entry in RUNTIMES.items() if kind in entry.kinds)
+    first = [name for name, entry in RUNTIMES.items() if entry.kinds[0] == kind]
+    return (first or [name for name, entry in RUNTIMES.items() if kind in entry.kinds])[0]
 
 
 def open_runtime(folder: str | Path, runtime: str, dtype: str | None = None, device: str = "cpu") -> Runtime:

@@ -33,7 +33,8 @@ class GenaiRuntime(Runtime):
     graph reproduce Hugging Face's left-padded results (measured); unpadded batches run batched.
 
     `greedy` runs genai's own loop (generate_next_token: genai picks the tokens); `prefill` and
-    `step` feed tokens chosen by the caller through append_tokens, for unpadded batches.
+    `step` expose the same loop one token at a time for unpadded batches, the caller's tokens checked
+    to be genai's greedy ones.
     """
 
     name = "genai"
@@ -75,7 +76,13 @@ class GenaiRuntime(Runtime):
         return generator, np.array(generator.get_logits())[:, -1]
 
     def step(self, state, next_ids):
-        state.append_tokens(np.asarray(next_ids, np.int64)[:, None])
+        # genai appends tokens a second time only at batch 1 (AppendTokens), so the step appends genai's
+        # own greedy choice, which must be the caller's: prefill/step serve greedy decoding here
+        state.generate_next_token()
+        chosen = np.array(state.get_next_tokens())
+        if not np.array_equal(chosen, np.asarray(next_ids).reshape(chosen.shape)):
+            raise UserError("onnxruntime-genai appends its own greedy token at each step (it refuses eos before "
+                            "max_length), and the caller chose others; its step serves greedy decoding only")
         return np.array(state.get_logits())[:, -1]
 
     def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False):

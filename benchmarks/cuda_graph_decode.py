@@ -1,0 +1,249 @@
+"""CUDA-graph decode against onnxruntime-genai's best setting, in one run, interleaved rounds.
+
+A Llama-7B-shaped model (random fp16 weights made on the GPU), full depth and uls-pruned at 2x and 3x.
+Graphs: onnxruntime-genai's builder at every depth, and our torch builder's shared-cache graph at
+--torch-depths (its export takes minutes per depth). Runtimes over each graph:
+
+- ours-graph: `--runtime ort` with the decode step captured as a CUDA graph (the default on CUDA);
+- ours-eager: the same loop uncaptured;
+- genai-graph: onnxruntime-genai's loop with its `enable_cuda_graph` (batch 1: it refuses capture above);
+- genai-eager: onnxruntime-genai's loop uncaptured.
+
+Parity: ours-graph against ours-eager, greedy tokens over --parity-steps and fp16 logits. Speed: decode ms
+per step (the prompt excluded), each round running every runtime once per (graph, batch); ratios are taken
+within a round and their median reported. The weights-bytes floor is the graph's weight bytes over the
+copy bandwidth measured in this run (bytes read + written, device to device).
+
+    python benchmarks/cuda_graph_decode.py --workdir /root/w --results $OUT/cuda-graph
+    python benchmarks/cuda_graph_decode.py --shape tiny --layers 4 --device cpu --results /tmp/cg   # CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ulsexport.testing import add_shape_arguments, make_pruned_set, shape_from_args
+
+
+def build_artifacts(args) -> dict[str, Path]:
+    """(depth-builder) -> artifact folder, each built only if missing."""
+    from ulsexport.export import get_builder
+
+    work = Path(args.workdir)
+    checkpoints = make_pruned_set(work, shape_from_args(args), device=args.device)
+    artifacts = {}
+    dtype = "fp16" if args.device == "cuda" else "fp32"
+    for builder, depths in (("genai", args.genai_depths), ("torch", args.torch_depths)):
+        for depth in filter(None, depths.split(",")):
+            out = work / f"{depth}-{builder}"
+            if not out.exists():
+                start = time.perf_counter()
+                get_builder(builder).build(checkpoints[depth], out, dtype, args.device, quiet=True)
+                print(f"built {out.name} in {time.perf_counter() - start:.0f} s", flush=True)
+            artifacts[f"{depth}-{builder}"] = out
+    return artifacts
+
+
+def runtimes_for(folder: Path, builder: str, device: str) -> dict:
+    from ulsexport.runtime.ort import OnnxDecoder
+
+    out = {"ours-eager": OnnxDecoder(folder, device, cuda_graph=False)}
+    if device == "cuda":
+        out["ours-graph"] = OnnxDecoder(folder, device, cuda_graph=True)
+    try:
+        from ulsexport.runtime.genai import GenaiRuntime
+
+        out["genai-eager"] = GenaiRuntime(folder, device=device)
+        if device == "cuda":
+            out["genai-graph"] = GenaiRuntime(folder, device=device, cuda_graph=True)
+    except Exception as exc:  # genai missing, or it refuses this graph: recorded, not fatal
+        out["genai-error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+def prompt(batch: int, length: int, vocab: int, seed: int = 0):
+    ids = np.random.default_rng(seed).integers(3, vocab, (batch, length), dtype=np.int64)
+    return ids, np.ones_like(ids)
+
+
+def parity(runtimes: dict, batches, args, vocab: int) -> dict:
+    from ulsexport.precision import TOLERANCES
+    from ulsexport.validate.parity import compare_runs
+
+    if "ours-graph" not in runtimes:
+        return {}
+    out = {}
+    for batch in batches:
+        ids, mask = prompt(batch, args.prompt_len, vocab, seed=batch)
+        eager = runtimes["ours-eager"].greedy(ids, mask, args.parity_steps, keep_logits=True)
+        graph = runtimes["ours-graph"].greedy(ids, mask, args.parity_steps, keep_logits=True)
+        result = compare_runs(eager, graph, TOLERANCES["fp16"])
+        result.pop("per_step")
+        result["tokens_equal_fraction"] = float((eager.tokens == graph.tokens).mean())
+        out[str(batch)] = result
+    return out
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (8 GiB buffer, median of 5)."""
+    import torch
+
+    src = torch.empty(2**33, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * 2**33 / statistics.median(times[1:])
+
+
+def weight_bytes(folder: Path) -> int:
+    import onnx
+
+    from ulsexport.artifact import read_manifest
+
+    graph = onnx.load(str(folder / read_manifest(folder)["onnx"]["file"]), load_external_data=False).graph
+    total = 0
+    for tensor in graph.initializer:
+        info = {e.key: e.value for e in tensor.external_data}
+        total += int(info["length"]) if "length" in info else len(tensor.raw_data)
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(ap, "7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workdir", default="/root/cuda-graph-work")
+    ap.add_argument("--results", required=True)
+    ap.add_argument("--genai-depths", default="full,uls2,uls3")
+    ap.add_argument("--torch-depths", default="uls2")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--parity-steps", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    vocab = shape_from_args(args)["vocab_size"]
+    report = {"settings": vars(args), "device": _device(args.device), "graphs": {}}
+    artifacts = build_artifacts(args)
+    if args.device == "cuda":
+        report["copy_bandwidth_bytes_per_s"] = copy_bandwidth()
+    runtimes = {}
+    for name, folder in artifacts.items():
+        runtimes[name] = runtimes_for(folder, name.rsplit("-", 1)[1], args.device)
+        graph = report["graphs"][name] = {"weight_bytes": weight_bytes(folder),
+                                          "cuda_graph_off": getattr(runtimes[name].get("ours-graph"), "cuda_graph_off", None),
+                                          "genai_error": runtimes[name].pop("genai-error", None)}
+        graph["parity"] = parity(runtimes[name], [b for b in batches if b <= 8], args, vocab)
+        print(f"{name}: parity {json.dumps({b: p['greedy_tokens_equal'] for b, p in graph['parity'].items()})}",
+              flush=True)
+    times: dict[str, list[float]] = {}
+    for round_ in range(args.rounds + 1):  # round 0 warms every (runtime, batch): captures happen there
+        for name, group in runtimes.items():
+            for batch in batches:
+                ids, mask = prompt(batch, args.prompt_len, vocab, seed=100 + batch)
+                for runtime_name, runtime in group.items():
+                    if runtime_name == "genai-graph" and batch != 1:
+                        continue  # genai 0.18 refuses capture above batch 1
+                    run = runtime.greedy(ids, mask, args.new_tokens)
+                    if round_:
+                        key = f"{name}|{runtime_name}|{batch}"
+                        times.setdefault(key, []).append(1000 * run.decode_seconds / (args.new_tokens - 1))
+        print(f"round {round_} done", flush=True)
+    report["decode_ms_per_step"] = times
+    report["summary"] = summarize(times, report, batches, args)
+    (results / "cuda-graph-decode.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results / "cuda-graph-decode.md").write_text(markdown(report, batches))
+    print(markdown(report, batches))
+
+
+def summarize(times: dict, report: dict, batches, args) -> dict:
+    """Medians, per-round ratios against genai's best setting, depth speedups and the floor."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"median_ms": med, "vs_genai_best": {}, "speedup_over_full": {}, "floor": {}}
+    for key in times:
+        name, runtime, batch = key.split("|")
+        if not runtime.startswith("ours"):
+            continue
+        genai_graph = name.replace("-torch", "-genai")
+        best = f"{genai_graph}|genai-graph|{batch}" if int(batch) == 1 else f"{genai_graph}|genai-eager|{batch}"
+        if best in times:
+            ratios = [b / o for o, b in zip(times[key], times[best])]
+            out["vs_genai_best"][key] = {"against": best, "median_ratio": statistics.median(ratios),
+                                         "min": min(ratios), "max": max(ratios)}
+        full = key.replace(name.split("-")[0], "full", 1)
+        if full in times and full != key:
+            ratios = [f / o for o, f in zip(times[key], times[full])]
+            out["speedup_over_full"][key] = statistics.median(ratios)
+        bandwidth = report.get("copy_bandwidth_bytes_per_s")
+        if bandwidth and batch == "1":
+            floor_ms = 1000 * report["graphs"][name]["weight_bytes"] / bandwidth
+            out["floor"][key] = {"floor_ms": floor_ms, "fraction_of_floor": floor_ms / med[key]}
+    return out
+
+
+def markdown(report: dict, batches) -> str:
+    summary = report["summary"]
+    lines = [f"# CUDA-graph decode ({report['device']})", "",
+             f"Settings: {json.dumps({k: report['settings'][k] for k in ('shape', 'prompt_len', 'new_tokens', 'rounds', 'parity_steps')})}",
+             f"Copy bandwidth measured: {report.get('copy_bandwidth_bytes_per_s', 0) / 1e12:.2f} TB/s (read + write)", "",
+             "## Decode ms per step (median of the rounds) and tokens/s", "",
+             "| graph | runtime | " + " | ".join(f"b{b}" for b in batches) + " |",
+             "|---|---|" + "---|" * len(batches)]
+    rows = sorted({tuple(k.split("|")[:2]) for k in summary["median_ms"]})
+    for name, runtime in rows:
+        cells = []
+        for b in batches:
+            ms = summary["median_ms"].get(f"{name}|{runtime}|{b}")
+            cells.append(f"{ms:.3f} ms ({1000 * b / ms:.0f} tok/s)" if ms else "-")
+        lines.append(f"| {name} | {runtime} | " + " | ".join(cells) + " |")
+    lines += ["", "## Ours over genai's best (genai-graph at batch 1, genai-eager above; median per-round ratio)", "",
+              "| ours | against | ratio (min..max) |", "|---|---|---|"]
+    for key, r in sorted(summary["vs_genai_best"].items()):
+        lines.append(f"| {key} | {r['against']} | {r['median_ratio']:.3f} ({r['min']:.3f}..{r['max']:.3f}) |")
+    lines += ["", "## Speedup of the pruned graphs over the full graph, same runtime (median per-round ratio)", "",
+              "| graph, runtime, batch | speedup |", "|---|---|"]
+    for key, v in sorted(summary["speedup_over_full"].items()):
+        lines.append(f"| {key} | {v:.3f}x |")
+    lines += ["", "## Weight-bytes floor, batch 1", "", "| graph, runtime | floor ms | measured ms | fraction |",
+              "|---|---|---|---|"]
+    for key, f in sorted(summary["floor"].items()):
+        lines.append(f"| {key} | {f['floor_ms']:.3f} | {summary['median_ms'][key]:.3f} | {f['fraction_of_floor']:.2%} |")
+    lines += ["", "## Parity: ours-graph against ours-eager (fp16 tolerance 1e-2)", "",
+              "| graph | batch | tokens equal | first divergence | max relative logit error |", "|---|---|---|---|---|"]
+    for name, graph in report["graphs"].items():
+        if graph["cuda_graph_off"]:
+            lines.append(f"| {name} | - | capture off: {graph['cuda_graph_off']} | | |")
+        for batch, p in graph["parity"].items():
+            div = p["first_divergence"]
+            div_text = "none" if div is None else f"step {div['step']} row {div['row']} (near tie: {div['near_tie']})"
+            lines.append(f"| {name} | {batch} | {p['greedy_tokens_equal']} over {p['steps_compared']} steps | {div_text} "
+                         f"| {p['max_relative_error']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+def _device(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU ({platform.machine()})"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Several depths from one set of weights (`ulsexport onnx --speedups`): one graph per depth over one
+weights file, each depth equal to the checkpoint `ulsexport prune` makes for its speedup (greedy tokens
+and fp32 logits within 1e-4), the weights stored and held in memory once."""
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from conftest import KJV16, STORIES, run_cli  # noqa: E402
+from ulsexport.artifact import read_manifest  # noqa: E402
+from ulsexport.export.multi_depth import WEIGHTS_FILE, export_multi_depth  # noqa: E402
+from ulsexport.precision import TOLERANCES, relative_error  # noqa: E402
+from ulsexport.prune import plan_for_model, prune_checkpoint  # noqa: E402
+from ulsexport.runtime import open_runtime  # noqa: E402
+from ulsexport.runtime.ort import MultiDepthDecoder  # noqa: E402
+from ulsexport.testing import make_tiny_checkpoint  # noqa: E402
+
+SHARED_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2)
+STEPS = 8
+
+
+def _prompt(vocab: int):
+    ids = np.random.default_rng(0).integers(3, vocab, (2, 9), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def assert_depths_match_their_prunes(src, out, tmp_path):
+    manifest = read_manifest(out)
+    runtime = open_runtime(out, "ort")
+    assert isinstance(runtime, MultiDepthDecoder) and runtime.depths == [g["tag"] for g in manifest["graphs"]]
+    vocab = manifest["onnx"]["io_shapes"]["logits"][-1]
+    ids, mask = _prompt(vocab)
+    for graph in manifest["graphs"]:
+        reference = src if graph["tag"] == "full" else prune_checkpoint(
+            src, tmp_path / f"pruned-{graph['tag']}", plan_for_model(src, graph["speedup"]), quiet=True).out_dir
+        expected = open_runtime(reference, "torch").greedy(ids, mask, STEPS, keep_logits=True)
+        got = runtime.greedy(ids, mask, STEPS, keep_logits=True, depth=graph["tag"])
+        np.testing.assert_array_equal(got.tokens, expected.tokens)
+        assert max(relative_error(a, e) for a, e in zip(got.logits, expected.logits)) < TOLERANCES["fp32"]
+        assert graph["kept"] == list(plan_for_model(src, graph["speedup"]).kept) if graph["tag"] != "full" else True
+    return manifest, runtime
+
+
+@pytest.mark.parametrize("kv_cache", ["shared", "concat"])
+def test_three_depths_over_one_weights_file(tmp_path, kv_cache):
+    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=6, overrides=SHARED_SHAPE)
+    result = export_multi_depth(src, tmp_path / "multi", [1, 2, 3], kv_cache=kv_cache, quiet=True)
+    manifest, runtime = assert_depths_match_their_prunes(src, result.out_dir, tmp_path)
+    assert [g["tag"] for g in manifest["graphs"]] == ["full", "2x", "3x"]
+    assert {g["onnx"]["kv_cache"] for g in manifest["graphs"]} == {kv_cache}
+    assert [g["kept"] for g in manifest["graphs"]] == [[0, 1, 2, 3, 4, 5], [0, 3, 5], [0, 5]]
+    for graph in manifest["graphs"]:
+        assert graph["cache_to_original_layer"] == {str(i): k for i, k in enumerate(graph["kept"])}
+    weights = manifest["weights"]
+    full_only = export_multi_depth(src, tmp_path / "full", [1], kv_cache=kv_cache, quiet=True).manifest["weights"]
+    # the three depths together take no more than the full model's weights: every 2x and 3x layer is a full one
+    assert weights["bytes"] <= 1.1 * full_only["bytes"] < weights["bytes_if_each_depth_held_its_own"]
+    assert sorted(p.name for p in result.out_dir.glob("*.onnx*")) == ["2x.onnx", "3x.onnx", "full.onnx", WEIGHTS_FILE]
+    # held once: every session takes the same OrtValues, one per distinct tensor
+    assert len(runtime.weights.values) == weights["tensors"]
+    assert runtime.weights.nbytes == sum(a.nbytes for a in runtime.weights.arrays.values())
+
+
+def test_each_graph_loads_on_its_own(tmp_path):
+    import onnxruntime as ort
+
+    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=4, overrides=SHARED_SHAPE)
+    out = export_multi_depth(src, tmp_path / "multi", [1, 2], quiet=True).out_dir
+    for file in ("full.onnx", "2x.onnx"):
+        session = ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
+        assert session.get_outputs()[0].name == "logits"
+
+
+@pytest.mark.parametrize("name,model", [("stories260K", STORIES), ("kjv16", KJV16)])
+def test_real_models_at_two_depths(name, model, tmp_path):
+    result = run_cli("onnx", "--model", model, "--speedups", "1,2", "--out", tmp_path / "multi")
+    assert result.exit_code == 0, result.output
+    assert "stored once" in result.stdout
+    assert_depths_match_their_prunes(model, tmp_path / "multi", tmp_path)
+
+
+def test_depth_names_and_bad_speedups(tmp_path):
+    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=4, overrides=SHARED_SHAPE)
+    out = export_multi_depth(src, tmp_path / "multi", [1, 2], quiet=True).out_dir
+    runtime = open_runtime(out, "ort")
+    ids, mask = _prompt(128)
+    with pytest.raises(Exception, match="no depth '3x'.*full, 2x"):
+        runtime.greedy(ids, mask, 2, depth="3x")
+    for bad in ("0.5,2", "nan", "x"):
+        result = run_cli("onnx", "--model", src, "--speedups", bad, "--out", tmp_path / f"bad{bad}")
+        assert result.exit_code == 2 and result.stderr.startswith("error: "), result.output

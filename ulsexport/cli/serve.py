@@ -1,0 +1,132 @@
+"""`ulsexport triton` (write a Triton model repository) and `ulsexport serve` (run tritonserver over it)."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--model", "-m", required=True, type=click.Path(path_type=Path),
+              help="Artifact to serve: an ONNX export (`ulsexport onnx`), a genai export, or a checkpoint.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Repository directory to write.")
+@click.option("--name", help="Model name in URLs [default: artifacts/NAME/onnx -> NAME].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the runtime decodes (cuda: one GPU per instance).")
+@click.option("--runtime", help="ort, genai or torch [default: the artifact's own].")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (instance_group count).")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Requests decoded as one batch at most.")
+@click.option("--max-tokens", type=int, help="Largest max_tokens a request may ask for [default: 512, or fewer "
+                                             "where the model's positions leave less room].")
+@click.option("--default-max-tokens", type=int, default=16, show_default=True,
+              help="max_tokens of a request that sends none.")
+@click.option("--queue-delay-us", type=int, default=2000, show_default=True,
+              help="How long the dynamic batcher waits for more requests (microseconds).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the repository's manifest as JSON.")
+def triton(model, out, name, device, runtime, instances, max_batch, max_tokens, default_max_tokens, queue_delay_us,
+           force, as_json):
+    """Write a Triton Inference Server model repository that serves an artifact.
+
+    It holds a generate model (Python backend, dynamic batching; inputs text_input or input_ids,
+    max_tokens; outputs text_output, output_ids) and NAME_stream, the same model in decoupled mode
+    (one response per token, for generate_stream), both running the artifact copied beside them
+    with ulsexport's runtime; and, for ONNX exports with the concat KV cache, a decoder-step model
+    for the onnxruntime backend of Triton's full containers (REPO/onnxruntime, not served by
+    `ulsexport serve`).
+
+    \b
+    Examples:
+      ulsexport triton --model artifacts/llama-2x/onnx --out artifacts/llama-2x/triton
+      ulsexport serve artifacts/llama-2x/triton
+      curl -s localhost:8000/v2/models/llama-2x/generate -d '{"text_input": "Once upon a time", "max_tokens": 32}'
+    """
+    from ..serve.repository import write_repository
+
+    result = write_repository(model, out, name=name, device=device, runtime=runtime, instances=instances,
+                              max_batch=max_batch, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
+                              queue_delay_us=queue_delay_us, force=force)
+    manifest = result.manifest
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    served = [m["name"] for m in manifest["models"] if m["served"]]
+    click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s: {', '.join(served)} "
+               f"({manifest['runtime']} on {manifest['device']}, batches up to {manifest['max_batch']}, "
+               f"max_tokens up to {manifest['max_tokens']})")
+    step = manifest["step_model"]
+    if step["written"]:
+        click.echo(f"decoder-step model for the onnxruntime backend (Triton's full containers, not `ulsexport serve`): "
+                   f"{result.out_dir / 'onnxruntime'}")
+    else:
+        click.echo(f"no decoder-step model: {step['reason']}")
+    click.echo(f"serve it: ulsexport serve {result.out_dir}")
+
+
+@click.command()
+@click.argument("repository", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (all three endpoints).")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--log-file", type=click.Path(path_type=Path), help="Server log [default: a temporary file, shown].")
+@click.option("--ready-timeout", type=float, default=300, show_default=True, help="Seconds to wait for the models.")
+@click.pass_context
+def serve(ctx, repository, host, http_port, grpc_port, metrics_port, log_file, ready_timeout):
+    """Run Triton Inference Server (the nvidia-pytriton wheel's tritonserver) over a repository
+    from `ulsexport triton`, until Ctrl-C or SIGTERM.
+
+    Model control is off: the models of the repository are loaded at start and clients cannot
+    load or unload any. Needs: pip install 'ulsexport[triton]'.
+
+    \b
+    Examples:
+      ulsexport serve artifacts/llama-2x/triton
+      ulsexport serve artifacts/llama-2x/triton --http-port 9000 --grpc-port 9001 --metrics-port 9002
+    """
+    from ..serve.server import TritonServer, available
+    from ..errors import UserError
+
+    why = available()
+    if why:
+        raise UserError(why)
+    server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                          metrics_port=metrics_port, log_file=log_file)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGINT too: a shell that starts us in the background leaves SIGINT ignored
+    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        start = time.monotonic()
+        server.start()
+        if not ctx.obj.get("quiet"):
+            click.echo(f"starting tritonserver over {server.model_repository} (log: {server.log_path}) ...", err=True)
+        server.wait_ready(ready_timeout)
+        model = server.models[0]
+        click.echo(f"ready in {time.monotonic() - start:.1f} s: {', '.join(server.models)}")
+        click.echo(f"  HTTP generate:  {server.generate_url(model)}")
+        stream = next((m for m in server.models if m.endswith("_stream")), None)
+        if stream:
+            click.echo(f"  HTTP stream:    {server.generate_url(stream, stream=True)}")
+        click.echo(f"  gRPC:           {server.grpc_address}")
+        click.echo(f"  metrics:        {server.metrics_url}")
+        click.echo(f"  log:            {server.log_path} (tritonserver pid {server.process.pid})")
+        click.echo(f"try: curl -s {server.generate_url(model)} -d '{{\"text_input\": \"Once upon a time\", "
+                   f"\"max_tokens\": 32}}'")
+        click.echo("Ctrl-C stops the server.")
+        while server.poll() is None:
+            time.sleep(0.5)
+        raise UserError(f"tritonserver exited (code {server.poll()}); last lines of its log:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        click.echo("stopping tritonserver ...", err=True)
+        code = server.stop()
+        click.echo(f"stopped (exit code {code})", err=True)
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

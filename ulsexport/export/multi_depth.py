@@ -1,0 +1,201 @@
+"""Several depths from one set of weights: one ONNX graph per speedup, every weight stored once.
+
+Each depth is planned, pruned and exported as usual (`trace.export_onnx`, parity-checked against its
+pruned checkpoint), into a scratch folder. Then the graphs are merged: every initializer of more than
+`INLINE_BYTES` goes into one external data file, `weights.onnx.data`, once per distinct content, under
+a name keyed by the original layer it came from (`layers.<original>.<rest of the name>`; tensors of no
+layer `shared.<name>`), and each depth's graph is renamed to those names and points into that
+file. A layer that several depths keep is stored once, so the folder holds about one full model, not
+the sum of the depths. Each graph still loads on its own (`onnxruntime.InferenceSession(file)`);
+`runtime.ort.MultiDepthDecoder` loads the shared weights once and gives them to a session per depth.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+from ..artifact import BuildResult, write_manifest
+from ..errors import UserError
+from ..outputs import atomic_output_dir
+from ..progress import progress_bar
+
+WEIGHTS_FILE = "weights.onnx.data"
+INLINE_BYTES = 1024       # smaller initializers (shapes, scalars) stay inside each graph
+ALIGN = 4096              # each tensor starts on a page, so onnxruntime can map the file
+PER_DEPTH_FILES = (".onnx", ".onnx.data", "ulsexport.json", "genai_config.json")
+LAYER_NAME = re.compile(r"(^|[./_])layers[._](\d+)([._])")
+
+
+def depth_tag(speedup: float, full: bool) -> str:
+    return "full" if full else f"{speedup:g}x"
+
+
+def export_multi_depth(model, out, speedups, strategy: str = "uls", calib=None, calib_tokens: int | None = None,
+                       calib_device: str = "cpu", dtype: str = "fp32", device: str = "cpu", force: bool = False,
+                       quiet: bool = False, **export_options) -> BuildResult:
+    """Export checkpoint `model` at every speedup of `speedups` into `out`, the weights shared."""
+    from ..checkpoint import load_model_info
+    from ..plan import plan_for_kept
+    from ..plan.scoring import DEFAULT_CALIB_TOKENS, layer_plan_for_model
+    from ..prune import prune_checkpoint
+    from .trace import export_onnx
+
+    start = time.perf_counter()
+    speedups = sorted({float(s) for s in speedups})
+    if not speedups:
+        raise UserError("--speedups needs at least one speedup, e.g. 1,2,3")
+    model_dir, config, adapter = load_model_info(model)
+    num_layers = adapter.num_layers(config)
+    if not all(math.isfinite(s) and s >= 1 for s in speedups):
+        raise UserError(f"--speedups: each speedup is a number >= 1 (1 is the full model), got {speedups}")
+    plans = [plan_for_kept(num_layers, list(range(num_layers)), "full", 1.0, adapter.shape(config)) if s == 1 else
+             layer_plan_for_model(model_dir, s, strategy, calib=calib, device=calib_device, quiet=quiet,
+                                  calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS) for s in speedups]
+    with atomic_output_dir(Path(out), force, protect=(model_dir,)) as tmp, \
+            progress_bar(len(plans), "export depths", unit="depth", quiet=quiet) as bar:
+        work = tmp / ".depths"
+        depths = []
+        for speedup, plan in zip(speedups, plans):
+            full = len(plan.kept) == num_layers
+            tag = depth_tag(speedup, full)
+            if tag in {d["tag"] for d in depths}:
+                raise UserError(f"--speedups {speedup:g} keeps the same layers as another speedup; give each once")
+            pruned = prune_checkpoint(model_dir, work / tag / "hf", plan, quiet=True).out_dir
+            exported = export_onnx(pruned, work / tag / "onnx", dtype, device, quiet=True, **export_options)
+            depths.append({"tag": tag, "speedup": speedup, "plan": plan.to_dict(), "dir": exported.out_dir,
+                           "manifest": exported.manifest})
+            bar.update()
+        manifest = merge_depths(depths, tmp, model_dir, config)
+        for side in depths[0]["dir"].iterdir():  # tokenizer and configs, the same for every depth
+            if side.is_file() and not side.name.endswith(PER_DEPTH_FILES):
+                shutil.copy2(side, tmp / side.name)
+        shutil.rmtree(work)
+        manifest["seconds"] = round(time.perf_counter() - start, 1)
+        write_manifest(tmp, manifest)
+    return BuildResult(Path(out), manifest, time.perf_counter() - start)
+
+
+def merge_depths(depths: list[dict], out: Path, model_dir: Path, config: dict) -> dict:
+    """Write every depth's graph into `out` over one shared weights file; the multi-depth manifest."""
+    import onnx
+
+    entries: dict[str, dict] = {}   # content key -> {"name", "offset", "length"}
+    names: dict[str, str] = {}      # shared name -> content key (names must stay unique)
+    graphs, own_bytes = [], 0
+    with open(out / WEIGHTS_FILE, "wb") as data:
+        for depth in depths:
+            folder, section = depth["dir"], depth["manifest"]["onnx"]
+            layers = {int(k): v for k, v in depth["manifest"]["cache_to_original_layer"].items()}
+            proto = onnx.load(str(folder / section["file"]), load_external_data=False)
+            renames, duplicates = {}, []
+            for tensor in proto.graph.initializer:
+                raw = _tensor_bytes(tensor, folder)
+                if len(raw) <= INLINE_BYTES:
+                    continue
+                own_bytes += len(raw)
+                key = hashlib.sha256(raw).hexdigest() + f":{tensor.data_type}:{list(tensor.dims)}"
+                if key not in entries:
+                    name = _unique(_shared_name(tensor.name, layers), key, names)
+                    data.write(b"\0" * (-data.tell() % ALIGN))
+                    entries[key] = {"name": name, "offset": data.tell(), "length": len(raw)}
+                    data.write(raw)
+                entry = entries[key]
+                if entry["name"] in renames.values():  # the same content twice in one graph: keep one
+                    duplicates.append(tensor)
+                renames[tensor.name] = entry["name"]
+                _point_to_shared(tensor, entry)
+            for tensor in duplicates:
+                proto.graph.initializer.remove(tensor)
+            _rename_initializers(proto.graph, renames)
+            file = f"{depth['tag']}.onnx"
+            onnx.save(proto, str(out / file))
+            onnx_section = {**section, "file": file, "external_data": WEIGHTS_FILE}
+            graphs.append({"file": file, "role": "decoder", "tag": depth["tag"], "speedup": depth["speedup"],
+                           "kept": depth["plan"]["kept"],
+                           "cache_to_original_layer": depth["manifest"]["cache_to_original_layer"],
+                           "plan": depth["plan"], "onnx": onnx_section,
+                           "optimizations": depth["manifest"].get("optimizations"),
+                           "parity_check": depth["manifest"].get("parity_check")})
+        shared_bytes = data.tell()
+    default = next((g for g in graphs if g["tag"] == "full"), graphs[0])
+    return {
+        "kind": "onnx",
+        "multi_depth": True,
+        "source": str(Path(model_dir).absolute()),
+        "model_type": config["model_type"],
+        "exporter": "torch.onnx.export(dynamo=True), one graph per depth over shared weights",
+        "device": depths[0]["manifest"].get("device"),
+        "onnx": default["onnx"],
+        "cache_to_original_layer": default["cache_to_original_layer"],
+        "kept": default["kept"],
+        "plan": default["plan"],
+        "default_graph": default["tag"],
+        "graphs": graphs,
+        "weights": {"file": WEIGHTS_FILE, "bytes": shared_bytes, "tensors": len(entries),
+                    "bytes_if_each_depth_held_its_own": own_bytes},
+    }
+
+
+def _tensor_bytes(tensor, folder: Path) -> bytes:
+    """An initializer's little-endian bytes, from the graph or from its external data file."""
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in tensor.external_data}
+        with open(folder / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return f.read(int(info["length"])) if "length" in info else f.read()
+    if tensor.raw_data:
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def _shared_name(name: str, cache_to_original: dict[int, int]) -> str:
+    """The initializer's name with its layer index made the original layer's: layers.<original>.rest."""
+    match = LAYER_NAME.search(name)
+    if not match:  # prefixed, so that it never meets a name of a graph's own
+        return f"shared.{name}"
+    original = cache_to_original[int(match.group(2))]
+    return f"layers.{original}.{name[match.end():]}"
+
+
+def _unique(name: str, key: str, names: dict[str, str]) -> str:
+    candidate, n = name, 1
+    while candidate in names and names[candidate] != key:
+        n += 1
+        candidate = f"{name}.{n}"
+    names[candidate] = key
+    return candidate
+
+
+def _point_to_shared(tensor, entry: dict) -> None:
+    import onnx
+
+    tensor.name = entry["name"]
+    tensor.ClearField("raw_data")
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", WEIGHTS_FILE), ("offset", entry["offset"]), ("length", entry["length"])):
+        item = tensor.external_data.add()
+        item.key, item.value = key, str(value)
+
+
+def _rename_initializers(graph, renames: dict[str, str]) -> None:
+    """Point every node input (and graph output) that names an initializer at its new name."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+        for attribute in node.attribute:  # subgraphs (If, Loop) see the outer initializers too
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _rename_initializers(sub, renames)
+    for output in graph.output:
+        if output.name in renames:
+            output.name = renames[output.name]

@@ -1,0 +1,305 @@
+"""The generate model that `ulsexport triton` writes: Triton's Python backend runs it, in the stub
+process, over the artifact copied into the model repository.
+
+The repository's `model.py` is one import of `TritonPythonModel` from here; its settings come from
+the model config's `parameters` (artifact path relative to the model directory, runtime, device,
+dtype, max_tokens, default_max_tokens).
+
+What one `execute` does with the requests Triton's dynamic batcher hands it (up to max_batch_size):
+validate each (a bad one gets an error response, the rest go on), tokenize (the artifact's
+tokenizer, BOS added as it adds it by default), left-pad all into one batch, prefill, then step
+greedily until every row has its own max_tokens or has emitted an end-of-sequence token (a row
+stops there, the eos id being its last output id; the others go on decoding). A row's tokens do not
+depend on its batchmates: padding is masked and positions are counted per row.
+
+Two models share this class: the plain one answers each request with one response (KServe
+/infer, /generate, gRPC ModelInfer); the decoupled one (`model_transaction_policy.decoupled`)
+sends one response per token, the last flagged final (generate_stream, gRPC streaming), or one
+response when the request says `"stream": false`.
+
+`Generator` is the part without Triton (validation, batching, the decode loop), so it is tested
+without a server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MAX_TOKENS = 16
+
+
+class RequestError(ValueError):
+    """A request the model refuses; the message goes back to the client as is."""
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    max_tokens: int
+    stream: bool = False
+    new_ids: list[int] = field(default_factory=list)
+    done: bool = False
+    text_sent: str = ""          # streamed so far (incremental detokenization)
+
+
+def _eos_ids(folder: Path, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                ids.update(value if isinstance(value, list) else [value])
+                break
+    if not ids and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return {int(i) for i in ids}
+
+
+def model_limits(folder: Path) -> tuple[int | None, int | None]:
+    """(vocabulary size, positions) of an artifact: config.json, and the manifest's
+    max_sequence_length where the export has one (shared cache)."""
+    from ..artifact import read_manifest
+
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    config = config.get("text_config", config)
+    vocab = config.get("vocab_size")
+    positions = [p for p in (config.get("max_position_embeddings"),
+                             ((read_manifest(folder) or {}).get("onnx") or {}).get("max_sequence_length")) if p]
+    return vocab, (min(positions) if positions else None)
+
+
+class Generator:
+    """Validation, batching and greedy decoding over one runtime; no Triton in here."""
+
+    def __init__(self, folder: str | Path, runtime: str | None = None, device: str = "cpu", dtype: str | None = None,
+                 max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+        from ..artifact import artifact_kind
+        from ..models import load_tokenizer
+        from ..runtime import default_runtime, open_runtime
+
+        self.folder = Path(folder)
+        self.runtime_name = runtime or default_runtime(artifact_kind(self.folder))
+        if dtype is None and self.runtime_name == "torch":  # TorchRuntime.open needs a dtype; the others read it
+            dtype = "fp32"
+        self.runtime = open_runtime(self.folder, self.runtime_name, dtype, device)
+        self.tokenizer = load_tokenizer(self.folder)
+        self.max_tokens = int(max_tokens)
+        self.default_max_tokens = min(int(default_max_tokens), self.max_tokens)
+        self.vocab, self.positions = model_limits(self.folder)
+        if self.vocab is None:
+            self.vocab = len(self.tokenizer)
+        self.eos = _eos_ids(self.folder, self.tokenizer)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+
+    # -- one request ----------------------------------------------------------------------------
+    def prompt(self, text=None, ids=None, max_tokens=None, stream: bool = False) -> Prompt:
+        """A checked prompt from a request's inputs (numpy arrays as Triton gives them, or plain values)."""
+        if text is None and ids is None:
+            raise RequestError("the request has neither text_input (a string) nor input_ids (token ids); send one")
+        if text is not None and ids is not None:
+            raise RequestError("send text_input or input_ids, not both")
+        if ids is not None:
+            ids = np.asarray(ids)
+            if ids.ndim == 2 and ids.shape[0] != 1:
+                raise RequestError(f"one prompt per request: input_ids has shape {list(ids.shape)}, send [1, n]")
+            ids = [int(i) for i in ids.reshape(-1)]
+            if not ids:
+                raise RequestError("input_ids is empty; send at least one token id")
+            bad = sorted({i for i in ids if not 0 <= i < self.vocab})
+            if bad:
+                raise RequestError(f"input_ids holds ids outside the vocabulary [0, {self.vocab}): "
+                                   f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}")
+        else:
+            text = np.asarray(text, dtype=object)
+            if text.size != 1:
+                raise RequestError(f"one prompt per request: text_input has {text.size} strings, send one")
+            text = text.reshape(-1)[0]
+            if isinstance(text, bytes):
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise RequestError("text_input is not valid UTF-8") from None
+            text = str(text)
+            if not text:
+                raise RequestError("text_input is empty; send a prompt of at least one character")
+            ids = list(self.tokenizer(text).input_ids)
+        if max_tokens is None:
+            n = self.default_max_tokens
+        else:
+            n = int(np.asarray(max_tokens).reshape(-1)[0])
+            if n < 1:
+                raise RequestError(f"max_tokens must be at least 1 (got {n})")
+            if n > self.max_tokens:
+                raise RequestError(f"max_tokens {n} is over this model's limit of {self.max_tokens} "
+                                   f"(set by `ulsexport triton --max-tokens`)")
+        if self.positions and len(ids) + n > self.positions:
+            raise RequestError(f"the prompt's {len(ids)} tokens + max_tokens {n} = {len(ids) + n} pass the model's "
+                               f"{self.positions} positions; shorten the prompt or ask for fewer tokens")
+        return Prompt(ids, n, stream)
+
+    # -- one batch ------------------------------------------------------------------------------
+    def decode(self, prompts: list[Prompt], on_token=None) -> int:
+        """Greedy decoding of all prompts as one left-padded batch; fills each prompt's new_ids.
+        `on_token(row, prompt, token)` is called as each row's token is known. Returns the steps run."""
+        width = max(len(p.ids) for p in prompts)
+        ids = np.full((len(prompts), width), self.pad_id, np.int64)
+        mask = np.zeros((len(prompts), width), np.int64)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p.ids):] = p.ids
+            mask[row, width - len(p.ids):] = 1
+        steps = max(p.max_tokens for p in prompts)
+        rt, state, chosen = self.runtime, None, None
+        for step in range(steps):
+            if state is None:
+                state, logits = rt.prefill(ids, mask, steps)
+            else:
+                logits = rt.step(state, chosen)
+            chosen = rt.next_tokens(logits)
+            host = np.asarray(rt.to_host(chosen)).reshape(-1)
+            for row, p in enumerate(prompts):
+                if p.done:
+                    continue
+                token = int(host[row])
+                p.new_ids.append(token)
+                p.done = token in self.eos or len(p.new_ids) >= p.max_tokens
+                if on_token is not None:
+                    on_token(row, p, token)
+            if all(p.done for p in prompts):
+                return step + 1
+        return steps
+
+    def text(self, p: Prompt) -> str:
+        """The new tokens' text as it continues the prompt (leading spaces kept), special tokens left out."""
+        return self._continuation(p.ids, p.new_ids)
+
+    def piece(self, p: Prompt) -> str:
+        """The text the newest token adds; held back while it ends in an incomplete character."""
+        full = self._continuation(p.ids, p.new_ids)
+        if full.endswith("\ufffd") and not p.done:
+            return ""
+        piece, p.text_sent = full[len(p.text_sent):], full
+        return piece
+
+    def _continuation(self, prompt: list[int], new: list[int]) -> str:
+        context = prompt[-8:]  # enough for the tokenizer to place the first new token's space
+        head = self.tokenizer.decode(context, skip_special_tokens=True)
+        whole = self.tokenizer.decode(context + new, skip_special_tokens=True)
+        return whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _param(value) -> bool | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+class TritonPythonModel:
+    """Triton Python backend entry point (see the module docstring)."""
+
+    def initialize(self, args):
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        self.log = pb_utils.Logger
+        config = json.loads(args["model_config"])
+        self.name = config.get("name", args.get("model_name", "generate"))
+        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        model_dir = Path(args["model_repository"])
+        folder = (model_dir / params.get("artifact", "1/artifact")).resolve()
+        device = params.get("device", "cpu")
+        if device == "cuda" and args.get("model_instance_kind") == "GPU":
+            # one stub process per instance: show it only its own GPU before the runtime starts CUDA
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpu = int(args.get("model_instance_device_id", 0))
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
+        start = time.perf_counter()
+        self.generator = Generator(folder, params.get("runtime") or None, device, params.get("dtype") or None,
+                                   int(params.get("max_tokens", 512)),
+                                   int(params.get("default_max_tokens", DEFAULT_MAX_TOKENS)))
+        self.log.log_info(f"{self.name}: {self.generator.runtime_name} runtime on {device} over {folder} "
+                          f"ready in {time.perf_counter() - start:.1f} s (max_tokens {self.generator.max_tokens}, "
+                          f"positions {self.generator.positions}, eos {sorted(self.generator.eos)})")
+
+    # -- requests -------------------------------------------------------------------------------
+    def _input(self, request, name):
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    def _prompt(self, request) -> Prompt:
+        try:
+            params = json.loads(request.parameters() or "{}")
+        except ValueError:
+            params = {}
+        stream = _param(self._input(request, "stream"))
+        if stream is None:
+            stream = _param(params.get("stream"))
+        if stream is None:
+            stream = self.decoupled  # the streaming model streams unless told not to
+        if stream and not self.decoupled:
+            stream = False  # the plain model answers once; generate_stream over it gets one event
+        return self.generator.prompt(self._input(request, "text_input"), self._input(request, "input_ids"),
+                                     self._input(request, "max_tokens"), stream)
+
+    def _response(self, ids: list[int], text: str):
+        pb = self.pb
+        return pb.InferenceResponse(output_tensors=[
+            pb.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+            pb.Tensor("output_ids", np.array([ids], dtype=np.int64).reshape(1, len(ids))),
+        ])
+
+    def _error(self, message: str):
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(f"{self.name}: {message}"))
+
+    def execute(self, requests):
+        pb = self.pb
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        responses: list = [None] * len(requests)
+        senders = [r.get_response_sender() for r in requests] if self.decoupled else None
+        prompts, rows = [], []
+        for i, request in enumerate(requests):
+            try:
+                prompts.append(self._prompt(request))
+                rows.append(i)
+            except Exception as exc:  # every refusal is the client's to fix; the rest of the batch goes on
+                message = str(exc) if isinstance(exc, RequestError) else f"{type(exc).__name__}: {exc}"
+                if self.decoupled:
+                    senders[i].send(self._error(message), flags=final)
+                else:
+                    responses[i] = self._error(message)
+        start, steps = time.perf_counter(), 0
+        if prompts:
+            def on_token(row, p, token):
+                if self.decoupled and p.stream:
+                    senders[rows[row]].send(self._response([token], self.generator.piece(p)),
+                                            flags=final if p.done else 0)
+            try:
+                steps = self.generator.decode(prompts, on_token)
+            except Exception as exc:  # a runtime failure fails this batch, not the server
+                for row, p in enumerate(prompts):
+                    if self.decoupled:
+                        if not p.done:
+                            senders[rows[row]].send(self._error(f"decoding failed: {type(exc).__name__}: {exc}"),
+                                                    flags=final)
+                    else:
+                        responses[rows[row]] = self._error(f"decoding failed: {type(exc).__name__}: {exc}")
+                prompts = []
+            for row, p in enumerate(prompts):
+                if self.decoupled and not p.stream:
+                    senders[rows[row]].send(self._response(p.new_ids, self.generator.text(p)), flags=final)
+                elif not self.decoupled:
+                    responses[rows[row]] = self._response(p.new_ids, self.generator.text(p))
+        self.log.log_info(f"{self.name}: execute batch of {len(requests)} requests ({len(rows)} valid), "
+                          f"{steps} decode steps in {time.perf_counter() - start:.3f} s")
+        return None if self.decoupled else responses
+
+    def finalize(self):
+        self.generator = None
