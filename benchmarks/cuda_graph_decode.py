@@ -121,6 +121,34 @@ def weight_bytes(folder: Path) -> int:
     return total
 
 
+def interleaved_rounds(runtimes: dict, batches, args, vocab: int, times: dict) -> None:
+    """Round 0 warms every (runtime, batch), captures included; each later round runs every runtime once."""
+    for round_ in range(args.rounds + 1):
+        for name, group in runtimes.items():
+            for batch in batches:
+                ids, mask = prompt(batch, args.prompt_len, vocab, seed=100 + batch)
+                for runtime_name, runtime in group.items():
+                    if runtime_name == "genai-graph" and batch != 1:
+                        continue  # genai 0.18 refuses capture above batch 1
+                    run = runtime.greedy(ids, mask, args.new_tokens)
+                    if round_:
+                        key = f"{name}|{runtime_name}|{batch}"
+                        times.setdefault(key, []).append(1000 * run.decode_seconds / (args.new_tokens - 1))
+        print(f"{', '.join(runtimes)}: round {round_} done", flush=True)
+
+
+def _release() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(ap, "7b")
@@ -143,28 +171,24 @@ def main():
     artifacts = build_artifacts(args)
     if args.device == "cuda":
         report["copy_bandwidth_bytes_per_s"] = copy_bandwidth()
-    runtimes = {}
-    for name, folder in artifacts.items():
-        runtimes[name] = runtimes_for(folder, name.rsplit("-", 1)[1], args.device)
-        graph = report["graphs"][name] = {"weight_bytes": weight_bytes(folder),
-                                          "cuda_graph_off": getattr(runtimes[name].get("ours-graph"), "cuda_graph_off", None),
-                                          "genai_error": runtimes[name].pop("genai-error", None)}
-        graph["parity"] = parity(runtimes[name], [b for b in batches if b <= 8], args, vocab)
-        print(f"{name}: parity {json.dumps({b: p['greedy_tokens_equal'] for b, p in graph['parity'].items()})}",
-              flush=True)
     times: dict[str, list[float]] = {}
-    for round_ in range(args.rounds + 1):  # round 0 warms every (runtime, batch): captures happen there
-        for name, group in runtimes.items():
-            for batch in batches:
-                ids, mask = prompt(batch, args.prompt_len, vocab, seed=100 + batch)
-                for runtime_name, runtime in group.items():
-                    if runtime_name == "genai-graph" and batch != 1:
-                        continue  # genai 0.18 refuses capture above batch 1
-                    run = runtime.greedy(ids, mask, args.new_tokens)
-                    if round_:
-                        key = f"{name}|{runtime_name}|{batch}"
-                        times.setdefault(key, []).append(1000 * run.decode_seconds / (args.new_tokens - 1))
-        print(f"round {round_} done", flush=True)
+    for depth in dict.fromkeys(name.rsplit("-", 1)[0] for name in artifacts):
+        # one depth at a time: every session of every runtime holds its own weights and arena
+        group = {name: folder for name, folder in artifacts.items() if name.rsplit("-", 1)[0] == depth}
+        runtimes = {}
+        for name, folder in group.items():
+            runtimes[name] = runtimes_for(folder, name.rsplit("-", 1)[1], args.device)
+            graph = report["graphs"][name] = {
+                "weight_bytes": weight_bytes(folder),
+                "cuda_graph_off": getattr(runtimes[name].get("ours-graph"), "cuda_graph_off", None),
+                "genai_error": runtimes[name].pop("genai-error", None)}
+            graph["parity"] = parity(runtimes[name], [b for b in batches if b <= 8], args, vocab)
+            print(f"{name}: parity {json.dumps({b: p['greedy_tokens_equal'] for b, p in graph['parity'].items()})}",
+                  flush=True)
+        interleaved_rounds(runtimes, batches, args, vocab, times)
+        del runtimes
+        _release()
+        (results / "cuda-graph-decode.json").write_text(json.dumps({**report, "decode_ms_per_step": times}, indent=2))
     report["decode_ms_per_step"] = times
     report["summary"] = summarize(times, report, batches, args)
     (results / "cuda-graph-decode.json").write_text(json.dumps(report, indent=2) + "\n")

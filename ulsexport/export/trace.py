@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from ..artifact import BuildResult, graph_entry, lineage, read_manifest, write_manifest
 from ..checkpoint import load_model_info
+from ..compat import cache_argument, output_cache
 from ..errors import UserError
 from ..families import CPU_GQA_HEAD_MULTIPLE, LENGTH_DEPENDENT_ROPE, attends_locally
 from ..models import load_causal_lm
@@ -44,6 +45,8 @@ def flat_cache_module(model, uses_position_ids: bool):
     import torch
     from transformers import DynamicCache
 
+    cache_name = cache_argument(model)
+
     class FlatCacheDecoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -52,8 +55,8 @@ def flat_cache_module(model, uses_position_ids: bool):
         def forward(self, input_ids, attention_mask, position_ids, past):
             cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
-            return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+                             use_cache=True, **{cache_name: cache})
+            return (out.logits, *[t for layer in output_cache(out).layers for t in (layer.keys, layer.values)])
 
     class WithoutPositionIds(FlatCacheDecoder):  # torch.onnx keeps unused inputs: leave it out of the signature
         def forward(self, input_ids, attention_mask, past):
@@ -168,6 +171,7 @@ def _export_program(torch_model, adapter, opset):
     cache_in = cache_names(num_layers, "past_key_values")
     cache_out = cache_names(num_layers, "present")
     try:
+        _skip_torchvision_notes()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter warns at length about harmless things
             program = torch.onnx.export(
@@ -188,6 +192,21 @@ def _export_program(torch_model, adapter, opset):
     if missing:
         raise UserError(f"the exported '{adapter.model_type}' graph lacks inputs {sorted(missing)}")
     return program, shapes
+
+
+def _skip_torchvision_notes() -> None:
+    """The exporter's registry logs 'torchvision is not installed. Skipping torchvision::nms' (and three
+    more) on every export: nothing a user of a language model can act on. Dropped at that logger only."""
+    import logging
+
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    if not any(isinstance(f, _NoTorchvisionNote) for f in registry.filters):
+        registry.addFilter(_NoTorchvisionNote())
+
+
+class _NoTorchvisionNote:
+    def filter(self, record) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
 
 
 def _rename_dim(value, axis: int, name: str) -> None:

@@ -82,7 +82,7 @@ def packed_windows(tokenizer, files: list[Path], seq_len: int) -> Iterator[list[
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pending: list[int] = []
     for doc in documents(files):
-        pending.extend(bos + tokenizer(doc, add_special_tokens=False)["input_ids"] + eos)
+        pending.extend(bos + tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"] + eos)
         while len(pending) >= seq_len:
             yield pending[:seq_len]
             del pending[:seq_len]

@@ -78,7 +78,7 @@ class OnnxDecoder(Runtime):
         self.cuda_graph = provider == "cuda" and self.shared_cache if cuda_graph is None else cuda_graph
         self.cuda_graph_off = None  # why capture was asked for and is not used
         path = str(folder / self.onnx["file"])
-        if not isinstance(session, ort.InferenceSession):
+        if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
             session = self._captured_session(make, path) if self.cuda_graph else None
             session = session or make(path, self._session_options(), providers=PROVIDERS[provider])
