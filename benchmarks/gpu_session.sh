@@ -11,8 +11,10 @@
 #
 #   setsid nohup bash benchmarks/gpu_session.sh [STEPS] > /root/session.log 2>&1 < /dev/null &
 #
-# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,tensorrt (default: heal,parity,bench, in
-# that order). CUDA_GRAPH_ARGS and TENSORRT_ARGS pass extra flags to cuda_graph_decode.py and tensorrt_build.py.
+# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,tensorrt,serve,multi-depth (default:
+# heal,parity,bench, in that order). CUDA_GRAPH_ARGS, TENSORRT_ARGS, SERVE_ARGS and MULTI_DEPTH_ARGS pass extra
+# flags to their scripts; PYTHON names the interpreter of the serve and multi-depth steps (the Triton Python
+# backend's stub needs an environment with numpy < 2: see benchmarks/README.md).
 # BENCH_STAGES and BENCH_ATTENTION pass --stages and --attention to gpu_benchmark.py; FUSION_LAYERS
 # sets the model depth of the fusion step (default 8).
 set -u
@@ -44,6 +46,10 @@ for s in ${STEPS//,/ }; do
                 --results "$RESULTS/cuda-graph" ${CUDA_GRAPH_ARGS:-} ;;
     tensorrt) step tensorrt python3 benchmarks/tensorrt_build.py --results "$RESULTS/tensorrt" \
                 --workdir /root/tensorrt-work ${TENSORRT_ARGS:-} ;;
+    serve) step serve "${PYTHON:-python3}" benchmarks/serve_gpu.py --workdir /root/serve-work \
+                --results "$RESULTS/serve" ${SERVE_ARGS:-} ;;
+    multi-depth) step multi-depth "${PYTHON:-python3}" benchmarks/multi_depth_gpu.py --workdir /root/multi-depth-work \
+                --results "$RESULTS/multi-depth" ${MULTI_DEPTH_ARGS:-} ;;
     *) echo "unknown step $s" >> "$RESULTS/progress.txt" ;;
   esac
 done

@@ -7,6 +7,7 @@ The server tests skip when the wheel or tritonclient is missing. The server is a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -120,6 +121,8 @@ def test_every_config_parses_as_model_config(repo):
     assert manifest["kind"] == "triton-repository" and manifest["kept"] == [0, 4]
     assert manifest["runtime"] == "ort" and manifest["max_batch"] == 8 and manifest["max_tokens"] == 511
     assert [m["name"] for m in manifest["models"]] == ["stories", "stories_stream", "stories_step"]
+    assert not manifest["multi_depth"] and manifest["default_depth"] == "default"
+    assert [(d["tag"], d["kept"]) for d in manifest["depths"]] == [("default", [0, 4])]
     configs = sorted(repo.rglob("config.pbtxt"))
     assert [c.relative_to(repo).as_posix() for c in configs] == [
         "models/stories/config.pbtxt", "models/stories_stream/config.pbtxt", "onnxruntime/stories_step/config.pbtxt"]
@@ -132,6 +135,7 @@ def test_every_config_parses_as_model_config(repo):
         assert (inputs["text_input"].data_type, list(inputs["text_input"].dims)) == (types.TYPE_STRING, [1])
         assert (inputs["input_ids"].data_type, list(inputs["input_ids"].dims)) == (types.TYPE_INT64, [-1])
         assert inputs["input_ids"].allow_ragged_batch and all(i.optional for i in cfg.input)
+        assert (inputs["depth"].data_type, list(inputs["depth"].dims)) == (types.TYPE_STRING, [1])
         assert (inputs["max_tokens"].data_type, list(inputs["max_tokens"].dims)) == (types.TYPE_INT32, [1])
         outputs = {o.name: (o.data_type, list(o.dims)) for o in cfg.output}
         assert outputs == {"text_output": (types.TYPE_STRING, [1]), "output_ids": (types.TYPE_INT64, [-1])}
@@ -218,6 +222,18 @@ def test_batched_rows_equal_rows_alone_and_the_reference(generator, reference):
         assert p.new_ids == alone.new_ids == reference(text, 4 + 3 * i)
 
 
+def test_a_single_depth_artifact_serves_only_the_default_depth(generator):
+    from ulsexport.serve.generate_model import RequestError
+
+    assert generator.depths == ["default"] and not generator.multi_depth
+    plain = generator.prompt("Once upon a time", max_tokens=4)
+    named = generator.prompt("Once upon a time", max_tokens=4, depth=np.array([[b"default"]], dtype=object))
+    generator.decode([plain, named])
+    assert plain.depth == named.depth == "default" and plain.new_ids == named.new_ids
+    with pytest.raises(RequestError, match="depth '2x': this model serves a single-depth artifact; leave depth out"):
+        generator.prompt("Once", depth="2x")
+
+
 def test_a_row_stops_at_eos_and_the_others_go_on(generator):
     first = generator.prompt("Once upon a time", max_tokens=12)
     generator.decode([first])
@@ -264,14 +280,12 @@ def ids_of(reply) -> list[int]:
     return ids if isinstance(ids, list) else [ids]  # one element comes back as a JSON scalar
 
 
-@pytest.fixture(scope="module")
-def server(repo, artifact):
-    """`ulsexport serve` over the repository, on free ports; always stopped (SIGTERM, then kill)."""
-    if SERVER_MISSING or CLIENT_MISSING:
-        pytest.skip(SERVER_MISSING or CLIENT_MISSING)
+@contextlib.contextmanager
+def serving(repo: Path, root: Path):
+    """`ulsexport serve` over `repo` on free ports, logs under `root`; always stopped (SIGTERM, then kill)."""
     http, grpc, metrics = free_ports(3)
-    log = artifact["root"] / "tritonserver.log"
-    stdout = artifact["root"] / "serve.out"
+    log = root / "tritonserver.log"
+    stdout = root / "serve.out"
     with open(stdout, "wb") as out:
         process = subprocess.Popen([sys.executable, "-c", CLI, "serve", str(repo), "--http-port", str(http),
                                     "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log-file", str(log)],
@@ -298,6 +312,15 @@ def server(repo, artifact):
                 os.killpg(int(server_pid.group(1)), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture(scope="module")
+def server(repo, artifact):
+    """`ulsexport serve` over the repository, on free ports; always stopped (SIGTERM, then kill)."""
+    if SERVER_MISSING or CLIENT_MISSING:
+        pytest.skip(SERVER_MISSING or CLIENT_MISSING)
+    with serving(repo, artifact["root"]) as served:
+        yield served
 
 
 @needs_server

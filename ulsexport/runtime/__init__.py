@@ -28,8 +28,8 @@ class RuntimeEntry:
     kinds: tuple[str, ...]      # artifact kinds it runs
     summary: str
 
-    def open(self, folder, dtype: str | None = None, device: str = "cpu") -> Runtime:
-        return getattr(importlib.import_module(self.module, __name__), self.cls).open(folder, dtype, device)
+    def open(self, folder, dtype: str | None = None, device: str = "cpu", **options) -> Runtime:
+        return getattr(importlib.import_module(self.module, __name__), self.cls).open(folder, dtype, device, **options)
 
 
 RUNTIMES: dict[str, RuntimeEntry] = {r.name: r for r in [
@@ -47,14 +47,16 @@ def default_runtime(kind: str) -> str:
     return (first or [name for name, entry in RUNTIMES.items() if kind in entry.kinds])[0]
 
 
-def open_runtime(folder: str | Path, runtime: str, dtype: str | None = None, device: str = "cpu") -> Runtime:
-    """The runtime named `runtime` over artifact `folder`, refusing artifacts it cannot run."""
+def open_runtime(folder: str | Path, runtime: str, dtype: str | None = None, device: str = "cpu",
+                 **options) -> Runtime:
+    """The runtime named `runtime` over artifact `folder`, refusing artifacts it cannot run; `options` are
+    the runtime's own (`cuda_graph=False` for ort, say)."""
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}")
     entry, kind = RUNTIMES[runtime], artifact_kind(Path(folder))
     if kind not in entry.kinds:
         raise UserError(f"--runtime {runtime} runs {' or '.join(entry.kinds)} artifacts; {folder} is a {kind} artifact")
-    return entry.open(folder, dtype, device)
+    return entry.open(folder, dtype, device, **options)
 
 
 __all__ = ["RUNTIMES", "GreedyRun", "Runtime", "RuntimeEntry", "default_runtime", "open_runtime"]

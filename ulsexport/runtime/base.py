@@ -75,14 +75,16 @@ class Runtime:
     def to_host(self, array) -> np.ndarray:
         return np.asarray(array)
 
-    def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False) -> GreedyRun:
-        """Greedy decoding of exactly `new_tokens` tokens (no early stop)."""
+    def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False,
+               **prefill_options) -> GreedyRun:
+        """Greedy decoding of exactly `new_tokens` tokens (no early stop); `prefill_options` go to
+        `prefill` (a multi-depth runtime's depth, say)."""
         tokens, kept, seconds = [], [], []
         state = next_ids = None
         for _ in range(new_tokens):
             start = time.perf_counter()
             if state is None:
-                state, logits = self.prefill(input_ids, attention_mask, new_tokens)
+                state, logits = self.prefill(input_ids, attention_mask, new_tokens, **prefill_options)
             else:
                 logits = self.step(state, next_ids)
             next_ids = self.next_tokens(logits)

@@ -93,10 +93,14 @@ class OnnxDecoder(Runtime):
         self.dtype = NUMPY_DTYPES[self.onnx["dtype"]]
 
     @classmethod
-    def open(cls, folder: str | Path, dtype: str | None = None, device: str = "cpu") -> Runtime:
-        """The runtime over an export: an OnnxDecoder, or a MultiDepthDecoder for a multi-depth export."""
-        decoder = MultiDepthDecoder(folder, device) if (read_manifest(folder) or {}).get("multi_depth") \
-            else cls(folder, device)
+    def open(cls, folder: str | Path, dtype: str | None = None, device: str = "cpu",
+             cuda_graph: bool | None = None) -> Runtime:
+        """The runtime over an export: an OnnxDecoder, or a MultiDepthDecoder for a multi-depth export;
+        `cuda_graph` None captures decode steps where it can (CUDA, shared cache), False never, True or
+        refuse."""
+        options = {} if cuda_graph is None else {"cuda_graph": cuda_graph}
+        decoder = MultiDepthDecoder(folder, device, **options) if (read_manifest(folder) or {}).get("multi_depth") \
+            else cls(folder, device, **options)
         if dtype is not None and dtype != decoder.onnx["dtype"]:
             raise UserError(f"{folder} is a {decoder.onnx['dtype']} export; --runtime ort runs it in "
                             f"{decoder.onnx['dtype']}, not {dtype}")
@@ -104,9 +108,14 @@ class OnnxDecoder(Runtime):
 
     def prefill(self, input_ids, attention_mask, max_new_tokens: int):
         """The prompt's pass; the logits come back to the host, so the step has finished."""
-        stream = (SharedCacheStream if self.shared_cache else ConcatCacheStream)(
-            self, np.asarray(input_ids), np.asarray(attention_mask), max_new_tokens)
+        stream = self.stream(input_ids, attention_mask, max_new_tokens)
         return stream, stream.forward(None)
+
+    def stream(self, input_ids, attention_mask, max_new_tokens: int, cache=None):
+        """A decoding stream over this graph; `cache` (one value per cache input) continues from a prompt
+        another graph ran, its first forward being a decode step."""
+        return (SharedCacheStream if self.shared_cache else ConcatCacheStream)(
+            self, np.asarray(input_ids), np.asarray(attention_mask), max_new_tokens, cache)
 
     def step(self, state, next_ids):
         return state.forward(np.asarray(next_ids))
@@ -238,10 +247,11 @@ def placements_off_cuda(log: str) -> list[str]:
 class ConcatCacheStream:
     """Left-padded rows; each step's present cache becomes the next step's past."""
 
-    def __init__(self, decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int):
+    def __init__(self, decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
+                 cache=None):
         self.decoder, self.ids, self.mask = decoder, input_ids, attention_mask
         empty = np.zeros(decoder.cache_shape(len(input_ids), 0), decoder.dtype)
-        self.cache = [decoder.to_device(empty) if decoder.io_binding else empty for _ in decoder.cache_inputs]
+        self.cache = cache or [decoder.to_device(empty) if decoder.io_binding else empty for _ in decoder.cache_inputs]
 
     def forward(self, next_ids: np.ndarray | None) -> np.ndarray:
         """The prompt (first call) or the tokens just chosen: one pass; the last position's logits."""
@@ -278,7 +288,8 @@ class ConcatCacheStream:
 class SharedCacheStream:
     """Right-padded rows over one cache buffer per tensor, bound as past and present for every step."""
 
-    def __init__(self, decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int):
+    def __init__(self, decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
+                 cache=None):
         batch, prompt = input_ids.shape
         capacity = decoder.onnx.get("max_sequence_length")
         if capacity and prompt + max_new_tokens > capacity:
@@ -292,7 +303,10 @@ class SharedCacheStream:
         self.decoder = decoder
         self.binding = decoder.session.io_binding()
         self.steps = 0
-        if decoder.fixed_width:
+        self.fixed_width = decoder.fixed_width and cache is None  # given buffers are not the fixed ones
+        if cache is not None:
+            self.cache = cache
+        elif self.fixed_width:
             self.buffers = decoder.step_buffers(batch, decoder.capacity_for(prompt + max_new_tokens))
             self.cache = self.buffers.cache
             self.wide_mask = np.zeros(self.buffers.mask.shape(), np.int64)
@@ -319,7 +333,7 @@ class SharedCacheStream:
     def forward(self, next_ids: np.ndarray | None) -> np.ndarray:
         """The prompt (first call) or the tokens just chosen: one pass; each row's last logits
         (a view, overwritten by the next pass)."""
-        if next_ids is not None and self.decoder.fixed_width:
+        if next_ids is not None and self.fixed_width:
             return self._fixed_width_step(next_ids)
         if next_ids is not None:
             self.ids = next_ids[:, None].astype(np.int64)
@@ -385,7 +399,12 @@ class SharedWeights:
 
         tensor = torch.from_numpy(np.array(array)).cuda()
         self.device_tensors.append(tensor)  # the OrtValue borrows this memory
-        return C_OrtValue.from_dlpack(torch.utils.dlpack.to_dlpack(tensor), False)
+        capsule = torch.utils.dlpack.to_dlpack(tensor)
+        try:  # onnxruntime 1.31 takes (capsule, is_bool_tensor); older ones the capsule alone
+            value = C_OrtValue.from_dlpack(capsule, False)
+        except TypeError:
+            value = C_OrtValue.from_dlpack(capsule)
+        return ort.OrtValue(value)  # add_initializer takes the Python OrtValue, not the C one
 
     @property
     def nbytes(self) -> int:
@@ -427,6 +446,7 @@ class MultiDepthDecoder(Runtime):
                          for g in manifest["graphs"]}
         self.onnx = self.decoders[self.default].onnx
         self.depths = list(self.decoders)
+        self.kept = {g["tag"]: g["kept"] for g in manifest["graphs"]}
 
     def decoder(self, depth: str | None = None) -> OnnxDecoder:
         depth = depth or self.default
@@ -434,13 +454,26 @@ class MultiDepthDecoder(Runtime):
             raise UserError(f"no depth '{depth}' in this export; it has: {', '.join(self.decoders)}")
         return self.decoders[depth]
 
-    def prefill(self, input_ids, attention_mask, max_new_tokens: int, depth: str | None = None):
+    def prefill(self, input_ids, attention_mask, max_new_tokens: int, depth: str | None = None,
+                prefill_depth: str | None = None):
+        """The prompt through `prefill_depth`'s graph (default: `depth`'s), decoding then through `depth`'s.
+
+        With `prefill_depth="full"` this is the ULS authors' scheme: the prompt runs through every layer
+        and only the generated tokens skip; the decoding graph continues from the prompt's cache of the
+        layers it keeps (the same buffers, no copy, in the shared layout), and the first new token comes
+        from the prefill graph's logits."""
         decoder = self.decoder(depth)
-        inner, logits = decoder.prefill(input_ids, attention_mask, max_new_tokens)
-        return DepthState(decoder, inner), logits
+        if prefill_depth is None or prefill_depth == (depth or self.default):
+            inner, logits = decoder.prefill(input_ids, attention_mask, max_new_tokens)
+            return DepthState(decoder, inner), logits
+        first = self.decoder(prefill_depth)
+        prompt, logits = first.prefill(input_ids, attention_mask, max_new_tokens)
+        index = {layer: i for i, layer in enumerate(self.kept[prefill_depth])}
+        missing = [layer for layer in self.kept[depth or self.default] if layer not in index]
+        if missing:
+            raise UserError(f"the prefill depth '{prefill_depth}' lacks layers {missing} that '{depth}' decodes with")
+        cache = [prompt.cache[2 * index[layer] + part] for layer in self.kept[depth or self.default] for part in (0, 1)]
+        return DepthState(decoder, decoder.stream(input_ids, attention_mask, max_new_tokens, cache)), logits
 
     def step(self, state: DepthState, next_ids):
         return state.decoder.step(state.inner, next_ids)
-
-    def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False, depth: str | None = None):
-        return self.decoder(depth).greedy(input_ids, attention_mask, new_tokens, keep_logits=keep_logits)

@@ -12,6 +12,12 @@ greedily until every row has its own max_tokens or has emitted an end-of-sequenc
 stops there, the eos id being its last output id; the others go on decoding). A row's tokens do not
 depend on its batchmates: padding is masked and positions are counted per row.
 
+Depths: over a multi-depth export (`ulsexport onnx --speedups 1,2`) a request may name the depth it
+wants in its optional `depth` input ("full", "2x", ...; the export's default graph when left out or
+"default"). One `execute` groups its valid requests by depth and decodes each group as its own batch
+(one after the other, over the one copy of the weights); a depth the export lacks is refused with
+the depths it has. Over a single-depth artifact the only depth is "default" (leave `depth` out).
+
 Two models share this class: the plain one answers each request with one response (KServe
 /infer, /generate, gRPC ModelInfer); the decoupled one (`model_transaction_policy.decoupled`)
 sends one response per token, the last flagged final (generate_stream, gRPC streaming), or one
@@ -31,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MAX_TOKENS = 16
+DEFAULT_DEPTH = "default"    # the alias of the default graph; the only depth of a single-depth artifact
 
 
 class RequestError(ValueError):
@@ -45,6 +52,7 @@ class Prompt:
     new_ids: list[int] = field(default_factory=list)
     done: bool = False
     text_sent: str = ""          # streamed so far (incremental detokenization)
+    depth: str = DEFAULT_DEPTH   # the depth tag it is decoded at (resolved: never the alias over a multi-depth export)
 
 
 def _eos_ids(folder: Path, tokenizer) -> set[int]:
@@ -96,10 +104,36 @@ class Generator:
             self.vocab = len(self.tokenizer)
         self.eos = _eos_ids(self.folder, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        # depths served: a multi-depth export's graph tags (MultiDepthDecoder), else the one "default"
+        self.multi_depth = callable(getattr(self.runtime, "decoder", None)) and hasattr(self.runtime, "depths")
+        self.depths = list(self.runtime.depths) if self.multi_depth else [DEFAULT_DEPTH]
+        self.default_depth = self.runtime.default if self.multi_depth else DEFAULT_DEPTH
+
+    def depth(self, value=None) -> str:
+        """The depth tag a request's `depth` input names (left out, empty or "default": the default graph)."""
+        if value is not None:
+            value = np.asarray(value, dtype=object)
+            if value.size != 1:
+                raise RequestError(f"depth holds {value.size} strings; send one (one of: {', '.join(self.depths)})")
+            value = value.reshape(-1)[0]
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", errors="replace")
+            value = str(value).strip()
+        if not value or value == DEFAULT_DEPTH:
+            return self.default_depth
+        if value in self.depths:
+            return value
+        if not self.multi_depth:
+            raise RequestError(f"depth '{value}': this model serves a single-depth artifact; leave depth out "
+                               f"(or send '{DEFAULT_DEPTH}'). Several depths need a multi-depth export "
+                               f"(ulsexport onnx --speedups 1,2 ...)")
+        raise RequestError(f"no depth '{value}' in this model; it serves: {', '.join(self.depths)} "
+                           f"(default {self.default_depth}, used when depth is left out)")
 
     # -- one request ----------------------------------------------------------------------------
-    def prompt(self, text=None, ids=None, max_tokens=None, stream: bool = False) -> Prompt:
+    def prompt(self, text=None, ids=None, max_tokens=None, stream: bool = False, depth=None) -> Prompt:
         """A checked prompt from a request's inputs (numpy arrays as Triton gives them, or plain values)."""
+        depth = self.depth(depth)
         if text is None and ids is None:
             raise RequestError("the request has neither text_input (a string) nor input_ids (token ids); send one")
         if text is not None and ids is not None:
@@ -141,12 +175,29 @@ class Generator:
         if self.positions and len(ids) + n > self.positions:
             raise RequestError(f"the prompt's {len(ids)} tokens + max_tokens {n} = {len(ids) + n} pass the model's "
                                f"{self.positions} positions; shorten the prompt or ask for fewer tokens")
-        return Prompt(ids, n, stream)
+        return Prompt(ids, n, stream, depth=depth)
 
     # -- one batch ------------------------------------------------------------------------------
+    def groups(self, prompts: list[Prompt]) -> dict[str, list[int]]:
+        """Rows of `prompts` by depth, depths in the order they first appear."""
+        groups: dict[str, list[int]] = {}
+        for row, p in enumerate(prompts):
+            groups.setdefault(p.depth, []).append(row)
+        return groups
+
     def decode(self, prompts: list[Prompt], on_token=None) -> int:
-        """Greedy decoding of all prompts as one left-padded batch; fills each prompt's new_ids.
-        `on_token(row, prompt, token)` is called as each row's token is known. Returns the steps run."""
+        """Greedy decoding of the prompts, one left-padded batch per depth; fills each prompt's new_ids.
+        `on_token(row, prompt, token)` (row: the index in `prompts`) is called as each row's token is
+        known. Returns the steps run, summed over the depths."""
+        groups = self.groups(prompts)
+        steps = 0
+        for depth, rows in groups.items():
+            def mapped(row, p, token, rows=rows):
+                on_token(rows[row], p, token)
+            steps += self._decode_batch([prompts[r] for r in rows], depth, mapped if on_token else None)
+        return steps
+
+    def _decode_batch(self, prompts: list[Prompt], depth: str, on_token=None) -> int:
         width = max(len(p.ids) for p in prompts)
         ids = np.full((len(prompts), width), self.pad_id, np.int64)
         mask = np.zeros((len(prompts), width), np.int64)
@@ -154,7 +205,8 @@ class Generator:
             ids[row, width - len(p.ids):] = p.ids
             mask[row, width - len(p.ids):] = 1
         steps = max(p.max_tokens for p in prompts)
-        rt, state, chosen = self.runtime, None, None
+        rt = self.runtime.decoder(depth) if self.multi_depth else self.runtime
+        state, chosen = None, None
         for step in range(steps):
             if state is None:
                 state, logits = rt.prefill(ids, mask, steps)
@@ -227,7 +279,8 @@ class TritonPythonModel:
                                    int(params.get("default_max_tokens", DEFAULT_MAX_TOKENS)))
         self.log.log_info(f"{self.name}: {self.generator.runtime_name} runtime on {device} over {folder} "
                           f"ready in {time.perf_counter() - start:.1f} s (max_tokens {self.generator.max_tokens}, "
-                          f"positions {self.generator.positions}, eos {sorted(self.generator.eos)})")
+                          f"positions {self.generator.positions}, eos {sorted(self.generator.eos)}, "
+                          f"depths {', '.join(self.generator.depths)}, default {self.generator.default_depth})")
 
     # -- requests -------------------------------------------------------------------------------
     def _input(self, request, name):
@@ -246,8 +299,11 @@ class TritonPythonModel:
             stream = self.decoupled  # the streaming model streams unless told not to
         if stream and not self.decoupled:
             stream = False  # the plain model answers once; generate_stream over it gets one event
+        depth = self._input(request, "depth")
+        if depth is None and isinstance(params.get("depth"), str):
+            depth = params["depth"]  # a request parameter, where a client sends it so
         return self.generator.prompt(self._input(request, "text_input"), self._input(request, "input_ids"),
-                                     self._input(request, "max_tokens"), stream)
+                                     self._input(request, "max_tokens"), stream, depth)
 
     def _response(self, ids: list[int], text: str):
         pb = self.pb
@@ -276,28 +332,33 @@ class TritonPythonModel:
                 else:
                     responses[i] = self._error(message)
         start, steps = time.perf_counter(), 0
-        if prompts:
-            def on_token(row, p, token):
+        groups = self.generator.groups(prompts)
+        for depth, members in groups.items():  # one batch per depth; a failing depth fails only its rows
+            group = [prompts[m] for m in members]
+
+            def on_token(row, p, token, members=members):
                 if self.decoupled and p.stream:
-                    senders[rows[row]].send(self._response([token], self.generator.piece(p)),
-                                            flags=final if p.done else 0)
+                    senders[rows[members[row]]].send(self._response([token], self.generator.piece(p)),
+                                                     flags=final if p.done else 0)
             try:
-                steps = self.generator.decode(prompts, on_token)
+                steps += self.generator.decode(group, on_token)
             except Exception as exc:  # a runtime failure fails this batch, not the server
-                for row, p in enumerate(prompts):
+                message = f"decoding failed (depth {depth}): {type(exc).__name__}: {exc}"
+                for m, p in zip(members, group):
                     if self.decoupled:
                         if not p.done:
-                            senders[rows[row]].send(self._error(f"decoding failed: {type(exc).__name__}: {exc}"),
-                                                    flags=final)
+                            senders[rows[m]].send(self._error(message), flags=final)
                     else:
-                        responses[rows[row]] = self._error(f"decoding failed: {type(exc).__name__}: {exc}")
-                prompts = []
-            for row, p in enumerate(prompts):
+                        responses[rows[m]] = self._error(message)
+                continue
+            for m, p in zip(members, group):
                 if self.decoupled and not p.stream:
-                    senders[rows[row]].send(self._response(p.new_ids, self.generator.text(p)), flags=final)
+                    senders[rows[m]].send(self._response(p.new_ids, self.generator.text(p)), flags=final)
                 elif not self.decoupled:
-                    responses[rows[row]] = self._response(p.new_ids, self.generator.text(p))
-        self.log.log_info(f"{self.name}: execute batch of {len(requests)} requests ({len(rows)} valid), "
+                    responses[rows[m]] = self._response(p.new_ids, self.generator.text(p))
+        by_depth = ", ".join(f"{d} x{len(m)}" for d, m in groups.items())
+        self.log.log_info(f"{self.name}: execute batch of {len(requests)} requests ({len(rows)} valid"
+                          f"{'; ' + by_depth if by_depth else ''}), "
                           f"{steps} decode steps in {time.perf_counter() - start:.3f} s")
         return None if self.decoupled else responses
 

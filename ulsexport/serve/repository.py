@@ -13,6 +13,11 @@ Layout of REPO (written whole or not at all):
         NAME_step/config.pbtxt          one decoder step per request, KV cache as implicit state
         NAME_step/1/model.onnx
 
+A multi-depth export (`ulsexport onnx --speedups 1,2`) is served whole: each request may name its
+depth in the optional `depth` input ("full", "2x", ...; the export's default graph when left out),
+and ulsexport.json lists the depths served (`depths`, `default_depth`). A single-depth artifact
+serves one depth, "default". The step model is the default graph's.
+
 Two generate models rather than one decoupled model: Triton refuses KServe /infer over HTTP for
 decoupled models (so tritonclient's HTTP `infer` could not reach it), while per-token streaming
 needs decoupled mode. The step model lives in its own repository folder because tritonserver with
@@ -30,7 +35,7 @@ from pathlib import Path
 from ..artifact import BuildResult, artifact_kind, read_manifest, write_manifest
 from ..errors import UserError
 from ..outputs import atomic_output_dir
-from .generate_model import DEFAULT_MAX_TOKENS, model_limits
+from .generate_model import DEFAULT_DEPTH, DEFAULT_MAX_TOKENS, model_limits
 
 SERVED = "models"           # REPO/models: the repository that is served
 STEP_REPOSITORY = "onnxruntime"
@@ -69,7 +74,8 @@ def generate_config(name: str, *, artifact: str, runtime: str, device: str, dtyp
         '  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
         '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true allow_ragged_batch: true },',
         '  { name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
-        '  { name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }',
+        '  { name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true },',
+        '  { name: "depth" data_type: TYPE_STRING dims: [ 1 ] optional: true }',
         "]",
         "output [",
         '  { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] },',
@@ -175,7 +181,19 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
     if positions and max_tokens >= positions:
         raise UserError(f"--max-tokens {max_tokens} leaves no room for a prompt in the model's {positions} positions")
     source = read_manifest(artifact) or {}
-    onnx = source.get("onnx") or {}
+    onnx = source.get("onnx") or {}  # a multi-depth export's: its default graph's
+    if source.get("multi_depth"):
+        if runtime != "ort":
+            raise UserError(f"{artifact} is a multi-depth export; --runtime ort serves its depths, not {runtime}")
+        depths = [{"tag": g["tag"], "speedup": g.get("speedup"), "kept": g.get("kept"), "file": g.get("file")}
+                  for g in source.get("graphs") or []]
+        default_depth = source.get("default_graph")
+        if not depths or default_depth not in [d["tag"] for d in depths]:
+            raise UserError(f"{artifact}'s manifest lists no graphs or no default_graph among them; re-export it")
+    else:
+        depths = [{"tag": DEFAULT_DEPTH, "speedup": (source.get("plan") or {}).get("speedup_target"),
+                   "kept": source.get("kept"), "file": onnx.get("file")}]
+        default_depth = DEFAULT_DEPTH
     stream_name = f"{name}_stream"
     common = dict(runtime=runtime, device=device, dtype=dtype, max_batch=max_batch, max_tokens=max_tokens,
                   default_max_tokens=min(default_max_tokens, max_tokens), instances=instances,
@@ -207,8 +225,9 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
             if onnx.get("external_data"):
                 _link_or_copy(artifact / onnx["external_data"], folder / onnx["external_data"])
             (folder.parent / "config.pbtxt").write_text(step_config(step_name, onnx))
-            step.update(written=True, note="for Triton's full containers (onnxruntime backend); not served by "
-                                           "`ulsexport serve`: the nvidia-pytriton wheel has no onnxruntime backend")
+            step.update(written=True, depth=default_depth,
+                        note="for Triton's full containers (onnxruntime backend); not served by "
+                             "`ulsexport serve`: the nvidia-pytriton wheel has no onnxruntime backend")
             models.append({"name": step_name, "role": "decoder_step", "path": f"{STEP_REPOSITORY}/{step_name}",
                            "served": False})
         manifest = {
@@ -216,7 +235,9 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
             "kept": source.get("kept"), "cache_to_original_layer": source.get("cache_to_original_layer"),
             "runtime": runtime, "device": device, "dtype": dtype or onnx.get("dtype"), "instances": instances,
             "max_batch": max_batch, "max_tokens": max_tokens, "default_max_tokens": common["default_max_tokens"],
-            "positions": positions, "queue_delay_us": queue_delay_us, "stop": "a row stops at an eos token or its max_tokens",
+            "positions": positions, "queue_delay_us": queue_delay_us,
+            "stop": "a row stops at an eos token or its max_tokens",
+            "multi_depth": bool(source.get("multi_depth")), "depths": depths, "default_depth": default_depth,
             "served_repository": SERVED, "models": models, "step_model": step,
         }
         write_manifest(tmp, manifest)
