@@ -35,6 +35,7 @@ def used_bytes(device: str) -> int:
     import torch
 
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # torch's cached blocks (the export's) would otherwise hide the weights' tensors
     free, total = torch.cuda.mem_get_info()
     return total - free
 
@@ -72,7 +73,8 @@ def main():
 
     base = used_bytes(args.device)
     shared = MultiDepthDecoder(multi, args.device)
-    report["memory"] = {"multi_depth_all_depths": used_bytes(args.device) - base}
+    report["memory"] = {"multi_depth_all_depths": used_bytes(args.device) - base,
+                        "shared_weights_tensors": shared.weights.nbytes}
     del shared
     gc.collect()
     base = used_bytes(args.device)

@@ -43,32 +43,44 @@ def assert_depths_match_their_prunes(src, out, tmp_path):
     return manifest, runtime
 
 
-@pytest.mark.parametrize("kv_cache", ["shared", "concat"])
-def test_three_depths_over_one_weights_file(tmp_path, kv_cache):
-    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=6, overrides=SHARED_SHAPE)
-    result = export_multi_depth(src, tmp_path / "multi", [1, 2, 3], kv_cache=kv_cache, quiet=True)
-    manifest, runtime = assert_depths_match_their_prunes(src, result.out_dir, tmp_path)
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """A 6-layer tiny llama exported at 1, 2 and 3 over one weights file (the shared cache)."""
+    root = tmp_path_factory.mktemp("multi")
+    src = make_tiny_checkpoint("llama", root / "hf", num_layers=6, overrides=SHARED_SHAPE)
+    return src, export_multi_depth(src, root / "multi", [1, 2, 3], quiet=True).out_dir
+
+
+def test_three_depths_over_one_weights_file(multi, tmp_path):
+    src, out = multi
+    manifest, runtime = assert_depths_match_their_prunes(src, out, tmp_path)
     assert [g["tag"] for g in manifest["graphs"]] == ["full", "2x", "3x"]
-    assert {g["onnx"]["kv_cache"] for g in manifest["graphs"]} == {kv_cache}
+    assert {g["onnx"]["kv_cache"] for g in manifest["graphs"]} == {"shared"}
     assert [g["kept"] for g in manifest["graphs"]] == [[0, 1, 2, 3, 4, 5], [0, 3, 5], [0, 5]]
     for graph in manifest["graphs"]:
         assert graph["cache_to_original_layer"] == {str(i): k for i, k in enumerate(graph["kept"])}
     weights = manifest["weights"]
-    full_only = export_multi_depth(src, tmp_path / "full", [1], kv_cache=kv_cache, quiet=True).manifest["weights"]
     # the three depths together take no more than the full model's weights: every 2x and 3x layer is a full one
-    assert weights["bytes"] <= 1.1 * full_only["bytes"] < weights["bytes_if_each_depth_held_its_own"]
-    assert sorted(p.name for p in result.out_dir.glob("*.onnx*")) == ["2x.onnx", "3x.onnx", "full.onnx", WEIGHTS_FILE]
+    full_model = (src / "model.safetensors").stat().st_size
+    assert weights["bytes"] <= 1.1 * full_model < weights["bytes_if_each_depth_held_its_own"]
+    assert sorted(p.name for p in out.glob("*.onnx*")) == ["2x.onnx", "3x.onnx", "full.onnx", WEIGHTS_FILE]
     # held once: every session takes the same OrtValues, one per distinct tensor
     assert len(runtime.weights.values) == weights["tensors"]
     assert runtime.weights.nbytes == sum(a.nbytes for a in runtime.weights.arrays.values())
 
 
-def test_each_graph_loads_on_its_own(tmp_path):
+def test_the_concatenated_cache_layout_too(tmp_path):
+    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=4, overrides=SHARED_SHAPE)
+    result = export_multi_depth(src, tmp_path / "multi", [1, 2], kv_cache="concat", quiet=True)
+    manifest, _ = assert_depths_match_their_prunes(src, result.out_dir, tmp_path)
+    assert {g["onnx"]["kv_cache"] for g in manifest["graphs"]} == {"concat"}
+
+
+def test_each_graph_loads_on_its_own(multi):
     import onnxruntime as ort
 
-    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=4, overrides=SHARED_SHAPE)
-    out = export_multi_depth(src, tmp_path / "multi", [1, 2], quiet=True).out_dir
-    for file in ("full.onnx", "2x.onnx"):
+    _, out = multi
+    for file in ("full.onnx", "2x.onnx", "3x.onnx"):
         session = ort.InferenceSession(str(out / file), providers=["CPUExecutionProvider"])
         assert session.get_outputs()[0].name == "logits"
 
@@ -81,13 +93,12 @@ def test_real_models_at_two_depths(name, model, tmp_path):
     assert_depths_match_their_prunes(model, tmp_path / "multi", tmp_path)
 
 
-def test_depth_names_and_bad_speedups(tmp_path):
-    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=4, overrides=SHARED_SHAPE)
-    out = export_multi_depth(src, tmp_path / "multi", [1, 2], quiet=True).out_dir
+def test_depth_names_and_bad_speedups(multi, tmp_path):
+    src, out = multi
     runtime = open_runtime(out, "ort")
     ids, mask = _prompt(128)
-    with pytest.raises(Exception, match="no depth '3x'.*full, 2x"):
-        runtime.greedy(ids, mask, 2, depth="3x")
+    with pytest.raises(Exception, match="no depth '4x'.*full, 2x, 3x"):
+        runtime.greedy(ids, mask, 2, depth="4x")
     for bad in ("0.5,2", "nan", "x"):
         result = run_cli("onnx", "--model", src, "--speedups", bad, "--out", tmp_path / f"bad{bad}")
         assert result.exit_code == 2 and result.stderr.startswith("error: "), result.output

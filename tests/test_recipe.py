@@ -13,9 +13,35 @@ DEMO = ROOT / "recipes" / "stories260k-demo.yaml"
 
 
 def test_every_shipped_recipe_loads():
+    from ulsexport.plan.compare import STRATEGIES
+
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         recipe = load_recipe(path)
-        assert recipe["name"] and recipe["plan"]["strategy"] == "uls" and recipe["plan"]["speedup"] > 1
+        assert recipe["name"] and recipe["plan"]["strategy"] in STRATEGIES and recipe["plan"]["speedup"] > 1
+
+
+def test_heal_stage_and_the_summary(tmp_path):
+    """prune -> heal -> onnx -> validate, ending with the summary's lines, each from the run."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: healed
+model: {ROOT / 'tests/fixtures/models/stories260K'}
+artifacts: {tmp_path / 'artifacts'}
+plan: {{strategy: uls, speedup: 2}}
+heal: {{data: {ROOT / 'tests/fixtures/data/tinystories-valid-excerpt.txt'}, steps: 2, batch: 2, seq_len: 32,
+        device: cpu, eval_text: {ROOT / 'tests/fixtures/data/tinystories-valid-excerpt.txt'}}}
+onnx: {{builder: torch}}
+validate: {{runtime: ort, batches: [1], prompt_len: 8, new_tokens: 4, runs: 1, parity_steps: 4}}
+""")
+    result = run_cli("run", recipe)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("healed: 2 of 5 layers kept (uls plan: 0,4)")
+    assert lines[1].startswith("parity: PASS") and lines[2].startswith("decode speed, batch 1: ")
+    assert lines[3].startswith("perplexity on tinystories-valid-excerpt.txt: full ") and "healed " in lines[3]
+    out = tmp_path / "artifacts" / "healed"
+    manifest = json.loads((out / "onnx" / "ulsexport.json").read_text())
+    assert manifest["source"] == str((out / "healed").resolve()) or manifest["source"].endswith("healed")
+    assert json.loads((out / "healed" / "ulsexport.json").read_text())["healing"]["steps"] == 2
 
 
 def test_defaults_and_overrides():

@@ -108,7 +108,7 @@ def test_planted_mismatch_in_onnx_graph_fails(pruned, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (("--candidate", "/nonexistent"), "does not exist"),
-    (("--runtime", "ort"), "runs onnx artifacts"),
+    (("--runtime", "ort"), "runs onnx or genai artifacts"),
     (("--runtime", "bogus"), "unknown runtime"),
     (("--dtype", "fp8"), "unknown dtype"),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +34,44 @@ def file_sha256(path: Path) -> str:
 
 def read_manifest(directory: Path) -> dict | None:
     path = Path(directory) / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; it is not an ulsexport manifest") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not an ulsexport manifest (not a JSON object)")
+    return data
+
+
+def finite_json(data, path: str = "", replaced: list | None = None):
+    """`data` with every NaN or infinite float replaced by None (JSON has no such numbers); the
+    dotted paths replaced are appended to `replaced`."""
+    if isinstance(data, float) and not math.isfinite(data):
+        if replaced is not None:
+            replaced.append(path or "$")
+        return None
+    if isinstance(data, dict):
+        return {k: finite_json(v, f"{path}.{k}" if path else str(k), replaced) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v, f"{path}[{i}]", replaced) for i, v in enumerate(data)]
+    return data
+
+
+def json_text(data, indent: int | None = 2, note_field: str | None = "non_finite_values") -> str:
+    """Strict JSON (never NaN or Infinity): non-finite numbers become null, and where `data` is a
+    mapping and `note_field` is given, the paths so replaced are listed under `note_field`."""
+    replaced: list = []
+    clean = finite_json(data, replaced=replaced)
+    if replaced and note_field and isinstance(clean, dict):
+        clean[note_field] = replaced
+    return json.dumps(clean, indent=indent, allow_nan=False)
 
 
 def write_manifest(directory: Path, data: dict) -> Path:
     path = Path(directory) / MANIFEST_NAME
-    path.write_text(json.dumps({"tool": "ulsexport", "version": __version__, **data}, indent=2) + "\n")
+    path.write_text(json_text({"tool": "ulsexport", "version": __version__, **data}) + "\n")
     return path
 
 

@@ -23,6 +23,7 @@ PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".onnx_data", ".data")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 COPY_CHUNK_BYTES = 64 * 1024**2
+MAX_HEADER_BYTES = 100 * 1000**2   # the safetensors library's own limit
 
 # safetensors dtype codes and their sizes in bytes.
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -78,26 +79,81 @@ def load_model_info(model: str | Path):
 
 
 def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / CONFIG_NAME
     try:
-        return json.loads((Path(model_dir) / CONFIG_NAME).read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{model_dir}/{CONFIG_NAME} is not valid JSON: {exc}") from None
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"could not read {path}: {exc.strerror or type(exc).__name__}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object of config fields")
+    return config
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """An index's weight_map (tensor name -> shard file name), checked to be one."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{index} is not valid JSON") from None
+    except OSError as exc:
+        raise UserError(f"could not read {index}: {exc.strerror or type(exc).__name__}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index} has no weight_map (a mapping of tensor names to shard files)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise UserError(f"{index}: weight_map names no file for tensor {_short(name)}")
+    return weight_map
+
+
+def _shard_path(model_dir: Path, shard: str, index: Path) -> Path:
+    """The shard an index names, refused unless it lies inside the model directory."""
+    # Checked on the name, not after resolving symlinks: the hub's cache links shards to its blobs.
+    relative = os.path.normpath(shard)
+    path = Path(model_dir) / relative
+    if (os.path.isabs(shard) or relative == os.curdir or relative.split(os.sep)[0] == os.pardir
+            or "\x00" in shard):
+        raise UserError(f"{index} names shard {_short(shard)}, which is outside {model_dir}; "
+                        "shards must lie inside the model directory")
+    if not path.is_file():
+        raise UserError(f"{index} names shard {_short(shard)}, which is not in {model_dir}")
+    return path
+
+
+def _needs_pickle(path: Path) -> bool:
+    return path.suffix != ".safetensors"
+
+
+def _index_of(model_dir: Path) -> Path | None:
+    for index_name in (SAFE_INDEX_NAME, PICKLE_INDEX_NAME):
+        if (model_dir / index_name).is_file():
+            return model_dir / index_name
+    return None
+
+
+def _indexed(model_dir: Path, allow_pickle: bool) -> tuple[Path, dict[str, Path]] | None:
+    """(index, tensor name -> shard path) where the checkpoint has an index, checked."""
+    index = _index_of(model_dir)
+    if index is None:
+        return None
+    weight_map = _read_index(index)
+    shards = {shard: _shard_path(model_dir, shard, index) for shard in sorted(set(weight_map.values()))}
+    if not allow_pickle and any(_needs_pickle(p) for p in shards.values()):
+        raise _pickle_refused(model_dir, f"its index {index.name} names pickle shards (*.bin)")
+    return index, {name: shards[shard] for name, shard in weight_map.items()}
 
 
 def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
-    """The checkpoint's weight files, checked to exist, in shard order."""
+    """The checkpoint's weight files, checked to exist (and to lie inside it), in shard order: the
+    shards its index names where it has one, else its *.safetensors, else (opt-in) pickle files."""
     model_dir = Path(model_dir)
-    for index_name in (SAFE_INDEX_NAME, PICKLE_INDEX_NAME):
-        index = model_dir / index_name
-        if index.is_file():
-            if index_name == PICKLE_INDEX_NAME and not allow_pickle:
-                raise _pickle_refused(model_dir)
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (model_dir / f).is_file()]
-            if missing:
-                raise UserError(f"{index} names shard {missing[0]}, which is not in {model_dir}")
-            return [model_dir / f for f in files]
+    indexed = _indexed(model_dir, allow_pickle)
+    if indexed is not None:
+        return sorted(set(indexed[1].values()))
     safe = sorted(model_dir.glob("*.safetensors"))
     if safe:
         return safe
@@ -109,9 +165,47 @@ def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
     raise UserError(f"{model_dir} has no weights (*.safetensors, or pytorch_model*.bin)")
 
 
-def _pickle_refused(model_dir: Path) -> UserError:
-    return UserError(f"{model_dir} holds only pickle weights (*.bin), which can run code when loaded; "
+def checkpoint_tensors(model_dir: Path, allow_pickle: bool = False) -> list[TensorInfo]:
+    """Every tensor of the checkpoint, each read from the one file that holds it: the shard its
+    index names where there is an index (a copy in another file is not read), else the one
+    safetensors file holding it (a tensor in two unindexed files is refused)."""
+    model_dir = Path(model_dir)
+    indexed = _indexed(model_dir, allow_pickle)
+    if indexed is None:
+        infos = tensor_infos(weight_files(model_dir, allow_pickle))
+        seen: dict[str, Path] = {}
+        for info in infos:
+            if info.name in seen:
+                raise UserError(f"tensor {_short(info.name)} is in both {seen[info.name].name} and "
+                                f"{info.source.name}, and no index says which to use; remove one")
+            seen[info.name] = info.source
+        return infos
+    index, where = indexed
+    by_file: dict[Path, dict[str, TensorInfo]] = {}
+    for path in sorted(set(where.values())):
+        found: dict[str, TensorInfo] = {}
+        for info in tensor_infos([path]):
+            if info.name in found:
+                raise UserError(f"{path} holds tensor {_short(info.name)} twice")
+            found[info.name] = info
+        by_file[path] = found
+    infos = []
+    for name, path in where.items():
+        info = by_file[path].get(name)
+        if info is None:
+            raise UserError(f"{index.name} places tensor {_short(name)} in {path.name}, which does not hold it")
+        infos.append(info)
+    return infos
+
+
+def _pickle_refused(model_dir: Path, why: str = "holds only pickle weights (*.bin)") -> UserError:
+    return UserError(f"{model_dir} {why}, which can run code when loaded; "
                      "pass --allow-pickle if you trust them")
+
+
+def _short(value, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def tensor_infos(files: list[Path]) -> list[TensorInfo]:
@@ -126,31 +220,60 @@ def tensor_infos(files: list[Path]) -> list[TensorInfo]:
     return infos
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _safetensors_header(path: Path) -> list[TensorInfo]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise UserError(f"{path} is truncated (no safetensors header)")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > size - 8:
-            raise UserError(f"{path} is truncated or not a safetensors file")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} has a corrupt safetensors header") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise UserError(f"{path} is truncated (no safetensors header)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > size - 8:
+                raise UserError(f"{path} is truncated or not a safetensors file")
+            if header_len > MAX_HEADER_BYTES:
+                raise UserError(f"{path}: its header claims {header_len} bytes (safetensors allows "
+                                f"{MAX_HEADER_BYTES}); not a safetensors file")
+            header_bytes = f.read(header_len)
+    except OSError as exc:
+        raise UserError(f"could not read {path}: {exc.strerror or type(exc).__name__}") from None
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"{path} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} has a corrupt safetensors header (not a JSON object)")
     data_len = size - 8 - header_len
-    infos = []
+    infos, spans = [], []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        begin, end = entry["data_offsets"]
+        bad = f"{path}: tensor {_short(name)} has a corrupt header entry"
+        if not isinstance(entry, dict):
+            raise UserError(bad)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise UserError(f"{bad}: unknown dtype {_short(dtype)} (known: {', '.join(DTYPE_SIZES)})")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise UserError(f"{bad}: shape {_short(shape)} is not a list of sizes")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise UserError(f"{bad}: data_offsets {_short(offsets)} is not [begin, end]")
+        begin, end = offsets
         if end > data_len:
-            raise UserError(f"{path} is truncated: tensor {name} ends past the end of the file")
-        info = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), path, 8 + header_len + begin)
+            raise UserError(f"{path} is truncated: tensor {_short(name)} ends past the end of the file")
+        info = TensorInfo(name, dtype, tuple(shape), path, 8 + header_len + begin)
         if info.nbytes != end - begin:
-            raise UserError(f"{path}: tensor {name}'s size does not match its shape and dtype")
+            raise UserError(f"{path}: tensor {_short(name)}'s size does not match its shape and dtype")
         infos.append(info)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise UserError(f"{path}: tensors {_short(first)} and {_short(second)} overlap (corrupt header)")
     return infos
 
 

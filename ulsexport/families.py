@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .plan.positional import ModelShape
+from .plan.positional import MAX_LAYERS, ModelShape
 
 
 @dataclass(frozen=True)
@@ -50,25 +50,51 @@ class Adapter:
         return re.sub(self.layer_key, lambda m: f"{m.group(1)}{new_index}.", tensor_name, count=1)
 
     def num_layers(self, config: dict) -> int:
-        return int(config[self.num_layers_field])
+        """The config's layer count, refused unless a whole number within MAX_LAYERS."""
+        value = _config_int(config, self.num_layers_field)
+        if value > MAX_LAYERS:
+            raise UserError(f"config field '{self.num_layers_field}' is {value}; ulsexport handles at most "
+                            f"{MAX_LAYERS} layers (is config.json right?)")
+        return value
 
     def shape(self, config: dict) -> ModelShape:
-        hidden = int(config[self.hidden_field])
-        heads = int(config[self.heads_field])
-        kv_heads = int(config.get(self.kv_heads_field) or heads)
-        inter = config.get(self.intermediate_field) or self.default_intermediate_multiple * hidden
-        experts = int(config.get(self.experts_per_token_field) or 1) if self.experts_per_token_field else 1
+        hidden = _config_int(config, self.hidden_field, minimum=1)
+        heads = _config_int(config, self.heads_field, minimum=1)
+        kv_heads = _config_int(config, self.kv_heads_field, minimum=1, default=heads)
+        inter = _config_int(config, self.intermediate_field, default=self.default_intermediate_multiple * hidden)
+        experts = _config_int(config, self.experts_per_token_field, minimum=1, default=1) \
+            if self.experts_per_token_field else 1
         return ModelShape(
             hidden_size=hidden,
-            intermediate_size=int(inter),
+            intermediate_size=inter,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            vocab_size=int(config["vocab_size"]),
+            head_dim=_config_int(config, "head_dim", minimum=1, default=max(hidden // heads, 1)),
+            vocab_size=_config_int(config, "vocab_size", minimum=1),
             mlp_matrices=self.mlp_matrices,
             experts_per_token=experts,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
+
+
+_REQUIRED = object()
+
+
+def _config_int(config: dict, name: str, minimum: int = 0, default=_REQUIRED) -> int:
+    """A whole-number config field (not a bool, text or float), at least `minimum`; `default` where
+    the field is missing or null (required when no default is given)."""
+    value = config.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise UserError(f"config.json has no '{name}' (a whole number); is it a complete checkpoint config?")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        text = repr(value)
+        text = text if len(text) <= 40 else text[:40] + "..."
+        raise UserError(f"config field '{name}' must be a whole number, not {text}")
+    if value < minimum:
+        raise UserError(f"config field '{name}' is {value}; it must be at least {minimum}")
+    return value
 
 
 _QWEN = dict(per_layer_lists=("layer_types",), per_layer_thresholds=("max_window_layers",))
@@ -114,8 +140,11 @@ def attends_locally(text_config) -> bool:
 
 
 def adapter_for(config: dict) -> Adapter:
+    if not isinstance(config, dict):
+        raise UserError("config.json is not a JSON object of config fields")
     model_type = config.get("model_type")
-    if model_type not in ADAPTERS:
+    if not isinstance(model_type, str) or model_type not in ADAPTERS:
+        model_type = model_type if isinstance(model_type, str) else repr(model_type)[:40]
         raise UserError(
             f"model_type '{model_type}' is not supported (supported: {', '.join(ADAPTERS)}); "
             "to add it, add an Adapter row to ADAPTERS in ulsexport/adapters.py"
@@ -138,16 +167,21 @@ def remap_config(config: dict, adapter: Adapter, kept: list[int], materialized: 
         values = config.get(name, materialized.get(name))
         if values is None:
             continue
-        if len(values) != num_layers:
-            raise UserError(f"config field '{name}' has {len(values)} entries for {num_layers} layers")
+        if not isinstance(values, list) or len(values) != num_layers:
+            count = f"{len(values)} entries" if isinstance(values, list) else "no list"
+            raise UserError(f"config field '{name}' has {count} for {num_layers} layers")
         out[name] = [values[i] for i in kept]
         handled.add(name)
     for name in adapter.per_layer_thresholds:
         if config.get(name) is not None:
-            out[name] = sum(1 for i in kept if i < int(config[name]))
+            threshold = _config_int(config, name)
+            out[name] = sum(1 for i in kept if i < threshold)
             handled.add(name)
     for name in adapter.per_layer_indices:
         if config.get(name) is not None:
+            if not isinstance(config[name], list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in config[name]):
+                raise UserError(f"config field '{name}' must be a list of layer indices")
             new_index = {orig: new for new, orig in enumerate(kept)}
             out[name] = [new_index[i] for i in config[name] if i in new_index]
             handled.add(name)

@@ -1,21 +1,44 @@
 """Loading checkpoints into PyTorch, and the model-level helpers other stages share."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .errors import UserError
 from .precision import resolve_device, torch_dtype
 
 
-def load_causal_lm(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
-    """An eval-mode AutoModelForCausalLM with eager-compatible attention, on `device`."""
+def load_causal_lm(path: str | Path, dtype: str = "fp32", device: str = "cpu", allow_pickle: bool = False):
+    """An eval-mode AutoModelForCausalLM with eager-compatible attention, on `device`.
+
+    The weights are checked first as pruning checks them (shards inside the directory, headers
+    sound); a checkpoint whose weights are pickle files is refused unless `allow_pickle`.
+    """
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import load_model_info
+    from .checkpoint import checkpoint_tensors, load_model_info, weight_files
 
     model_dir, _, _ = load_model_info(path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+    files = weight_files(model_dir, allow_pickle)
+    if all(f.suffix == ".safetensors" for f in files):
+        checkpoint_tensors(model_dir)  # headers only: refuses duplicates, overlaps, bad offsets
+    with transformers_bars(False):  # a bar per load, seconds each: ours say what the stage is doing
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype),
+                                                     use_safetensors=True if not allow_pickle else None)
     return model.to(resolve_device(device)).eval()
+
+
+@contextlib.contextmanager
+def transformers_bars(enabled: bool):
+    """transformers' own loading and saving bars on or off for a block (restored after)."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if was_enabled else logging.disable_progress_bar)()
 
 
 def load_tokenizer(path: str | Path):

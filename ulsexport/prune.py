@@ -43,7 +43,7 @@ def prune_checkpoint(
     num_layers = adapter.num_layers(config)
     if plan.num_layers != num_layers:
         raise UserError(f"the plan is for {plan.num_layers} layers but {model_dir} has {num_layers}")
-    infos = ckpt.tensor_infos(ckpt.weight_files(model_dir, allow_pickle))
+    infos = ckpt.checkpoint_tensors(model_dir, allow_pickle)
     entries = _renamed_entries(infos, adapter, plan, num_layers)
     new_config = remap_config(config, adapter, list(plan.kept),
                               ckpt.materialized_per_layer_fields(model_dir, adapter.per_layer_lists))

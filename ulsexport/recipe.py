@@ -1,7 +1,8 @@
-"""Recipes: the whole pipeline (plan -> prune -> onnx -> validate) from one plain YAML file.
+"""Recipes: the whole pipeline (plan -> prune -> heal -> onnx -> validate -> triton) from one plain YAML file.
 
-A recipe names a model, a plan and, optionally, an ONNX export and a validation; `run_recipe` writes
-everything under `artifacts/<name>/`: `hf/`, `onnx/`, `report/` (report.md, report.json, report.png).
+A recipe names a model, a plan and, optionally, healing, an ONNX export, a validation and a Triton model
+repository; `run_recipe` writes everything under `artifacts/<name>/`: `hf/`, `healed/`, `onnx/`, `report/`
+(report.md, report.json, report.png), `triton/`, and returns a short summary of what the run measured.
 A stage whose inputs (its recipe section and the stage before it) have not changed since the last run
 is skipped, and says so; `force=True` redoes every stage. `--set key=value` overrides any field,
 dotted for nested ones (`--set plan.speedup=3`).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,20 +21,41 @@ import yaml
 
 from .errors import UserError
 from .plan.scoring import DEFAULT_CALIB_TOKENS
+from .serve.repository import RECIPE_FIELDS as TRITON_FIELDS
 from .validate.speed import SpeedSettings
 
 REQUIRED = object()
+
+
+class IntList:
+    """A schema type: a list whose items are whole numbers (not bools, floats or text), each at
+    least `minimum`."""
+
+    def __init__(self, what: str, minimum: int = 0):
+        self.what, self.minimum = what, minimum
+
+
+LAYERS = IntList("layer indices")
 # Every field a recipe may hold: section -> field -> (type, default); "" is the top level.
 SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "": {"name": (str, REQUIRED), "model": (str, REQUIRED), "artifacts": (str, "artifacts")},
-    "plan": {"strategy": (str, "uls"), "speedup": ((int, float), None), "keep": (list, None), "skip": (list, None),
+    "plan": {"strategy": (str, "uls"), "speedup": ((int, float), None), "keep": (LAYERS, None), "skip": (LAYERS, None),
              "calib": (str, None), "calib_tokens": (int, DEFAULT_CALIB_TOKENS), "device": (str, "cpu")},
+    "heal": {"data": (str, REQUIRED), "loss": (str, "kd"), "steps": (int, 600), "batch": (int, 32),
+             "seq_len": (int, 256), "lr": ((int, float), 5e-4), "device": (str, None), "dtype": (str, "fp32"),
+             "eval_text": (str, None), "seed": (int, 0)},
     "onnx": {"builder": (str, "torch"), "dtype": (str, "fp32"), "device": (str, "cpu")},
-    "validate": {"runtime": (str, None), "device": (str, "cpu"), "batches": (list, list(SpeedSettings.batches)),
+    "validate": {"runtime": (str, None), "device": (str, "cpu"), "batches": (IntList("batch sizes", 1), list(SpeedSettings.batches)),
                  "prompt_len": (int, SpeedSettings.prompt_len), "new_tokens": (int, SpeedSettings.new_tokens),
                  "runs": (int, SpeedSettings.runs), "parity_steps": (int, 32), "text": (str, None)},
+    "triton": TRITON_FIELDS,
 }
 STAMPS = ".ulsexport-stages.json"
+# Lower bounds of whole-number fields, checked when the recipe is read.
+MINIMUMS = {"plan.calib_tokens": 1, "validate.prompt_len": 1, "validate.new_tokens": 2, "validate.runs": 1,
+            "validate.parity_steps": 1}
+# Files hashed whole when a stage decides whether its model changed; larger ones by size, time and header.
+HASH_WHOLE_BYTES = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -40,6 +63,7 @@ class RecipeRun:
     out_dir: Path
     stages: dict[str, str]   # stage -> "ran" or "skipped (unchanged)"
     report: dict | None
+    summary: list[str]       # what the run measured, a line each
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -47,11 +71,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist")
-    text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"could not read recipe {path}: {exc.strerror or type(exc).__name__}") from None
+    data = _safe_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a mapping of fields (name, model, plan, ...)")
     lines = _key_lines(text)
@@ -65,9 +91,25 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
             if not isinstance(data.get(section), dict):
                 data[section] = {}
             target = data[section]
-        target[field] = yaml.safe_load(value)
+        target[field] = _safe_yaml(value, f"{path} (--set {key})")
         lines[key] = "--set"
     return _checked(data, path, lines)
+
+
+def _safe_yaml(text: str, where: str):
+    """yaml.safe_load, with anchors and aliases refused before any value is built: an alias
+    repeats a value, and a few nested ones expand a 400-byte file into gigabytes."""
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                line = event.start_mark.line + 1
+                raise UserError(f"{where} line {line}: YAML anchors and aliases (&name, *name) are not "
+                                "allowed in recipes; write the value out")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to be a recipe") from None
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -99,7 +141,15 @@ def _checked(data: dict, path: Path, lines: dict) -> dict:
         elif key not in SCHEMA[""]:
             raise UserError(f"{where(key)}: unknown field '{key}' (known: {', '.join([*SCHEMA[''], *sections])})")
     out.update(_fields("", {k: v for k, v in data.items() if k in SCHEMA[""]}, where))
+    _check_name(out["name"], where)
     out.setdefault("plan", _fields("plan", {}, where))
+    given = data.get("plan") if isinstance(data.get("plan"), dict) else {}
+    for listed in ("keep", "skip"):
+        if out["plan"][listed] is not None:
+            for other in ("speedup", "strategy"):
+                if given.get(other) is not None:
+                    raise UserError(f"{where('plan.' + listed)}: 'plan.{listed}' gives the layers explicitly; "
+                                    f"drop 'plan.{other}' (or 'plan.{listed}')")
     if "validate" in out and out["validate"]["runtime"] is None:
         from .export import get_builder
 
@@ -115,8 +165,13 @@ def _fields(section: str, values: dict, where: Callable[[str], str]) -> dict:
         if field not in SCHEMA[section]:
             raise UserError(f"{where(key)}: unknown field '{key}' (known: {', '.join(SCHEMA[section])})")
         kind = SCHEMA[section][field][0]
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise UserError(f"{where(key)}: '{key}' must be {_kind_name(kind)}, not {value!r}")
+        if isinstance(kind, IntList):
+            if value is not None:
+                _check_int_list(key, value, kind, where)
+        elif value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise UserError(f"{where(key)}: '{key}' must be {_kind_name(kind)}, not {_brief(value)}")
+        if key in MINIMUMS and value is not None and value < MINIMUMS[key]:
+            raise UserError(f"{where(key)}: '{key}' must be at least {MINIMUMS[key]}, not {value}")
         out[field] = value
     for field, (_, default) in SCHEMA[section].items():
         key = f"{section}.{field}" if section else field
@@ -125,6 +180,32 @@ def _fields(section: str, values: dict, where: Callable[[str], str]) -> dict:
                 raise UserError(f"{where(key)}: the recipe needs '{key}'")
             out[field] = copy.copy(default)
     return out
+
+
+def _check_int_list(key: str, value, kind: IntList, where) -> None:
+    if not isinstance(value, list):
+        raise UserError(f"{where(key)}: '{key}' must be a list of {kind.what} (whole numbers), not {_brief(value)}")
+    for position, item in enumerate(value, 1):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise UserError(f"{where(key)}: '{key}' holds {kind.what}, which are whole numbers; item {position} "
+                            f"is {_brief(item)}")
+        if item < kind.minimum:
+            raise UserError(f"{where(key)}: '{key}' item {position} is {item}; {kind.what} are at least "
+                            f"{kind.minimum}")
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _check_name(name: str, where) -> None:
+    """A recipe's name is one plain folder name under artifacts/: no path, no '..'."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
+           or os.path.isabs(name) or len(name.encode()) > 200)
+    if bad:
+        raise UserError(f"{where('name')}: 'name' must be a plain folder name (no '/', not '..', at most "
+                        f"200 bytes), not {_brief(name)}")
 
 
 def _kind_name(kind) -> str:
@@ -137,9 +218,15 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
     """prune -> onnx -> validate as the recipe says, each stage skipped when its inputs are unchanged."""
     from .plan.scoring import layer_plan_for_model
 
-    out = Path(recipe["artifacts"]) / recipe["name"]
+    from .outputs import resolve_path
+
+    _check_name(recipe["name"], lambda key: "recipe")
+    artifacts = Path(recipe["artifacts"])
+    out = artifacts / recipe["name"]
+    if resolve_path(out).parent != resolve_path(artifacts):
+        raise UserError(f"recipe name {recipe['name']!r} would write outside {artifacts}")
     stamps_path = out / STAMPS
-    stamps = json.loads(stamps_path.read_text()) if stamps_path.is_file() and not force else {}
+    stamps = _read_stamps(stamps_path) if not force else {}
     stages: dict[str, str] = {}
     report = None
 
@@ -148,6 +235,9 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
         if stamps.get(name) == key and target.exists():
             stages[name] = "skipped (unchanged)"
         else:
+            if target.name != "report.json" and os.path.lexists(target) and not (target / "ulsexport.json").is_file():
+                raise UserError(f"{target} exists and was not written by ulsexport (no ulsexport.json); "
+                                "`run` replaces only its own outputs: move it away")
             echo(f"[{recipe['name']}] {name} ...")
             work()
             stamps[name] = key
@@ -158,42 +248,140 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
         return key
 
     plan_section = recipe["plan"]
-    prune_key = stage("prune", {"model": recipe["model"], "plan": plan_section}, out / "hf",
-                      lambda: _prune(recipe, out / "hf", quiet, layer_plan_for_model))
-    onnx_key = prune_key
+    plan = _plan_up_front(recipe, quiet)  # a bad plan is refused before any stage starts
+    prune_key = stage("prune", {"model": recipe["model"], "model_contents": model_fingerprint(recipe["model"]),
+                                "plan": plan_section}, out / "hf",
+                      lambda: _prune(recipe, out / "hf", quiet, layer_plan_for_model, plan))
+    checkpoint, checkpoint_key = out / "hf", prune_key
+    if recipe.get("heal"):
+        section = recipe["heal"]
+        checkpoint_key = stage("heal", {"after": prune_key, **section, "data_contents": model_fingerprint(section["data"])},
+                               out / "healed", lambda: _heal(recipe, out, quiet))
+        checkpoint = out / "healed"
+    onnx_key = checkpoint_key
     if recipe.get("onnx"):
-        onnx_key = stage("onnx", {"after": prune_key, **recipe["onnx"]}, out / "onnx",
-                         lambda: _onnx(recipe["onnx"], out, quiet))
+        onnx_key = stage("onnx", {"after": checkpoint_key, **recipe["onnx"]}, out / "onnx",
+                         lambda: _onnx(recipe["onnx"], checkpoint, out, quiet))
     if recipe.get("validate"):
         holder: dict = {}
+        candidate = out / "onnx" if recipe.get("onnx") else checkpoint
         stage("validate", {"after": onnx_key, **recipe["validate"]}, out / "report" / "report.json",
-              lambda: holder.update(report=_validate(recipe, out, quiet)))
+              lambda: holder.update(report=_validate(recipe, candidate, out, quiet)))
         report = holder.get("report") or json.loads((out / "report" / "report.json").read_text())
-    return RecipeRun(out, stages, report)
+    if recipe.get("triton") is not None:
+        from .serve.repository import recipe_stage
+
+        stage("triton", {"after": onnx_key, **recipe["triton"]}, out / "triton",
+              lambda: recipe_stage(recipe["triton"], out, quiet))
+    return RecipeRun(out, stages, report, summary(recipe, out, report))
 
 
-def _prune(recipe: dict, target: Path, quiet: bool, layer_plan_for_model) -> None:
+def summary(recipe: dict, out: Path, report: dict | None) -> list[str]:
+    """A few lines of what the run measured: layers kept, parity, decode speedup, perplexities."""
+    from .artifact import read_manifest
+
+    pruned = read_manifest(out / "hf") or {}
+    kept, total = pruned.get("kept") or [], pruned.get("num_layers_original")
+    lines = [f"{recipe['name']}: {len(kept)} of {total} layers kept ({(pruned.get('plan') or {}).get('strategy')} "
+             f"plan: {','.join(map(str, kept))})"]
+    if report is not None:
+        parity = report["parity"]
+        lines.append(f"parity: {'PASS' if parity['passed'] else 'FAIL'} against the PyTorch checkpoint (max relative "
+                     f"logit error {parity['max_relative_error']:.1e}, greedy tokens "
+                     f"{'identical' if parity['greedy_tokens_equal'] else 'differ'} over {parity['steps_compared']} "
+                     f"steps; {report['runtime']} on {report['device']})")
+        for batch, measured in ((report.get("speedup") or {}).get("measured") or {}).items():
+            speeds = report["speed"]
+            lines.append(f"decode speed, batch {batch}: {measured['decode_tokens_per_s']:.2f}x the full model "
+                         f"({speeds['full'][batch]['decode_tokens_per_s']['median']:.0f} -> "
+                         f"{speeds['pruned'][batch]['decode_tokens_per_s']['median']:.0f} tokens/s, {report['runtime']})")
+    healing = (read_manifest(out / "healed") or {}).get("healing") if recipe.get("heal") else None
+    if healing and healing.get("perplexity_after") is not None and healing.get("teacher_perplexity"):
+        lines.append(f"perplexity on {Path(healing['eval_text']).name}: full {healing['teacher_perplexity']:.2f}, "
+                     f"pruned {healing['perplexity_before']:.2f}, healed {healing['perplexity_after']:.2f} "
+                     f"({healing['perplexity_after'] / healing['teacher_perplexity']:.3f}x the full model)")
+    elif report is not None and report.get("perplexity"):
+        p = report["perplexity"]
+        lines.append(f"perplexity on {Path(p['text']).name}: full {p['full']:.2f}, pruned {p['pruned']:.2f}")
+    return lines
+
+
+def _read_stamps(path: Path) -> dict:
+    try:
+        stamps = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}  # unreadable: every stage runs again
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def model_fingerprint(model: str) -> str | None:
+    """What a stage's reuse is keyed by: the contents of the model directory (or of a data file or
+    folder), not its path. Files up to
+    HASH_WHOLE_BYTES are hashed whole; larger ones (weights) by size, modification time and their
+    first megabyte (a safetensors header). None for a hub id (its revision is what the hub serves)."""
+    root = Path(model).expanduser()
+    if not root.exists():
+        return None
+    digest = hashlib.sha256()
+    try:
+        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root).as_posix() if path != root else root.name}\0{stat.st_size}\0".encode())
+            with open(path, "rb") as f:
+                if stat.st_size <= HASH_WHOLE_BYTES:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                else:
+                    digest.update(f"{stat.st_mtime_ns}\0".encode())
+                    digest.update(f.read(1 << 20))
+    except OSError as exc:
+        raise UserError(f"could not read the model {model}: {exc.strerror or type(exc).__name__} "
+                        f"({exc.filename})") from None
+    return digest.hexdigest()
+
+
+def _plan_up_front(recipe: dict, quiet: bool):
+    """The recipe's plan where making it is cheap (positional and explicit plans read only the
+    config); None for plans scored from calibration data, made when the prune stage runs."""
+    from .plan.scoring import DATA_STRATEGIES, layer_plan_for_model
+
+    p = recipe["plan"]
+    if p["strategy"] in DATA_STRATEGIES and p["keep"] is None and p["skip"] is None:
+        return None
+    return layer_plan_for_model(recipe["model"], p["speedup"], p["strategy"], p["keep"], p["skip"], p["calib"],
+                                calib_tokens=p["calib_tokens"], device=p["device"], quiet=quiet)
+
+
+def _prune(recipe: dict, target: Path, quiet: bool, layer_plan_for_model, plan=None) -> None:
     from .prune import prune_checkpoint
 
     p = recipe["plan"]
-    plan = layer_plan_for_model(recipe["model"], p["speedup"], p["strategy"], p["keep"], p["skip"], p["calib"],
+    plan = plan or layer_plan_for_model(recipe["model"], p["speedup"], p["strategy"], p["keep"], p["skip"], p["calib"],
                                 calib_tokens=p["calib_tokens"], device=p["device"], quiet=quiet)
     prune_checkpoint(recipe["model"], target, plan, force=True, quiet=quiet)
 
 
-def _onnx(section: dict, out: Path, quiet: bool) -> None:
+def _heal(recipe: dict, out: Path, quiet: bool) -> None:
+    from .heal import heal
+
+    section = recipe["heal"]
+    heal(recipe["model"], out / "hf", section["data"], out / "healed", loss=section["loss"], steps=section["steps"],
+         batch=section["batch"], seq_len=section["seq_len"], lr=float(section["lr"]), device=section["device"],
+         dtype=section["dtype"], eval_text=section["eval_text"], seed=section["seed"], quiet=quiet, force=True)
+
+
+def _onnx(section: dict, checkpoint: Path, out: Path, quiet: bool) -> None:
     from .export import get_builder
 
-    get_builder(section["builder"]).build(out / "hf", out / "onnx", section["dtype"], section["device"],
+    get_builder(section["builder"]).build(checkpoint, out / "onnx", section["dtype"], section["device"],
                                           force=True, quiet=quiet)
 
 
-def _validate(recipe: dict, out: Path, quiet: bool) -> dict:
+def _validate(recipe: dict, candidate: Path, out: Path, quiet: bool) -> dict:
     from .validate.report import write_reports
     from .validate import validate
 
     v = recipe["validate"]
-    candidate = out / ("onnx" if recipe.get("onnx") else "hf")
     speed = SpeedSettings(tuple(v["batches"]), v["prompt_len"], v["new_tokens"], v["runs"], 1)
     report = validate(recipe["model"], candidate, v["runtime"], v["device"], None, speed, v["parity_steps"],
                       text=v["text"], quiet=quiet)

@@ -1,10 +1,12 @@
 """`ulsexport engine`: a TensorRT engine from a standard-ops ONNX export."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from ..artifact import json_text
+from .options import quiet_option
 
 from ..errors import UserError
 
@@ -28,6 +30,7 @@ from ..errors import UserError
 @click.option("--workspace-gb", type=float, help="Builder workspace limit in GiB [default: the library's].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@quiet_option
 @click.pass_context
 def engine(ctx, model, out, fp16, bf16, batch, max_seq, timing_cache, library, workspace_gb, force, as_json):
     """Build a TensorRT engine (model.plan) from an ONNX export, with optimization profiles for every
@@ -48,7 +51,7 @@ def engine(ctx, model, out, fp16, bf16, batch, max_seq, timing_cache, library, w
                           max_seq=max_seq, timing_cache=timing_cache, library=library, workspace_gb=workspace_gb,
                           force=force, quiet=ctx.obj["quiet"])
     if as_json:
-        click.echo(json.dumps(result.manifest, indent=2))
+        click.echo(json_text(result.manifest))
         return
     facts = result.manifest["engine"]
     runs_on = "compute capability " + " ".join(facts["runs_on"]) if facts["runs_on"] else facts["runs_on_note"]

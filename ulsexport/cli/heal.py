@@ -1,15 +1,22 @@
 """`ulsexport heal`: train a pruned model back towards the original."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from ..artifact import json_text
+from .options import quiet_option
+
 
 @click.command()
 @click.option("--teacher", "-t", help="The original model the student was pruned from (optional with --loss lm).")
-@click.option("--student", required=True, help="The pruned checkpoint to heal. Never modified.")
+@click.option("--student", help="The pruned checkpoint to heal. Never modified. (Joint healing: leave it out.)")
+@click.option("--speedups", help="Joint healing: one set of weights for several depths, e.g. 2,3 (1 = the full "
+                                 "depth). Starts from --teacher, trains each depth in turn; the output holds every "
+                                 "layer and records each depth's plan for `prune --speedup` and `onnx --speedups`.")
+@click.option("--strategy", default="uls", show_default=True, help="With --speedups: the plan strategy.")
+@click.option("--calib", type=click.Path(path_type=Path), help="With --speedups: calibration text for bi|angular|greedy-ppl.")
 @click.option("--data", "-d", required=True, type=click.Path(path_type=Path),
               help="Training text: a .txt file (one document per paragraph), a .jsonl file (a 'text' "
                    "field per line), or a directory of them.")
@@ -33,6 +40,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists; discard an earlier run's checkpoints.")
 @click.option("--json", "as_json", is_flag=True, help="Print the output's manifest as JSON.")
+@quiet_option
 @click.pass_context
 def heal(ctx, as_json, **options):
     """Heal a pruned model: train it briefly to match the original it was pruned from.
@@ -45,20 +53,36 @@ def heal(ctx, as_json, **options):
       ulsexport prune --model kjv16 --speedup 2 --out kjv16-2x
       ulsexport heal --teacher kjv16 --student kjv16-2x --data kjv-train.txt \\
           --eval-text kjv-valid.txt --out kjv16-2x-healed --device cuda
+      ulsexport heal --teacher kjv16 --speedups 2,3 --data kjv-train.txt --out kjv16-healed-multi
+      ulsexport onnx --model kjv16-healed-multi --speedups 2,3 --out kjv16-multi/onnx
     """
+    from ..errors import UserError
     from ..heal import heal as heal_model
+    from ..plan.compare import parse_speedups
 
+    if options["speedups"]:
+        options["speedups"] = parse_speedups(options["speedups"])
+    elif options["student"] is None:
+        raise UserError("give --student (the pruned checkpoint to heal), or --speedups for joint healing")
     echo_healed(heal_model(quiet=ctx.obj["quiet"], **options), as_json)
 
 
 def echo_healed(result, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(result.manifest, indent=2))
+        click.echo(json_text(result.manifest))
         return
     record = result.manifest["healing"]
+    for depth in result.manifest.get("trained_depths") or []:
+        if depth["perplexity_after"] is not None:
+            click.echo(f"{depth['speedup']:g}x ({len(depth['kept'])} layers): perplexity on {record['eval_text']} "
+                       f"{_number(depth['perplexity_before'])} before, {_number(depth['perplexity_after'])} after")
     if record["perplexity_before"] is not None:
-        teacher = f" (teacher {record['teacher_perplexity']:.2f})" if record["teacher_perplexity"] else ""
-        click.echo(f"perplexity on {record['eval_text']}: {record['perplexity_before']:.2f} before, "
-                   f"{record['perplexity_after']:.2f} after{teacher}")
+        teacher = f" (teacher {_number(record['teacher_perplexity'])})" if record["teacher_perplexity"] else ""
+        click.echo(f"perplexity on {record['eval_text']}: {_number(record['perplexity_before'])} before, "
+                   f"{_number(record['perplexity_after'])} after{teacher}")
     click.echo(f"healed with {record['loss']} for {record['steps']} steps; "
                f"wrote {result.out_dir} in {result.seconds:.1f} s")
+
+
+def _number(value) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "n/a (not finite)"

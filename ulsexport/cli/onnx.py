@@ -1,13 +1,14 @@
 """`ulsexport onnx`: export a checkpoint to ONNX with a KV cache."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from ..artifact import json_text
 from ..errors import UserError
 from ..export import BUILDERS, DEFAULT_BUILDER, get_builder
+from .options import quiet_option
 
 
 @click.command()
@@ -38,11 +39,13 @@ from ..export import BUILDERS, DEFAULT_BUILDER, get_builder
                                  "depth, every weight stored once (torch builder).")
 @click.option("--strategy", default="uls", show_default=True, help="With --speedups: the plan strategy (see `plan`).")
 @click.option("--calib", type=click.Path(path_type=Path), help="With --speedups: calibration text for bi|angular|greedy-ppl.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only an earlier ulsexport output).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (*.bin); they can run code when loaded.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@quiet_option
 @click.pass_context
 def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention, kv_cache, target, speedups, strategy,
-         calib, force, as_json):
+         calib, force, allow_pickle, as_json):
     """Export a checkpoint to ONNX: one decoder graph with a KV cache for the kept layers only.
 
     The torch builder's graph has inputs input_ids, attention_mask, past_key_values.{i}.key/value
@@ -58,7 +61,8 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
       ulsexport onnx  --model artifacts/llama-2x/hf --out artifacts/llama-2x/genai --builder genai \\
           --dtype fp16 --device cuda
     """
-    options = dict(opset=opset, optimize=False if no_optimize else None, attention=attention, kv_cache=kv_cache)
+    options = dict(opset=opset, optimize=False if no_optimize else None, attention=attention, kv_cache=kv_cache,
+                   allow_pickle=allow_pickle or None)
     if target == "tensorrt":
         if builder != DEFAULT_BUILDER or speedups:
             raise UserError("--target tensorrt is the torch builder's graph of one depth: drop --builder/--speedups")
@@ -77,7 +81,7 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
             raise UserError("--strategy and --calib go with --speedups (to prune one depth: ulsexport prune)")
         result = get_builder(builder).build(model, out, dtype, device, force=force, quiet=ctx.obj["quiet"], **options)
     if as_json:
-        click.echo(json.dumps(result.manifest, indent=2))
+        click.echo(json_text(result.manifest))
     elif result.manifest.get("multi_depth"):
         weights = result.manifest["weights"]
         click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s: "

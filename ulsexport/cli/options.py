@@ -11,6 +11,21 @@ from ..plan import parse_index_list
 ARTIFACTS = Path("artifacts")
 
 
+def _set_quiet(ctx, param, value):
+    quiet = ctx.ensure_object(dict)
+    if value:
+        quiet["quiet"] = True
+    else:
+        quiet.setdefault("quiet", False)
+    return value
+
+
+def quiet_option(f):
+    """-q/--quiet, accepted before the subcommand and after it alike: sets ctx.obj["quiet"]."""
+    return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_quiet,
+                        help="No progress bars.")(f)
+
+
 def plan_options(f):
     f = click.option("--skip", help="Explicit layers to remove, e.g. 1,3,10-12 (instead of a strategy).")(f)
     f = click.option("--keep", help="Explicit layers to keep, e.g. 0,2,5,7 (instead of a strategy).")(f)
@@ -35,9 +50,26 @@ def calib_options(f):
     return f
 
 
+def check_plan_conflicts(speedup, keep, skip) -> None:
+    """An explicit --keep/--skip list is the whole plan: refuse --speedup or an explicitly given
+    --strategy beside it rather than silently ignoring one of them."""
+    if keep is None and skip is None:
+        return
+    option = "--keep" if keep is not None else "--skip"
+    if speedup is not None:
+        raise UserError(f"{option} gives the layers explicitly; drop --speedup (or drop {option})")
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and "strategy" in ctx.params:
+        from click.core import ParameterSource
+
+        if ctx.get_parameter_source("strategy") not in (ParameterSource.DEFAULT, None):
+            raise UserError(f"{option} gives the layers explicitly; drop --strategy (or drop {option})")
+
+
 def layer_plan_option(model, speedup, strategy, keep, skip, calib, calib_tokens, device):
     from ..plan.scoring import layer_plan_for_model
 
+    check_plan_conflicts(speedup, keep, skip)
     keep_list, skip_list = index_lists(keep, skip)
     return layer_plan_for_model(model, speedup, strategy, keep_list, skip_list, calib,
                                 calib_tokens=calib_tokens, device=device,

@@ -10,7 +10,8 @@ import click
 from ..errors import UserError
 from ..plan import describe
 from ..plan.compare import STRATEGIES as PLAN_STRATEGIES
-from .options import calib_options, layer_plan_option, index_lists, plan_options
+from .options import (calib_options, check_plan_conflicts, index_lists, layer_plan_option, plan_options,
+                      quiet_option)
 
 
 @click.command()
@@ -19,6 +20,7 @@ from .options import calib_options, layer_plan_option, index_lists, plan_options
 @plan_options
 @calib_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@quiet_option
 def plan(model, num_layers, speedup, strategy, keep, skip, calib, calib_tokens, device, as_json):
     """Show which layers a target speedup keeps, with the predicted speedup.
 
@@ -35,6 +37,7 @@ def plan(model, num_layers, speedup, strategy, keep, skip, calib, calib_tokens, 
     if model:
         result = layer_plan_option(model, speedup, strategy, keep, skip, calib, calib_tokens, device)
     else:
+        check_plan_conflicts(speedup, keep, skip)
         result = make_plan(num_layers, speedup, strategy, *index_lists(keep, skip))
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else describe(result))
 
@@ -50,6 +53,7 @@ def plan(model, num_layers, speedup, strategy, keep, skip, calib, calib_tokens, 
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the Markdown report here.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG plot (perplexity vs speedup) here.")
+@quiet_option
 @click.pass_context
 def compare_plans_command(ctx, model, speedups, text, calib, calib_tokens, device, strategies, json_path,
                           report, plot):
@@ -64,7 +68,11 @@ def compare_plans_command(ctx, model, speedups, text, calib, calib_tokens, devic
       ulsexport compare-plans --model tests/fixtures/models/kjv16 --speedups 1.25,1.5,2,3 \\
         --text tests/fixtures/data/kjv-valid.txt --report plans.md --plot plans.png
     """
+    from ..outputs import check_writable_file
     from ..plan.compare import compare_plans, markdown_report, parse_speedups, write_outputs
+
+    for option, path in (("--json", json_path), ("--report", report), ("--plot", plot)):
+        check_writable_file(path, option)
 
     result = compare_plans(model, parse_speedups(speedups), text, calib, calib_tokens=calib_tokens,
                            device=device, quiet=ctx.obj["quiet"],

@@ -1,14 +1,14 @@
 """`ulsexport prune`: remove the planned layers from a checkpoint."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from ..plan import describe
 from .heal import echo_healed
-from .options import ARTIFACTS, calib_options, layer_plan_option, parse_size, plan_options
+from ..artifact import json_text
+from .options import ARTIFACTS, calib_options, layer_plan_option, parse_size, plan_options, quiet_option
 
 
 @click.command()
@@ -25,6 +25,7 @@ from .options import ARTIFACTS, calib_options, layer_plan_option, parse_size, pl
               help="Then heal the pruned model against --model on this text with `ulsexport heal`'s "
                    "defaults (on cuda when available); --out gets the healed model.")
 @click.option("--resume", is_flag=True, help="With --heal-data: continue an interrupted healing run.")
+@quiet_option
 @click.pass_context
 def prune(ctx, model, out, speedup, strategy, keep, skip, calib, calib_tokens, device, force, allow_pickle,
           max_shard_size, as_json, heal_data, resume):
@@ -54,7 +55,7 @@ def prune(ctx, model, out, speedup, strategy, keep, skip, calib, calib_tokens, d
     result = prune_checkpoint(model, out, layer_plan, force=force, allow_pickle=allow_pickle,
                               max_shard_bytes=parse_size(max_shard_size), quiet=ctx.obj["quiet"])
     if as_json:
-        click.echo(json.dumps(result.manifest, indent=2))
+        click.echo(json_text(result.manifest))
     else:
         click.echo(describe(layer_plan))
         click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s")

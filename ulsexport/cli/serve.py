@@ -1,12 +1,14 @@
 """`ulsexport triton` (write a Triton model repository) and `ulsexport serve` (run tritonserver over it)."""
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
 
 import click
+
+from ..artifact import json_text
+from .options import quiet_option
 
 
 @click.command()
@@ -51,7 +53,7 @@ def triton(model, out, name, device, runtime, instances, max_batch, max_tokens, 
                               queue_delay_us=queue_delay_us, force=force)
     manifest = result.manifest
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json_text(manifest))
         return
     served = [m["name"] for m in manifest["models"] if m["served"]]
     click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s: {', '.join(served)} "
@@ -74,6 +76,7 @@ def triton(model, out, name, device, runtime, instances, max_batch, max_tokens, 
 @click.option("--metrics-port", type=int, default=8002, show_default=True)
 @click.option("--log-file", type=click.Path(path_type=Path), help="Server log [default: a temporary file, shown].")
 @click.option("--ready-timeout", type=float, default=300, show_default=True, help="Seconds to wait for the models.")
+@quiet_option
 @click.pass_context
 def serve(ctx, repository, host, http_port, grpc_port, metrics_port, log_file, ready_timeout):
     """Run Triton Inference Server (the nvidia-pytriton wheel's tritonserver) over a repository

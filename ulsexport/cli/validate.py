@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from ..errors import UserError
 from ..runtime import RUNTIMES
+from .options import quiet_option
 
 @click.command()
 @click.option("--reference", "-r", required=True, help="The ORIGINAL (full-depth) checkpoint.")
@@ -31,6 +33,7 @@ from ..runtime import RUNTIMES
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the Markdown report here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write the PNG plot here.")
+@quiet_option
 @click.pass_context
 def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
              no_speed, parity_steps, tolerance, text, tasks, reference_artifact, json_path, report_path, plot_path):
@@ -45,14 +48,31 @@ def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_
       ulsexport validate --reference path/to/llama --candidate artifacts/llama-2x/onnx \\
           --runtime ort --device cuda --batch 1,8 --report report.md --json report.json
     """
+    from ..outputs import check_writable_file
     from ..validate.report import markdown, write_reports
-    from ..validate import SpeedSettings, validate as run_validation
+    from ..validate import SpeedSettings, check_settings, validate as run_validation
 
-    speed = None if no_speed else SpeedSettings(tuple(int(b) for b in batches.split(",")), prompt_len,
-                                                new_tokens, runs, warmup)
+    speed = None if no_speed else SpeedSettings(parse_batches(batches), prompt_len, new_tokens, runs, warmup)
+    check_settings(speed, parity_steps, tolerance)
+    for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
+        check_writable_file(path, option)  # before the work, not after it
     result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance, text,
                             tasks, reference_artifact, quiet=ctx.obj["quiet"])
     write_reports(result, json_path, report_path, plot_path)
     click.echo(markdown(result))
     if not result["parity"]["passed"]:
         sys.exit(1)
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """'1,8' -> (1, 8); every batch size a whole number of at least 1."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = int(part)
+        except ValueError:
+            raise UserError(f"--batch: '{part}' is not a batch size (a whole number, e.g. --batch 1,8)") from None
+        if value < 1:
+            raise UserError(f"--batch: batch sizes are at least 1, not {value}")
+        out.append(value)
+    return tuple(out)

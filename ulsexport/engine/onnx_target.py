@@ -19,7 +19,7 @@ TARGET = "tensorrt"
 
 
 def export_standard_onnx(model, out, dtype: str = "fp32", device: str = "cpu", force: bool = False,
-                         quiet: bool = False, opset: int | None = None) -> BuildResult:
+                         quiet: bool = False, opset: int | None = None, allow_pickle: bool = False) -> BuildResult:
     """Export checkpoint `model` to `out` for TensorRT (see the module docstring); whole or nothing."""
     from ..export.trace import ONNX_FILE, export_onnx
 
@@ -27,7 +27,8 @@ def export_standard_onnx(model, out, dtype: str = "fp32", device: str = "cpu", f
     out = Path(out)
     with atomic_output_dir(out, force, protect=(Path(model),)) as tmp:
         inner = tmp / "graph"
-        export_onnx(model, inner, dtype, device, opset=opset, optimize=False, kv_cache="concat", quiet=quiet)
+        export_onnx(model, inner, dtype, device, opset=opset, optimize=False, kv_cache="concat", quiet=quiet,
+                    allow_pickle=allow_pickle)
         foreign = standard_ops_check(inner / ONNX_FILE)
         if foreign:
             raise UserError(f"the exported graph has non-standard ops TensorRT cannot parse: {', '.join(foreign)}")

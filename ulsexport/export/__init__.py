@@ -45,13 +45,14 @@ BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("torch", ".trace", "export_onnx",
             "torch.onnx export, every supported family, loads in onnxruntime and onnxruntime-genai",
             ("fp32", "fp16"), "ort",
-            {"opset": "--opset", "optimize": "--no-optimize", "attention": "--attention", "kv_cache": "--kv-cache"}),
+            {"opset": "--opset", "optimize": "--no-optimize", "attention": "--attention", "kv_cache": "--kv-cache",
+             "allow_pickle": "--allow-pickle"}),
     Builder("genai", ".genai", "build_genai",
             "onnxruntime-genai's model builder (fused kernels, fastest on CUDA; fewer families)",
             ("fp32", "fp16", "int4"), "genai"),
     Builder("tensorrt", "..engine.onnx_target", "export_standard_onnx",
             "standard ONNX ops only (no onnxruntime fusions), concat KV cache: the input of `ulsexport engine`",
-            ("fp32", "fp16"), "ort", {"opset": "--opset"}),
+            ("fp32", "fp16"), "ort", {"opset": "--opset", "allow_pickle": "--allow-pickle"}),
 ]}
 DEFAULT_BUILDER = "torch"
 

@@ -84,6 +84,9 @@ def _onnx_section(decoder: dict, genai_config: dict, dtype: str) -> dict:
 
 def _check_buildable(model_dir: Path, config: dict, adapter, dtype: str, device: str) -> None:
     """Refuse, before any work, what the builder or onnxruntime would get wrong."""
+    from .. import checkpoint as ckpt
+
+    ckpt.weight_files(model_dir, allow_pickle=False)  # the builder reads the weights itself: no pickle
     if dtype not in BUILDER_PRECISIONS:
         raise UserError(f"--dtype {dtype} is not offered for --builder genai; choose one of "
                         f"{', '.join(BUILDER_PRECISIONS)}")

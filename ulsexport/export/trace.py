@@ -67,7 +67,7 @@ def flat_cache_module(model, uses_position_ids: bool):
 
 def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int | None = None,
                 optimize: bool = True, attention: str | None = None, kv_cache: str | None = None, force: bool = False,
-                quiet: bool = False) -> BuildResult:
+                quiet: bool = False, allow_pickle: bool = False) -> BuildResult:
     """Export checkpoint directory `model` to `out`/model.onnx with its manifest and tokenizer files.
 
     `attention` picks the fused attention tried first: "gqa" (GroupQueryAttention; falls back to
@@ -96,7 +96,7 @@ def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int
     out = Path(out)
     with atomic_output_dir(out, force, protect=(model_dir,)) as tmp, \
             progress_bar(3, "onnx export", unit="stage", quiet=quiet) as bar:
-        torch_model = load_causal_lm(model_dir, dtype, device)
+        torch_model = load_causal_lm(model_dir, dtype, device, allow_pickle=allow_pickle)
         if adapter.onnx_experts_implementation:
             torch_model.set_experts_implementation(adapter.onnx_experts_implementation)
         bar.update()

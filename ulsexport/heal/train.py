@@ -37,9 +37,9 @@ from ..families import adapter_for
 from .corpus import check_corpus, corpus_files, corpus_sha256, training_windows
 from ..errors import UserError
 from ..artifact import file_sha256, read_manifest, write_manifest
-from ..models import load_causal_lm, load_tokenizer
+from ..models import load_causal_lm, load_tokenizer, transformers_bars
 from ..precision import resolve_device
-from ..outputs import atomic_output_dir
+from ..outputs import atomic_output_dir, check_output_dir
 from ..progress import progress_bar
 from ..checkpoint import load_model_info
 from ..quality import perplexity, read_text, token_windows
@@ -48,9 +48,10 @@ LOSSES = ("kd", "lm", "kd+lm")
 TRAIN_DTYPES = ("fp32", "bf16")
 EVAL_MAX_TOKENS = 200_000
 CHECKPOINT_PREFIX = "step-"
+MAX_LR = 1.0   # an AdamW learning rate above 1 turns the weights to noise within a step
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_KEYS = ("loss", "kd_weight", "temperature", "steps", "batch", "seq_len", "lr", "warmup_steps",
+RESUME_KEYS = ("depths", "loss", "kd_weight", "temperature", "steps", "batch", "seq_len", "lr", "warmup_steps",
                "lora_rank", "seed", "dtype", "data_sha256", "student_config_sha256")
 
 
@@ -90,7 +91,8 @@ def heal(teacher: str | Path | None, student: str | Path, data: str | Path, out:
          lora_rank: int | None = None, device: str | None = None, dtype: str = "fp32",
          eval_text: str | Path | None = None, resume: bool = False, save_every: int = 100,
          seed: int = 0, quiet: bool = False, force: bool = False,
-         on_step: Callable[[int, float], None] | None = None) -> HealResult:
+         on_step: Callable[[int, float], None] | None = None, speedups=None, strategy: str = "uls",
+         calib=None) -> HealResult:
     """Train `student` towards `teacher` on `data` and write the result to `out`.
 
     `loss`: "kd" (distillation), "lm" (next-token cross-entropy; the teacher is then optional) or
@@ -98,14 +100,33 @@ def heal(teacher: str | Path | None, student: str | Path, data: str | Path, out:
     bf16 autocast and holds the teacher (and a LoRA student's frozen base) in bf16; the student's
     trained weights stay fp32 and are saved in the dtype the student was stored in.
     `on_step(step, loss)` is called after every optimizer step.
+
+    Joint healing (`speedups`, e.g. [2, 3]; 1 is the full depth): one set of weights for several
+    depths. The student starts as the teacher itself (`student` is then the teacher, or None), holds every
+    layer, and each step trains one depth in turn (round robin over the plans made with `strategy`),
+    forward through that depth's kept layers only, distilled against the full teacher. Layers no depth
+    keeps stay as they were. The output is a checkpoint of the original depth whose manifest records the
+    plan of every trained depth (`trained_depths`), which `ulsexport prune --speedup` and
+    `ulsexport onnx --speedups` then reuse.
     """
     start = time.perf_counter()
     weight_kd = {"kd": 1.0, "lm": 0.0}.get(loss, kd_weight)
     warmup_steps = steps // 20 if warmup_steps is None else warmup_steps
     _check_settings(loss, kd_weight, temperature, steps, batch, seq_len, lr, warmup_steps, lora_rank,
                     dtype, save_every)
+    depths = None
+    if speedups:
+        if teacher is None:
+            raise UserError("joint healing (--speedups) needs --teacher: the original model, which it starts from")
+        student = student or teacher
+        depths = _trained_depths(teacher, speedups, strategy, calib, quiet)
     student_dir, student_config, _ = load_model_info(student)
-    teacher_dir = _check_teacher(teacher, student_dir, student_config, needs_teacher=weight_kd > 0)
+    if depths and load_model_info(teacher)[0].resolve() != student_dir.resolve():
+        raise UserError("joint healing starts from the teacher itself: give --teacher only (or --student the same)")
+    teacher_dir = load_model_info(teacher)[0] if depths else _check_teacher(teacher, student_dir, student_config,
+                                                                            needs_teacher=weight_kd > 0)
+    protect = (student_dir, *(p for p in (teacher_dir, data, eval_text) if p))
+    check_output_dir(out, force, protect)  # before the data is read and the models loaded
     files = corpus_files(data)
     tokenizer = load_tokenizer(student_dir)
     check_corpus(tokenizer, files, seq_len)
@@ -120,54 +141,51 @@ def heal(teacher: str | Path | None, student: str | Path, data: str | Path, out:
     run = {"loss": loss, "kd_weight": weight_kd, "temperature": temperature, "steps": steps, "batch": batch,
            "seq_len": seq_len, "lr": lr, "warmup_steps": warmup_steps, "lora_rank": lora_rank, "seed": seed,
            "dtype": dtype, "data_sha256": corpus_sha256(files),
-           "student_config_sha256": file_sha256(student_dir / ckpt.CONFIG_NAME)}
+           "student_config_sha256": file_sha256(student_dir / ckpt.CONFIG_NAME),
+           "depths": [d["kept"] for d in depths] if depths else None}
     checkpoints = work_dir(out) / "checkpoints"
-    protect = (student_dir,) + ((teacher_dir,) if teacher_dir else ())
-    with atomic_output_dir(Path(out), force, protect=protect) as tmp, _transformers_bars(not quiet):
+    with atomic_output_dir(Path(out), force, protect=protect) as tmp, transformers_bars(False):
         saved = _starting_checkpoint(checkpoints, resume, force, run)
         teacher_model = load_causal_lm(teacher_dir, dtype, device) if weight_kd > 0 else None
         model = _load_student(student_dir, lora_rank, dtype, device)
         if saved:
             before, teacher_ppl = saved["perplexity_before"], saved["teacher_perplexity"]
         else:
-            before = perplexity(model, eval_windows) if eval_windows else None
+            before = _depth_perplexities(model, eval_windows, depths) if eval_windows else None
             teacher_ppl = perplexity(teacher_model, eval_windows) if eval_windows and teacher_model else None
         losses, train_seconds = _train(model, teacher_model, tokenizer, files, run, device, checkpoints,
                                        saved, save_every, quiet, on_step,
                                        extra={"perplexity_before": before, "teacher_perplexity": teacher_ppl})
         del teacher_model
         model.eval()
-        after = perplexity(model, eval_windows) if eval_windows else None
+        after = _depth_perplexities(model, eval_windows, depths) if eval_windows else None
         manifest = _manifest(student_dir, teacher_dir, data, eval_text, eval_windows, run, before, after,
                              teacher_ppl, losses, train_seconds, time.perf_counter() - start)
+        if depths:
+            manifest["trained_depths"] = [
+                {**d, "perplexity_before": before[i] if before else None,
+                 "perplexity_after": after[i] if after else None} for i, d in enumerate(depths)]
+            manifest["healing"].update(mode="joint", perplexity_before=None, perplexity_after=None)
         _save(model, lora_rank, student_dir, student_config, tmp, manifest)
     shutil.rmtree(checkpoints, ignore_errors=True)
     _remove_if_empty(work_dir(out))
     return HealResult(Path(out), manifest, losses, manifest["healing"]["seconds"])
 
 
-@contextlib.contextmanager
-def _transformers_bars(enabled: bool):
-    """transformers' own loading/saving bars, off under --quiet."""
-    from transformers.utils import logging
-
-    was_enabled = logging.is_progress_bar_enabled()
-    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (logging.enable_progress_bar if was_enabled else logging.disable_progress_bar)()
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_settings(loss, kd_weight, temperature, steps, batch, seq_len, lr, warmup_steps, lora_rank,
                     dtype, save_every):
     problems = [
         (loss not in LOSSES, f"--loss '{loss}' is not one of {', '.join(LOSSES)}"),
-        (not 0 <= kd_weight <= 1, f"--kd-weight {kd_weight} is not between 0 and 1"),
-        (temperature <= 0, f"--temperature {temperature} must be positive"),
+        (not (_finite(kd_weight) and 0 <= kd_weight <= 1), f"--kd-weight {kd_weight} is not between 0 and 1"),
+        (not (_finite(temperature) and temperature > 0), f"--temperature {temperature} must be positive (and finite)"),
         (steps < 1 or batch < 1 or save_every < 1, "--steps, --batch and --save-every must be at least 1"),
         (seq_len < 2, f"--seq-len {seq_len} must be at least 2"),
-        (lr <= 0, f"--lr {lr} must be positive"),
+        (not (_finite(lr) and 0 < lr <= MAX_LR),
+         f"--lr {lr} must be a positive number no larger than {MAX_LR:g} (AdamW diverges at once above it)"),
         (not 0 <= warmup_steps < max(steps, 1), "warm-up steps must be fewer than --steps"),
         (lora_rank is not None and lora_rank < 1, f"--lora-rank {lora_rank} must be at least 1"),
         (dtype not in TRAIN_DTYPES, f"--dtype '{dtype}' is not one of {', '.join(TRAIN_DTYPES)}"),
@@ -207,13 +225,13 @@ def _first_layer_matches(teacher_dir: Path, student_dir: Path, manifest: dict) -
     import torch
 
     adapter = adapter_for(ckpt.read_config(student_dir))
-    student_infos = [i for i in ckpt.tensor_infos(ckpt.weight_files(student_dir))
+    student_infos = [i for i in ckpt.checkpoint_tensors(student_dir)
                      if adapter.layer_index(i.name) == 0 and len(i.shape) >= 2]
     if not student_infos:
         return False
     smallest = min(student_infos, key=lambda i: i.nbytes)
     source_name = adapter.rename_layer(smallest.name, manifest["kept"][0])
-    teacher_info = next((i for i in ckpt.tensor_infos(ckpt.weight_files(teacher_dir)) if i.name == source_name), None)
+    teacher_info = next((i for i in ckpt.checkpoint_tensors(teacher_dir) if i.name == source_name), None)
     return teacher_info is not None and torch.equal(ckpt.read_tensor(smallest), ckpt.read_tensor(teacher_info))
 
 
@@ -318,8 +336,13 @@ def _train(model, teacher, tokenizer, files, run, device, checkpoints, saved, sa
             bar.update(step)
             while step < steps:
                 ids = torch.tensor([next(windows) for _ in range(batch)], device=device)
-                with autocast:
+                depth = run["depths"][step % len(run["depths"])] if run.get("depths") else None
+                with autocast, _only(model, depth):
                     value = _objective(model, teacher, ids, run)
+                if not torch.isfinite(value.detach()).all():
+                    raise UserError(f"healing stopped at step {step + 1} of {steps}: the loss became "
+                                    f"{value.item()} (the training diverged; try a lower --lr); "
+                                    "no output was written")
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -343,6 +366,43 @@ def _train(model, teacher, tokenizer, files, run, device, checkpoints, saved, sa
         print(f"healing interrupted at step {step}; {where}; rerun with --resume to continue", file=sys.stderr)
         raise
     return losses, seconds + time.perf_counter() - started
+
+
+def _only(model, kept):
+    """The model with only the `kept` layers for a block (all of them for None)."""
+    from ..plan.scoring import kept_layers_only
+
+    return kept_layers_only(model, kept) if kept is not None else contextlib.nullcontext(model)
+
+
+def _trained_depths(teacher, speedups, strategy: str, calib, quiet: bool) -> list[dict]:
+    """The plan of every depth joint healing trains: speedup 1 keeps every layer."""
+    from ..plan import plan_for_kept
+    from ..plan.scoring import layer_plan_for_model
+
+    _, config, adapter = load_model_info(teacher)
+    num_layers = adapter.num_layers(config)
+    depths = []
+    for s in sorted({float(s) for s in speedups}):
+        if not math.isfinite(s) or s < 1:
+            raise UserError(f"--speedups: each speedup is a number >= 1 (1 is the full model), got {s}")
+        plan = plan_for_kept(num_layers, list(range(num_layers)), "full", 1.0, adapter.shape(config)) if s == 1 \
+            else layer_plan_for_model(teacher, s, strategy, calib=calib, quiet=quiet)
+        depths.append({"speedup": s, "strategy": plan.strategy, "kept": list(plan.kept), "plan": plan.to_dict()})
+    if len({tuple(d["kept"]) for d in depths}) != len(depths):
+        raise UserError("--speedups: two speedups keep the same layers; give each depth once")
+    return depths
+
+
+def _depth_perplexities(model, windows, depths):
+    """Perplexity of the model, or of each trained depth (a list, in the order of `depths`)."""
+    if not depths:
+        return perplexity(model, windows)
+    values = []
+    for depth in depths:
+        with _only(model, depth["kept"]):
+            values.append(perplexity(model, windows))
+    return values
 
 
 def _objective(model, teacher, ids, run):
@@ -412,8 +472,7 @@ def prune_and_heal(model: str | Path, out: str | Path, plan, data: str | Path, f
     """Prune `model` into the work directory, then heal it against `model` into `out`."""
     from ..prune import prune_checkpoint
 
-    if Path(out).exists() and not force:
-        raise UserError(f"{Path(out).absolute()} already exists; pass --force to replace it")
+    check_output_dir(out, force, (model, data) if Path(model).exists() else (data,))
     pruned = work_dir(out) / "pruned"
     prune_checkpoint(model, pruned, plan, force=True, quiet=quiet, **prune_options)
     result = heal(model, pruned, data, out, force=force, resume=resume, quiet=quiet)

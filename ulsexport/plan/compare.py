@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -191,7 +190,9 @@ def plot(result: dict, path: Path) -> None:
 
 def write_outputs(result: dict, json_path=None, report_path=None, plot_path=None, command=None) -> None:
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        from ..artifact import json_text
+
+        Path(json_path).write_text(json_text(result) + "\n")
     if report_path:
         Path(report_path).write_text(markdown_report(result, command))
     if plot_path:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 
 POSITIONAL_STRATEGIES = ("uls", "even", "top", "first")
+# No model has anywhere near this many decoder layers; a count above it is a broken config, and
+# refusing it keeps every per-layer list small.
+MAX_LAYERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -128,24 +131,37 @@ POSITIONAL_RULES = {
 }
 
 
-def parse_index_list(text: str, option: str) -> list[int]:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7]."""
+def parse_index_list(text: str, option: str, num_layers: int | None = None) -> list[int]:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]. Ranges are checked before they are expanded: a reversed one
+    (8-3) is refused, and so is one past `num_layers` (or past MAX_LAYERS when no count is known)."""
+    limit = MAX_LAYERS if num_layers is None else num_layers
     out: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         try:
             if "-" in part:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(v) for v in part.split("-", 1))
             else:
-                out.append(int(part))
+                lo = hi = int(part)
         except ValueError:
             raise UserError(f"{option}: '{part}' is not a layer index or range like 3-5") from None
+        if lo > hi:
+            raise UserError(f"{option}: range '{part}' runs backwards; write it {hi}-{lo}")
+        if hi >= limit:
+            where = f"out of range 0..{num_layers - 1}" if num_layers is not None else \
+                f"beyond any model (at most {MAX_LAYERS} layers)"
+            raise UserError(f"{option}: layer {hi} in '{part}' is {where}")
+        out.extend(range(lo, hi + 1))
     return out
 
 
 def validate_indices(indices: list[int], num_layers: int, option: str) -> None:
+    if not isinstance(indices, (list, tuple)):
+        raise UserError(f"{option}: expected a list of layer indices, not {_brief(indices)}")
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise UserError(f"{option}: layer indices are whole numbers, not {_brief(i)}")
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:
         raise UserError(f"{option}: layer {bad[0]} is out of range 0..{num_layers - 1}")
@@ -171,6 +187,7 @@ def plan_for_kept(
     option: str = "--keep",
 ) -> LayerPlan:
     """A plan for a given list of kept layers, whichever strategy chose them."""
+    _check_count(num_layers)
     validate_indices(kept, num_layers, option)
     if len(kept) < 2:
         raise UserError(f"a plan must keep at least 2 layers (keeps {len(kept)})")
@@ -197,10 +214,14 @@ def make_plan(
     shape: ModelShape | None = None,
 ) -> LayerPlan:
     """A plan from a positional strategy and a speedup, or from an explicit --keep / --skip list."""
+    _check_count(num_layers)
     if num_layers < 2:
         raise UserError(f"a model needs at least 2 layers to prune (has {num_layers})")
     if keep is not None and skip is not None:
         raise UserError("give either --keep or --skip, not both")
+    if (keep is not None or skip is not None) and speedup is not None:
+        option = "--keep" if keep is not None else "--skip"
+        raise UserError(f"{option} gives the layers explicitly; drop --speedup (or drop {option})")
     if skip is not None:
         validate_indices(skip, num_layers, "--skip")
         dropped = set(skip)
@@ -214,6 +235,18 @@ def make_plan(
         raise UserError("give --speedup, or an explicit --keep / --skip list")
     kept = POSITIONAL_RULES[strategy](num_layers, num_kept_for_speedup(num_layers, speedup))
     return plan_for_kept(num_layers, kept, strategy, speedup, shape)
+
+
+def _check_count(num_layers) -> None:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int):
+        raise UserError(f"a layer count is a whole number, not {_brief(num_layers)}")
+    if num_layers > MAX_LAYERS:
+        raise UserError(f"{num_layers} layers: ulsexport handles at most {MAX_LAYERS}")
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def plan_from_dict(data: dict, shape: ModelShape | None = None) -> LayerPlan:
@@ -255,5 +288,5 @@ def _fmt_run(run: list[int]) -> str:
 
 __all__ = [
     "LayerPlan", "ModelShape", "make_plan", "plan_for_kept", "plan_from_dict", "num_kept_for_speedup",
-    "uls_layers", "even_layers", "top_layers", "first_layers", "parse_index_list", "describe",
+    "uls_layers", "even_layers", "top_layers", "first_layers", "parse_index_list", "describe", "MAX_LAYERS",
 ]

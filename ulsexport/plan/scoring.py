@@ -196,7 +196,7 @@ def streamed_base_model(model_dir: Path, device: str):
     with _params_on_meta():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).eval()
     base, prefix = model.base_model, model.base_model_prefix
-    infos = {i.name: i for i in ckpt.tensor_infos(ckpt.weight_files(model_dir))}
+    infos = {i.name: i for i in ckpt.checkpoint_tensors(model_dir)}
     sources = {}
     for name, _ in base.named_parameters():
         info = infos.get(f"{prefix}.{name}") or infos.get(name)
@@ -412,13 +412,32 @@ def plan_from_data(model: str | Path, speedup: float, strategy: str, calib_path,
                           streamed=streamed, **kwargs)[0]
 
 
+def trained_plan(model: str | Path, speedup) -> LayerPlan | None:
+    """The plan a jointly healed model was trained for at `speedup`, or None."""
+    from ..artifact import read_manifest
+    from ..checkpoint import load_model_info
+
+    if speedup is None:
+        return None
+    model_dir, config, adapter = load_model_info(model)
+    for depth in (read_manifest(model_dir) or {}).get("trained_depths") or []:
+        if float(depth["speedup"]) == float(speedup):
+            return plan_for_kept(adapter.num_layers(config), depth["kept"], depth["strategy"], float(speedup),
+                                 adapter.shape(config), scores={"trained_depth": True})
+    return None
+
+
 def layer_plan_for_model(model: str | Path, speedup=None, strategy: str = "uls", keep=None, skip=None,
                          calib=None, *, calib_tokens: int = DEFAULT_CALIB_TOKENS, device: str = "cpu",
                          quiet: bool = False) -> LayerPlan:
     """prune.plan_for_model for every strategy: explicit lists and positional rules need no data;
-    bi, angular and greedy-ppl need the --calib text."""
+    bi, angular and greedy-ppl need the --calib text. A model healed jointly for several depths
+    (`heal --speedups`) gives the plan it was trained for at that speedup."""
     from ..prune import plan_for_model
 
+    trained = trained_plan(model, speedup) if keep is None and skip is None else None
+    if trained is not None:
+        return trained
     if strategy in DATA_STRATEGIES and keep is None and skip is None:
         return plan_from_data(model, speedup, strategy, calib, calib_tokens=calib_tokens,
                               device=device, quiet=quiet)

@@ -80,8 +80,14 @@ class OnnxDecoder(Runtime):
         path = str(folder / self.onnx["file"])
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
-            session = self._captured_session(make, path) if self.cuda_graph else None
-            session = session or make(path, self._session_options(), providers=PROVIDERS[provider])
+            try:
+                session = self._captured_session(make, path) if self.cuda_graph else None
+                session = session or make(path, self._session_options(), providers=PROVIDERS[provider])
+            except Exception as exc:  # a corrupt or truncated graph: onnxruntime's own exception types
+                if not type(exc).__module__.startswith("onnxruntime"):
+                    raise
+                raise UserError(f"{path} could not be loaded by onnxruntime ({type(exc).__name__}: "
+                                f"{first_line(exc)[:200]}); rebuild it with `ulsexport onnx`") from None
         self.session = session
         self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
         self._step_buffers: dict[tuple[int, int], StepBuffers] = {}

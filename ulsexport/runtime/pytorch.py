@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..compat import cache_argument
 from .base import Runtime, position_ids_from_mask
 
 
@@ -43,8 +44,8 @@ class TorchRuntime(Runtime):
 
         positions = position_ids_from_mask(state.mask)[:, -ids.shape[1]:]
         with torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=state.mask, position_ids=positions,
-                             past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, attention_mask=state.mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{cache_argument(self.model): state.cache})
         return out.logits[:, -1]
 
     def prefill(self, input_ids, attention_mask, max_new_tokens: int):
@@ -58,7 +59,7 @@ class TorchRuntime(Runtime):
         import torch
 
         state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
-        return self._forward(next_ids[:, None], state)
+        return self._forward(torch.as_tensor(next_ids, device=self.device)[:, None], state)
 
     def next_tokens(self, logits):
         import torch

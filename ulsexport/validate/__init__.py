@@ -36,6 +36,31 @@ def _check_lineage(reference: Path, candidate_source: Path) -> dict:
     return manifest
 
 
+def check_settings(speed: SpeedSettings | None, parity_steps: int, tolerance: float | None = None) -> None:
+    """Refuse settings that cannot give a measurement, before any model is loaded."""
+    import math
+
+    def whole(value, least):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    problems = [(not whole(parity_steps, 1), f"--parity-steps must be at least 1 (got {parity_steps})"),
+                (tolerance is not None and not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance)
+                                                and tolerance >= 0), f"--tolerance {tolerance} must be a finite number >= 0")]
+    if speed is not None:
+        problems += [
+            (not speed.batches or not all(whole(b, 1) for b in speed.batches),
+             f"--batch sizes must be whole numbers of at least 1 (got {list(speed.batches)})"),
+            (not whole(speed.prompt_len, 1), f"--prompt-len must be at least 1 (got {speed.prompt_len})"),
+            (not whole(speed.new_tokens, 2), f"--new-tokens must be at least 2: decode speed needs a step after "
+                                             f"the first token (got {speed.new_tokens})"),
+            (not whole(speed.runs, 1), f"--runs must be at least 1 (got {speed.runs})"),
+            (not whole(speed.warmup, 0), f"--warmup must be 0 or more (got {speed.warmup})"),
+        ]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+
+
 def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", dtype: str | None = None,
              speed: SpeedSettings | None = SpeedSettings(), parity_steps: int = 32, tolerance: float | None = None,
              text=None, tasks=None, reference_artifact=None, quiet: bool = False) -> dict:
@@ -43,6 +68,11 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
     from ..checkpoint import load_model_info
     from ..progress import progress_bar
 
+    check_settings(speed, parity_steps, tolerance)
+    if tasks is not None:
+        from .quality import require_task_metrics
+
+        require_task_metrics()
     reference_dir, reference_config, adapter = load_model_info(reference)
     candidate = Path(candidate)
     if not candidate.is_dir():
@@ -59,7 +89,7 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
         "num_layers_original": adapter.num_layers(reference_config), "plan": lineage.get("plan"),
         "device_name": _device_name(device),
     }
-    candidate_runtime = open_runtime(candidate, runtime, dtype, device)
+    candidate_runtime = _open(candidate, runtime, dtype, device)
     with tempfile.TemporaryDirectory() as tmp:
         expected = parity_reference(reference_dir, candidate, lineage["kept"], Path(tmp))
         report["parity"] = {"reference_checkpoint": str(expected) if expected != Path(tmp) / "pruned-reference"
@@ -86,6 +116,23 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
     return report
 
 
+def _open(folder, runtime: str, dtype, device: str):
+    """open_runtime, with a runtime library's refusal of a corrupt artifact (onnxruntime's
+    InvalidProtobuf, say) turned into one line."""
+    try:
+        return open_runtime(folder, runtime, dtype, device)
+    except UserError:
+        raise
+    except Exception as exc:
+        module = type(exc).__module__ or ""
+        if not module.startswith(("onnxruntime", "onnx", "google.protobuf")):
+            raise
+        from ..errors import first_line
+
+        raise UserError(f"{folder}: {runtime} could not load it ({type(exc).__name__}: {first_line(exc)[:200]}); "
+                        "is the export complete? rebuild it with `ulsexport onnx`") from None
+
+
 def _device_name(device: str) -> str:
     import platform
 
@@ -96,4 +143,4 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-__all__ = ["SpeedSettings", "check_parity", "compare_runs", "measure_speed", "validate"]
+__all__ = ["SpeedSettings", "check_settings", "check_parity", "compare_runs", "measure_speed", "validate"]

@@ -17,18 +17,32 @@ def perplexities(reference_dir: Path, pruned_dir: Path, text, device: str) -> di
             "pruned": perplexity(load_causal_lm(pruned_dir, "fp32", device), windows)}
 
 
+def require_task_metrics() -> None:
+    """--tasks needs sacrebleu and rouge-score (the `tasks` extra): refused at once when missing."""
+    import importlib.util
+
+    missing = [name for name, module in (("sacrebleu", "sacrebleu"), ("rouge-score", "rouge_score"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"--tasks needs {' and '.join(missing)}: pip install 'ulsexport[tasks]'")
+
+
 def score_tasks(reference_dir: Path, pruned_dir: Path, tasks, device: str, max_new_tokens: int = 64) -> dict:
     """BLEU (sacrebleu) and ROUGE-L (rouge-score) of greedy outputs for a JSONL of prompt/reference."""
     import json
 
+    require_task_metrics()
     import sacrebleu
     import torch
     from rouge_score import rouge_scorer
 
     from ..models import load_causal_lm, load_tokenizer
 
-    rows = [json.loads(line) for line in Path(tasks).read_text().splitlines() if line.strip()]
-    if not rows or not all({"prompt", "reference"} <= set(r) for r in rows):
+    try:
+        rows = [json.loads(line) for line in Path(tasks).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        raise UserError(f"{tasks} must be readable UTF-8 JSONL with 'prompt' and 'reference' on every line") from None
+    if not rows or not all(isinstance(r, dict) and {"prompt", "reference"} <= set(r) for r in rows):
         raise UserError(f"{tasks} must be JSONL with 'prompt' and 'reference' on every line")
     tokenizer = load_tokenizer(pruned_dir)
     scorer = rouge_scorer.RougeScorer(["rougeL"])

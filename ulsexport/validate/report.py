@@ -1,8 +1,9 @@
 """Readable reports of a validation: Markdown, JSON and a PNG plot."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..artifact import json_text
 
 
 def _x(value) -> str:
@@ -99,7 +100,7 @@ def plot(report: dict, path: Path) -> None:
 
 def write_reports(report: dict, json_path=None, markdown_path=None, plot_path=None) -> None:
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        Path(json_path).write_text(json_text(report) + "\n")
     if markdown_path:
         Path(markdown_path).write_text(markdown(report))
     if plot_path:

@@ -34,7 +34,8 @@ def measure_speed(runtime, settings: SpeedSettings, vocab_size: int, progress=No
             if progress is not None:
                 progress.update(1)
         prefill = [batch * settings.prompt_len / r.prefill_seconds for r in runs]
-        decode = [batch * (settings.new_tokens - 1) / r.decode_seconds for r in runs]
+        decode = [batch * (settings.new_tokens - 1) / r.decode_seconds if r.decode_seconds > 0 else float("nan")
+                  for r in runs]
         total = [batch * settings.new_tokens / (r.prefill_seconds + r.decode_seconds) for r in runs]
         out[str(batch)] = {name: _summary(values) for name, values in
                            (("prefill_tokens_per_s", prefill), ("decode_tokens_per_s", decode),
@@ -43,6 +44,8 @@ def measure_speed(runtime, settings: SpeedSettings, vocab_size: int, progress=No
 
 
 def _summary(values: list[float]) -> dict:
+    if not values:
+        raise UserError("no timed runs (--runs must be at least 1)")
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
