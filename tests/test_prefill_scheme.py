@@ -21,7 +21,7 @@ STEPS = 32
 def test_full_prefill_then_pruned_decode_matches_pytorch(tmp_path, kv_cache):
     import torch
 
-    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=6, overrides=SHARED_SHAPE)
+    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=4, overrides=SHARED_SHAPE)
     out = export_multi_depth(src, tmp_path / "multi", [1, 2], kv_cache=kv_cache, quiet=True).out_dir
     plan = plan_for_model(src, 2)
     pruned = prune_checkpoint(src, tmp_path / "2x", plan, quiet=True).out_dir

@@ -93,29 +93,30 @@ def generate_config(name: str, *, artifact: str, runtime: str, device: str, dtyp
 _DTYPES = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16"}
 
 
-def step_config(name: str, onnx: dict) -> str:
-    """config.pbtxt of the decoder-step model for the onnxruntime backend: one forward pass of the
-    concat-cache graph per request, each cache tensor an implicit sequence state (past_key_values.{i}.*
-    in, present.{i}.* out). Triton pairs states by sorting their names, so the pairs must sort alike."""
+def step_config(name: str, onnx: dict, model_lines: tuple[str, ...] = ('backend: "onnxruntime"',),
+                comments: tuple[str, ...] | None = None, kind: str = "KIND_AUTO") -> str:
+    """config.pbtxt of a decoder-step model (the onnxruntime backend by default; `model_lines` name
+    another, e.g. TensorRT's plan): one forward pass of the concat-cache graph per request, each cache
+    tensor an implicit sequence state (past_key_values.{i}.* in, present.{i}.* out). Triton pairs states
+    by sorting their names, so the pairs must sort alike."""
     inputs = [n for pair in onnx["cache_inputs"] for n in pair]
     outputs = [n for pair in onnx["cache_outputs"] for n in pair]
     if [outputs[inputs.index(n)] for n in sorted(inputs)] != sorted(outputs):
         raise UserError("the export's cache names do not sort alike (past vs present); cannot pair them as states")
-    dtype = _DTYPES[onnx["dtype"]]
+    dtype = _DTYPES[onnx["dtype"]]  # I/O types are the graph's
     heads, head_dim = onnx["num_kv_heads"], onnx["head_dim"]
     vocab = onnx["io_shapes"]["logits"][-1]
-    lines = [
+    comments = comments or (
         "# Written by `ulsexport triton` for Triton's full containers (onnxruntime backend); not loaded by",
         "# `ulsexport serve` (the nvidia-pytriton wheel has no onnxruntime backend). One decoder step per",
         "# request of a sequence (sequence_id, sequence_start/end); the KV cache is kept by Triton as",
-        "# implicit state. attention_mask covers the past and the new tokens; position_ids count from 0.",
-        f"name: {_string(name)}",
-        'backend: "onnxruntime"',
-        "max_batch_size: 1  # rows of one batch would need one cache length (concat layout)",
-        "input [",
-        '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },',
-        '  { name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }' + ("," if "position_ids" in onnx["inputs"] else ""),
-    ]
+        "# implicit state. attention_mask covers the past and the new tokens; position_ids count from 0.")
+    lines = [*comments, f"name: {_string(name)}", *model_lines,
+             "max_batch_size: 1  # rows of one batch would need one cache length (concat layout)",
+             "input [",
+             '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },',
+             '  { name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }' + (
+                 "," if "position_ids" in onnx["inputs"] else "")]
     if "position_ids" in onnx["inputs"]:
         lines.append('  { name: "position_ids" data_type: TYPE_INT64 dims: [ -1 ] }')
     lines += ["]", "output [", f'  {{ name: "logits" data_type: {dtype} dims: [ -1, {vocab} ] }}', "]",
@@ -123,7 +124,7 @@ def step_config(name: str, onnx: dict) -> str:
     states = [f'    {{ input_name: {_string(i)} output_name: {_string(o)} data_type: {dtype} '
               f'dims: [ {heads}, -1, {head_dim} ] initial_state {{ data_type: {dtype} dims: [ {heads}, 0, {head_dim} ] '
               f'zero_data: true name: {_string("empty " + i)} }} }}' for i, o in zip(inputs, outputs)]
-    lines += [",\n".join(states), "  ]", "}", "instance_group [ { count: 1 kind: KIND_AUTO } ]"]
+    lines += [",\n".join(states), "  ]", "}", f"instance_group [ {{ count: 1 kind: {kind} }} ]"]
     return "\n".join(lines) + "\n"
 
 
