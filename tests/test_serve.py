@@ -144,6 +144,7 @@ def test_every_config_parses_as_model_config(repo):
         assert cfg.model_transaction_policy.decoupled == (name == "stories_stream")
         params = {k: v.string_value for k, v in cfg.parameters.items()}
         assert params["runtime"] == "ort" and params["device"] == "cpu" and params["max_tokens"] == "511"
+        assert params["cuda_graph"] == "true"  # the runtime captures where it can (CUDA); --no-cuda-graph: "false"
         assert (repo / "models" / name / params["artifact"] / "model.onnx").is_file()
         assert "from ulsexport.serve.generate_model import TritonPythonModel" in (
             repo / "models" / name / "1" / "model.py").read_text()

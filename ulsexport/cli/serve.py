@@ -21,6 +21,8 @@ from .options import quiet_option
 @click.option("--runtime", help="ort, genai or torch [default: the artifact's own].")
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances (instance_group count).")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Requests decoded as one batch at most.")
+@click.option("--no-cuda-graph", is_flag=True, help="--runtime ort on cuda: decode without capturing each step as a "
+                                                  "CUDA graph (captured by default).")
 @click.option("--max-tokens", type=int, help="Largest max_tokens a request may ask for [default: 512, or fewer "
                                              "where the model's positions leave less room].")
 @click.option("--default-max-tokens", type=int, default=16, show_default=True,
@@ -29,8 +31,8 @@ from .options import quiet_option
               help="How long the dynamic batcher waits for more requests (microseconds).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the repository's manifest as JSON.")
-def triton(model, out, name, device, runtime, instances, max_batch, max_tokens, default_max_tokens, queue_delay_us,
-           force, as_json):
+def triton(model, out, name, device, runtime, instances, max_batch, no_cuda_graph, max_tokens, default_max_tokens,
+           queue_delay_us, force, as_json):
     """Write a Triton Inference Server model repository that serves an artifact.
 
     It holds a generate model (Python backend, dynamic batching; inputs text_input or input_ids,
@@ -50,7 +52,7 @@ def triton(model, out, name, device, runtime, instances, max_batch, max_tokens, 
 
     result = write_repository(model, out, name=name, device=device, runtime=runtime, instances=instances,
                               max_batch=max_batch, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
-                              queue_delay_us=queue_delay_us, force=force)
+                              queue_delay_us=queue_delay_us, force=force, cuda_graph=not no_cuda_graph)
     manifest = result.manifest
     if as_json:
         click.echo(json_text(manifest))

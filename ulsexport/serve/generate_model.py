@@ -86,7 +86,7 @@ class Generator:
     """Validation, batching and greedy decoding over one runtime; no Triton in here."""
 
     def __init__(self, folder: str | Path, runtime: str | None = None, device: str = "cpu", dtype: str | None = None,
-                 max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+                 max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS, cuda_graph: bool = True):
         from ..artifact import artifact_kind
         from ..models import load_tokenizer
         from ..runtime import default_runtime, open_runtime
@@ -95,7 +95,9 @@ class Generator:
         self.runtime_name = runtime or default_runtime(artifact_kind(self.folder))
         if dtype is None and self.runtime_name == "torch":  # TorchRuntime.open needs a dtype; the others read it
             dtype = "fp32"
-        self.runtime = open_runtime(self.folder, self.runtime_name, dtype, device)
+        # ort on CUDA captures decode steps where it can; cuda_graph=False turns that off
+        options = {"cuda_graph": False} if not cuda_graph and self.runtime_name == "ort" else {}
+        self.runtime = open_runtime(self.folder, self.runtime_name, dtype, device, **options)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_tokens = int(max_tokens)
         self.default_max_tokens = min(int(default_max_tokens), self.max_tokens)
@@ -276,7 +278,8 @@ class TritonPythonModel:
         start = time.perf_counter()
         self.generator = Generator(folder, params.get("runtime") or None, device, params.get("dtype") or None,
                                    int(params.get("max_tokens", 512)),
-                                   int(params.get("default_max_tokens", DEFAULT_MAX_TOKENS)))
+                                   int(params.get("default_max_tokens", DEFAULT_MAX_TOKENS)),
+                                   cuda_graph=params.get("cuda_graph", "true") != "false")
         self.log.log_info(f"{self.name}: {self.generator.runtime_name} runtime on {device} over {folder} "
                           f"ready in {time.perf_counter() - start:.1f} s (max_tokens {self.generator.max_tokens}, "
                           f"positions {self.generator.positions}, eos {sorted(self.generator.eos)}, "

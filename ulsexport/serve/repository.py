@@ -60,11 +60,12 @@ def _parameters(params: dict) -> str:
 
 def generate_config(name: str, *, artifact: str, runtime: str, device: str, dtype: str | None, max_batch: int,
                     max_tokens: int, default_max_tokens: int, instances: int, queue_delay_us: int,
-                    decoupled: bool) -> str:
+                    decoupled: bool, cuda_graph: bool = True) -> str:
     """config.pbtxt of a generate model (inputs and outputs of Triton's generate extension)."""
     kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
     params = {"artifact": artifact, "runtime": runtime, "device": device, "dtype": dtype or "",
-              "max_tokens": max_tokens, "default_max_tokens": default_max_tokens}
+              "max_tokens": max_tokens, "default_max_tokens": default_max_tokens,
+              "cuda_graph": "true" if cuda_graph else "false"}
     lines = [
         f"# Written by `ulsexport triton`: {'streaming (decoupled, one response per token)' if decoupled else 'one response per request'}.",
         f"name: {_string(name)}",
@@ -146,7 +147,7 @@ def default_name(artifact: Path) -> str:
 def write_repository(artifact: str | Path, out: str | Path, name: str | None = None, device: str = "cpu",
                      runtime: str | None = None, dtype: str | None = None, instances: int = 1, max_batch: int = 8,
                      max_tokens: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                     queue_delay_us: int = 2000, force: bool = False) -> BuildResult:
+                     queue_delay_us: int = 2000, force: bool = False, cuda_graph: bool = True) -> BuildResult:
     """Write a Triton model repository serving `artifact` (see the module docstring); whole or nothing."""
     from ..runtime import RUNTIMES, default_runtime
 
@@ -197,7 +198,7 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
         default_depth = DEFAULT_DEPTH
     stream_name = f"{name}_stream"
     common = dict(runtime=runtime, device=device, dtype=dtype, max_batch=max_batch, max_tokens=max_tokens,
-                  default_max_tokens=min(default_max_tokens, max_tokens), instances=instances,
+                  default_max_tokens=min(default_max_tokens, max_tokens), instances=instances, cuda_graph=cuda_graph,
                   queue_delay_us=queue_delay_us)
     with atomic_output_dir(Path(out), force, protect=(artifact,)) as tmp:
         served = tmp / SERVED

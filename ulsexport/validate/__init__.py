@@ -63,8 +63,9 @@ def check_settings(speed: SpeedSettings | None, parity_steps: int, tolerance: fl
 
 def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", dtype: str | None = None,
              speed: SpeedSettings | None = SpeedSettings(), parity_steps: int = 32, tolerance: float | None = None,
-             text=None, tasks=None, reference_artifact=None, quiet: bool = False) -> dict:
-    """Validate artifact `candidate` against the original checkpoint `reference`; returns the report."""
+             text=None, tasks=None, reference_artifact=None, quiet: bool = False, cuda_graph: bool | None = None) -> dict:
+    """Validate artifact `candidate` against the original checkpoint `reference`; returns the report.
+    `cuda_graph=False` runs `--runtime ort` on CUDA without capturing decode steps (None: where it can)."""
     from ..checkpoint import load_model_info
     from ..progress import progress_bar
 
@@ -89,7 +90,11 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
         "num_layers_original": adapter.num_layers(reference_config), "plan": lineage.get("plan"),
         "device_name": _device_name(device),
     }
-    candidate_runtime = _open(candidate, runtime, dtype, device)
+    if cuda_graph is not None and runtime != "ort":
+        raise UserError("--no-cuda-graph applies to --runtime ort (onnxruntime's CUDA graph capture)")
+    options = {} if cuda_graph is None else {"cuda_graph": cuda_graph}
+    report["cuda_graph"] = cuda_graph
+    candidate_runtime = _open(candidate, runtime, dtype, device, **options)
     with tempfile.TemporaryDirectory() as tmp:
         expected = parity_reference(reference_dir, candidate, lineage["kept"], Path(tmp))
         report["parity"] = {"reference_checkpoint": str(expected) if expected != Path(tmp) / "pruned-reference"
@@ -102,7 +107,8 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
             total = 2 * len(speed.batches) * (speed.warmup + speed.runs)
             with progress_bar(total, "timing", quiet=quiet) as bar:
                 report["speed"] = {"settings": speed.__dict__,
-                                   "full": measure_speed(open_runtime(full, runtime, dtype, device), speed, vocab, bar),
+                                   "full": measure_speed(open_runtime(full, runtime, dtype, device, **options),
+                                                         speed, vocab, bar),
                                    "pruned": measure_speed(candidate_runtime, speed, vocab, bar)}
             report["speedup"] = speedups(report["speed"], lineage.get("plan") or {})
     if text is not None:
@@ -116,11 +122,11 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
     return report
 
 
-def _open(folder, runtime: str, dtype, device: str):
+def _open(folder, runtime: str, dtype, device: str, **options):
     """open_runtime, with a runtime library's refusal of a corrupt artifact (onnxruntime's
     InvalidProtobuf, say) turned into one line."""
     try:
-        return open_runtime(folder, runtime, dtype, device)
+        return open_runtime(folder, runtime, dtype, device, **options)
     except UserError:
         raise
     except Exception as exc:
