@@ -27,3 +27,14 @@ def run_cli(*args):
     from ulsexport.cli import main
 
     return CliRunner().invoke(main, ["--quiet", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine they run 100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

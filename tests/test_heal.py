@@ -30,12 +30,8 @@ def _tiny_llama_with_kjv_tokenizer(directory, seed=0, vocab=4096):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine they run 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module on one thread (conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -230,14 +230,8 @@ def wait_for(predicate, timeout: float, what: str, proc=None):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads on a 2-core machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module on one thread (conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")
