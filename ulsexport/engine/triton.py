@@ -14,14 +14,10 @@ from pathlib import Path
 
 
 
-def _string(value) -> str:
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def plan_step_config(name: str, manifest: dict) -> str:
     """The config.pbtxt text for engine artifact `manifest` (kind tensorrt) served as model `name`.
     Triton pairs implicit states by sorting their names, so past and present names must sort alike."""
-    from ..serve.repository import step_config
+    from ..serve.repository import pbtxt_string, step_config
 
     engine = manifest["engine"]
     comments = (
@@ -30,7 +26,7 @@ def plan_step_config(name: str, manifest: dict) -> str:
         "# One decoder step per request of a sequence (sequence_id, sequence_start/end); the KV cache is kept",
         "# by Triton as implicit state. attention_mask covers the past and the new tokens.")
     return step_config(name, manifest["onnx"], ('platform: "tensorrt_plan"',
-                                                f'default_model_filename: {_string(engine["file"])}'),
+                                                f'default_model_filename: {pbtxt_string(engine["file"])}'),
                        comments, kind="KIND_GPU")
 
 

@@ -12,7 +12,6 @@ the sum of the depths. Each graph still loads on its own (`onnxruntime.Inference
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import shutil
 import time
@@ -39,27 +38,20 @@ def export_multi_depth(model, out, speedups, strategy: str = "uls", calib=None, 
                        quiet: bool = False, **export_options) -> BuildResult:
     """Export checkpoint `model` at every speedup of `speedups` into `out`, the weights shared."""
     from ..checkpoint import load_model_info
-    from ..plan import plan_for_kept
-    from ..plan.scoring import DEFAULT_CALIB_TOKENS, layer_plan_for_model
+    from ..plan.scoring import DEFAULT_CALIB_TOKENS, depth_plans
     from ..prune import prune_checkpoint
     from .trace import export_onnx
 
     start = time.perf_counter()
-    speedups = sorted({float(s) for s in speedups})
-    if not speedups:
-        raise UserError("--speedups needs at least one speedup, e.g. 1,2,3")
     model_dir, config, adapter = load_model_info(model)
     num_layers = adapter.num_layers(config)
-    if not all(math.isfinite(s) and s >= 1 for s in speedups):
-        raise UserError(f"--speedups: each speedup is a number >= 1 (1 is the full model), got {speedups}")
-    plans = [plan_for_kept(num_layers, list(range(num_layers)), "full", 1.0, adapter.shape(config)) if s == 1 else
-             layer_plan_for_model(model_dir, s, strategy, calib=calib, device=calib_device, quiet=quiet,
-                                  calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS) for s in speedups]
+    plans = depth_plans(model_dir, speedups, strategy, calib, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS,
+                        device=calib_device, quiet=quiet)
     with atomic_output_dir(Path(out), force, protect=(model_dir,)) as tmp, \
             progress_bar(len(plans), "export depths", unit="depth", quiet=quiet) as bar:
         work = tmp / ".depths"
         depths = []
-        for speedup, plan in zip(speedups, plans):
+        for speedup, plan in plans:
             full = len(plan.kept) == num_layers
             tag = depth_tag(speedup, full)
             if tag in {d["tag"] for d in depths}:

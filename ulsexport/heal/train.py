@@ -377,18 +377,10 @@ def _only(model, kept):
 
 def _trained_depths(teacher, speedups, strategy: str, calib, quiet: bool) -> list[dict]:
     """The plan of every depth joint healing trains: speedup 1 keeps every layer."""
-    from ..plan import plan_for_kept
-    from ..plan.scoring import layer_plan_for_model
+    from ..plan.scoring import depth_plans
 
-    _, config, adapter = load_model_info(teacher)
-    num_layers = adapter.num_layers(config)
-    depths = []
-    for s in sorted({float(s) for s in speedups}):
-        if not math.isfinite(s) or s < 1:
-            raise UserError(f"--speedups: each speedup is a number >= 1 (1 is the full model), got {s}")
-        plan = plan_for_kept(num_layers, list(range(num_layers)), "full", 1.0, adapter.shape(config)) if s == 1 \
-            else layer_plan_for_model(teacher, s, strategy, calib=calib, quiet=quiet)
-        depths.append({"speedup": s, "strategy": plan.strategy, "kept": list(plan.kept), "plan": plan.to_dict()})
+    depths = [{"speedup": s, "strategy": plan.strategy, "kept": list(plan.kept), "plan": plan.to_dict()}
+              for s, plan in depth_plans(teacher, speedups, strategy, calib, quiet=quiet)]
     if len({tuple(d["kept"]) for d in depths}) != len(depths):
         raise UserError("--speedups: two speedups keep the same layers; give each depth once")
     return depths

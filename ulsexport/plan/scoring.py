@@ -427,6 +427,26 @@ def trained_plan(model: str | Path, speedup) -> LayerPlan | None:
     return None
 
 
+def depth_plans(model: str | Path, speedups, strategy: str = "uls", calib=None, *,
+                calib_tokens: int = DEFAULT_CALIB_TOKENS, device: str = "cpu", quiet: bool = False):
+    """(speedup, plan) for each distinct speedup of `speedups`, in order: 1 is the full depth (every layer),
+    the others `layer_plan_for_model`'s. What a multi-depth export and joint healing are planned by."""
+    import math
+
+    from ..checkpoint import load_model_info
+
+    speedups = sorted({float(s) for s in speedups})
+    if not speedups:
+        raise UserError("--speedups needs at least one speedup, e.g. 1,2,3")
+    if not all(math.isfinite(s) and s >= 1 for s in speedups):
+        raise UserError(f"--speedups: each speedup is a number >= 1 (1 is the full model), got {speedups}")
+    _, config, adapter = load_model_info(model)
+    num_layers = adapter.num_layers(config)
+    return [(s, plan_for_kept(num_layers, list(range(num_layers)), "full", 1.0, adapter.shape(config)) if s == 1
+             else layer_plan_for_model(model, s, strategy, calib=calib, calib_tokens=calib_tokens, device=device,
+                                       quiet=quiet)) for s in speedups]
+
+
 def layer_plan_for_model(model: str | Path, speedup=None, strategy: str = "uls", keep=None, skip=None,
                          calib=None, *, calib_tokens: int = DEFAULT_CALIB_TOKENS, device: str = "cpu",
                          quiet: bool = False) -> LayerPlan:

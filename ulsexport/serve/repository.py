@@ -49,12 +49,12 @@ from ulsexport.serve.generate_model import TritonPythonModel  # noqa: F401
 '''
 
 
-def _string(value) -> str:
+def pbtxt_string(value) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _parameters(params: dict) -> str:
-    return "\n".join(f'parameters {{ key: {_string(k)} value {{ string_value: {_string(v)} }} }}'
+    return "\n".join(f'parameters {{ key: {pbtxt_string(k)} value {{ string_value: {pbtxt_string(v)} }} }}'
                      for k, v in params.items())
 
 
@@ -68,7 +68,7 @@ def generate_config(name: str, *, artifact: str, runtime: str, device: str, dtyp
               "cuda_graph": "true" if cuda_graph else "false"}
     lines = [
         f"# Written by `ulsexport triton`: {'streaming (decoupled, one response per token)' if decoupled else 'one response per request'}.",
-        f"name: {_string(name)}",
+        f"name: {pbtxt_string(name)}",
         'backend: "python"',
         f"max_batch_size: {max_batch}",
         "input [",
@@ -112,7 +112,7 @@ def step_config(name: str, onnx: dict, model_lines: tuple[str, ...] = ('backend:
         "# `ulsexport serve` (the nvidia-pytriton wheel has no onnxruntime backend). One decoder step per",
         "# request of a sequence (sequence_id, sequence_start/end); the KV cache is kept by Triton as",
         "# implicit state. attention_mask covers the past and the new tokens; position_ids count from 0.")
-    lines = [*comments, f"name: {_string(name)}", *model_lines,
+    lines = [*comments, f"name: {pbtxt_string(name)}", *model_lines,
              "max_batch_size: 1  # rows of one batch would need one cache length (concat layout)",
              "input [",
              '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },',
@@ -122,9 +122,9 @@ def step_config(name: str, onnx: dict, model_lines: tuple[str, ...] = ('backend:
         lines.append('  { name: "position_ids" data_type: TYPE_INT64 dims: [ -1 ] }')
     lines += ["]", "output [", f'  {{ name: "logits" data_type: {dtype} dims: [ -1, {vocab} ] }}', "]",
               "sequence_batching {", "  max_sequence_idle_microseconds: 60000000", "  state ["]
-    states = [f'    {{ input_name: {_string(i)} output_name: {_string(o)} data_type: {dtype} '
+    states = [f'    {{ input_name: {pbtxt_string(i)} output_name: {pbtxt_string(o)} data_type: {dtype} '
               f'dims: [ {heads}, -1, {head_dim} ] initial_state {{ data_type: {dtype} dims: [ {heads}, 0, {head_dim} ] '
-              f'zero_data: true name: {_string("empty " + i)} }} }}' for i, o in zip(inputs, outputs)]
+              f'zero_data: true name: {pbtxt_string("empty " + i)} }} }}' for i, o in zip(inputs, outputs)]
     lines += [",\n".join(states), "  ]", "}", f"instance_group [ {{ count: 1 kind: {kind} }} ]"]
     return "\n".join(lines) + "\n"
 
