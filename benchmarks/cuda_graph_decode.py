@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ulsexport.testing import add_shape_arguments, make_pruned_set, shape_from_args
+from ulsexport.testing import add_shape_arguments, copy_bandwidth, make_pruned_set, shape_from_args, weight_bytes
 
 
 def build_artifacts(args) -> dict[str, Path]:
@@ -88,37 +88,6 @@ def parity(runtimes: dict, batches, args, vocab: int) -> dict:
         result["tokens_equal_fraction"] = float((eager.tokens == graph.tokens).mean())
         out[str(batch)] = result
     return out
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (8 GiB buffer, median of 5)."""
-    import torch
-
-    src = torch.empty(2**33, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * 2**33 / statistics.median(times[1:])
-
-
-def weight_bytes(folder: Path) -> int:
-    import onnx
-
-    from ulsexport.artifact import read_manifest
-
-    graph = onnx.load(str(folder / read_manifest(folder)["onnx"]["file"]), load_external_data=False).graph
-    total = 0
-    for tensor in graph.initializer:
-        info = {e.key: e.value for e in tensor.external_data}
-        total += int(info["length"]) if "length" in info else len(tensor.raw_data)
-    return total
 
 
 def interleaved_rounds(runtimes: dict, batches, args, vocab: int, times: dict) -> None:

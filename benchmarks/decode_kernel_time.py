@@ -13,6 +13,12 @@ the prefill and one with the prefill and `steps` decode steps, differ by exactly
 A wall time well above the kernel time means the host, not the GPU, sets the pace (launch overhead,
 synchronizations); close to it, the kernels themselves are what to make faster.
 
+Per layer (ONNX exports): the kernels every decoder layer launches (a count per step that is a multiple
+of the layer count), their time per layer against the floor of one layer's weight bytes (the
+initializers without the vocabulary axis, over the layer count) at the device-to-device copy bandwidth
+measured in the same run. Our onnxruntime loop runs uncaptured here (the kernels are those of the
+captured step; a replayed graph's launches are not all seen one by one).
+
     python benchmarks/decode_kernel_time.py /root/bench/uls2-onnx:ort /root/bench/uls2-genai:genai \
         --batch 1 8 --json benchmarks/results/gpu/kernels.json
 """
@@ -22,7 +28,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ulsexport.testing import decode_kernel_time  # the measurement itself (shared with the experiments)
+from ulsexport.artifact import read_manifest
+from ulsexport.testing import copy_bandwidth, decode_kernel_time, per_layer_kernels, weight_bytes
 
 
 def markdown(results: dict) -> str:
@@ -35,6 +42,19 @@ def markdown(results: dict) -> str:
                          f"{row['wall_ms_per_step']:.2f} | {_ms(row['session_run_ms_per_step'])} | "
                          f"{row['kernel_ms_per_step']:.2f} | "
                          f"{row['kernel_ms_per_step'] / row['wall_ms_per_step']:.2f} | {row['kernels_per_step']:.0f} |")
+    layer_rows = [(key, row) for key, rows in results["artifacts"].items() for row in rows if row.get("layer")]
+    if layer_rows:
+        lines += ["", f"## Per decoder layer (copy bandwidth {results['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s)", "",
+                  "| artifact | runtime | batch | layers | kernels/layer | kernel us/layer | of which GEMM | floor us/layer "
+                  "| floor / kernel | outside layers us/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for key, row in layer_rows:
+            layer = row["layer"]
+            lines.append(f"| {key.rsplit(':', 1)[0]} | {key.rsplit(':', 1)[1]} | {row['batch']} | {layer['layers']} | "
+                         f"{layer['layer_kernels']:.0f} | {layer['layer_us']:.1f} | {layer['layer_gemm_us']:.1f} | "
+                         f"{layer['layer_floor_us']:.1f} | {layer['fraction_of_floor']:.1%} | {layer['outside_layers_us']:.1f} |")
+        for key, row in layer_rows:
+            lines += ["", f"Kernels of one layer, {key}, batch {row['batch']}: " + "; ".join(
+                f"{k['name'][:60]} {k['us_per_layer']:.1f} us (x{k['per_layer']:.0f})" for k in row["layer"]["per_layer"])]
     for key, rows in results["artifacts"].items():
         for row in rows:
             lines += ["", f"Top kernels, {key}, batch {row['batch']}: " + "; ".join(
@@ -61,13 +81,22 @@ def main() -> None:
 
     from ulsexport.runtime import open_runtime
 
-    results = {"device": torch.cuda.get_device_name(), "artifacts": {}}
+    bandwidth = copy_bandwidth()
+    results = {"device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bandwidth, "artifacts": {}}
     for spec in args.artifacts:
         folder, runtime_name = spec.rsplit(":", 1)
-        vocab = AutoConfig.from_pretrained(folder).get_text_config().vocab_size
-        runtime = open_runtime(folder, runtime_name, args.dtype, "cuda")
-        results["artifacts"][spec] = [decode_kernel_time(runtime, b, args.prompt_len, args.steps, vocab,
-                                                         folder=folder) for b in args.batch]
+        config = AutoConfig.from_pretrained(folder).get_text_config()
+        options = {"cuda_graph": False} if runtime_name == "ort" else {}
+        runtime = open_runtime(folder, runtime_name, args.dtype, "cuda", **options)
+        rows = [decode_kernel_time(runtime, b, args.prompt_len, args.steps, config.vocab_size, top=None,
+                                   folder=folder) for b in args.batch]
+        onnx_export = (read_manifest(folder) or {}).get("onnx")
+        for row in rows:
+            if onnx_export:  # one layer's weights: all but the embedding and lm head, over the layers
+                layer_bytes = weight_bytes(folder, without_axis=config.vocab_size) / config.num_hidden_layers
+                row["layer"] = per_layer_kernels(row["top_kernels"], config.num_hidden_layers, layer_bytes, bandwidth)
+            row["top_kernels"] = row["top_kernels"][:12]
+        results["artifacts"][spec] = rows
         del runtime
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -23,7 +23,8 @@ TEXT = ROOT / "tests" / "fixtures" / "data" / "kjv-valid.txt"
 def main():
     from ulsexport.artifact import read_manifest
     from ulsexport.export.multi_depth import export_multi_depth
-    from ulsexport.models import load_causal_lm, load_tokenizer
+    from ulsexport.models import load_causal_lm
+    from ulsexport.tokenizer import load_tokenizer
     from ulsexport.prune import plan_for_model, prune_checkpoint
     from ulsexport.quality import read_text, token_windows
     from ulsexport.runtime import open_runtime

@@ -11,10 +11,12 @@
 #
 #   setsid nohup bash benchmarks/gpu_session.sh [STEPS] > /root/session.log 2>&1 < /dev/null &
 #
-# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,tensorrt,serve,multi-depth (default:
+# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,kernels,tensorrt,stub-env,serve,multi-depth (default:
 # heal,parity,bench, in that order). CUDA_GRAPH_ARGS, TENSORRT_ARGS, SERVE_ARGS and MULTI_DEPTH_ARGS pass extra
-# flags to their scripts; PYTHON names the interpreter of the serve and multi-depth steps (the Triton Python
-# backend's stub needs an environment with numpy < 2: see benchmarks/README.md).
+# flags to their scripts; PYTHON names the interpreter of the serve and multi-depth steps. cuda-graph, kernels
+# and serve share WORK (default /root/w), so the artifacts one builds the next reuses.
+# stub-env makes /root/stubenv (benchmarks/stub_env.sh, from the wheels in WHEELS, default /root/wheels),
+# the environment Triton's Python backend runs the models in; serve runs its models there.
 # BENCH_STAGES and BENCH_ATTENTION pass --stages and --attention to gpu_benchmark.py; FUSION_LAYERS
 # sets the model depth of the fusion step (default 8).
 set -u
@@ -24,6 +26,9 @@ mkdir -p "$RESULTS"
 rm -rf /root/repo && cp -r "$(pwd)" /root/repo && cd /root/repo || exit 1
 export PYTHONPATH=/root/ortsite:/root/repo:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+WORK=${WORK:-/root/w}
+WHEELS=${WHEELS:-/root/wheels}
+KERNEL_ARTIFACTS=${KERNEL_ARTIFACTS:-"$WORK/uls2-torch:ort $WORK/uls2-genai:ort $WORK/full-genai:ort $WORK/full-genai:genai"}
 
 step() {  # name, command...: run one measurement, log it, note how it ended
   local name=$1; shift
@@ -42,12 +47,16 @@ for s in ${STEPS//,/ }; do
     bench)  step bench python3 benchmarks/gpu_benchmark.py --results "$RESULTS/bench" \
                 --attention "${BENCH_ATTENTION:-gqa}" \
                 --stages "${BENCH_STAGES:-build,torch,onnx,ort,genai-torch,profile,clean-onnx,genai}" ;;
-    cuda-graph) step cuda-graph python3 benchmarks/cuda_graph_decode.py --workdir /root/cuda-graph-work \
+    cuda-graph) step cuda-graph python3 benchmarks/cuda_graph_decode.py --workdir "$WORK" \
                 --results "$RESULTS/cuda-graph" ${CUDA_GRAPH_ARGS:-} ;;
     tensorrt) step tensorrt python3 benchmarks/tensorrt_build.py --results "$RESULTS/tensorrt" \
                 --workdir /root/tensorrt-work ${TENSORRT_ARGS:-} ;;
-    serve) step serve "${PYTHON:-python3}" benchmarks/serve_gpu.py --workdir /root/serve-work \
-                --results "$RESULTS/serve" ${SERVE_ARGS:-} ;;
+    kernels) step kernels python3 benchmarks/decode_kernel_time.py $KERNEL_ARTIFACTS --batch 1 8 \
+                --json "$RESULTS/kernels/decode-kernels-per-layer.json" ;;
+    stub-env) step stub-env bash benchmarks/stub_env.sh "$WHEELS" /root/stubenv ;;
+    serve) export LD_LIBRARY_PATH=$(cat /root/stubenv/cuda-libs 2>/dev/null):${LD_LIBRARY_PATH:-}
+           step serve "${PYTHON:-python3}" benchmarks/serve_gpu.py --workdir "$WORK" \
+                --results "$RESULTS/serve" --model-python /root/stubenv/bin/python ${SERVE_ARGS:-} ;;
     multi-depth) step multi-depth "${PYTHON:-python3}" benchmarks/multi_depth_gpu.py --workdir /root/multi-depth-work \
                 --results "$RESULTS/multi-depth" ${MULTI_DEPTH_ARGS:-} ;;
     *) echo "unknown step $s" >> "$RESULTS/progress.txt" ;;

@@ -23,7 +23,8 @@ import torch
 import transformers
 
 from ulsexport.heal import EVAL_MAX_TOKENS, heal
-from ulsexport.models import load_causal_lm, load_tokenizer
+from ulsexport.models import load_causal_lm
+from ulsexport.tokenizer import load_tokenizer
 from ulsexport.prune import plan_for_model, prune_checkpoint
 from ulsexport.quality import perplexity, read_text, token_windows
 

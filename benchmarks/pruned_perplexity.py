@@ -9,7 +9,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ulsexport.models import load_causal_lm, load_tokenizer
+from ulsexport.models import load_causal_lm
+from ulsexport.tokenizer import load_tokenizer
 from ulsexport.prune import plan_for_model, prune_checkpoint
 from ulsexport.quality import perplexity, read_text, token_windows
 

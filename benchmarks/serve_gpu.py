@@ -8,7 +8,12 @@ One repository serves the three depths as models `full`, `2x`, `3x` (`ulsexport 
 concurrency: served tokens/s (new tokens over wall time), p50 / p99 request latency; the same runtime
 called directly at batch 1 (end to end: prompt and decode); the served speedups of 2x and 3x over full.
 
-    python benchmarks/serve_gpu.py --workdir /root/serve-work --results $OUT/serve
+    python benchmarks/serve_gpu.py --workdir /root/serve-work --results $OUT/serve [--model-python /root/stubenv/bin/python]
+
+--model-python names the environment the models run in (the Python backend stub of nvidia-pytriton 0.7.0
+needs numpy < 2; the GPU image's torch stack needs numpy 2): numpy 1.26, onnxruntime-gpu, tokenizers and
+ulsexport, no torch or transformers (the tokenizer.json is read with `tokenizers`). This process, which
+builds the artifacts and times the runtime directly, keeps the image's own stack.
 """
 from __future__ import annotations
 
@@ -81,6 +86,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--port", type=int, default=18100)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to check the script (--shape tiny)")
+    ap.add_argument("--model-python", help="interpreter of the models' environment [default: this one]")
     args = ap.parse_args()
     work, shape = Path(args.workdir), shape_from_args(args)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -111,7 +117,7 @@ def main():
         print(f"direct {name}: {report['direct'][name]}", flush=True)
     shutil.copy2(work / "repo-full" / "ulsexport.json", repo / "ulsexport.json")
     with TritonServer(repo, http_port=args.port, grpc_port=args.port + 1, metrics_port=args.port + 2,
-                      log_file=work / "tritonserver.log") as server:
+                      log_file=work / "tritonserver.log", python=args.model_python) as server:
         server.wait_ready(timeout_s=600)
         for name in DEPTHS.values():
             url = server.generate_url(name)

@@ -15,7 +15,7 @@ from ulsexport.heal import train as heal_module
 from ulsexport.heal.corpus import corpus_files, documents, packed_windows, training_windows
 from ulsexport.heal import distillation_loss, heal, work_dir
 from ulsexport.artifact import read_manifest
-from ulsexport.models import load_tokenizer
+from ulsexport.tokenizer import load_tokenizer
 from ulsexport.prune import plan_for_model, prune_checkpoint
 
 FAST = dict(steps=6, batch=4, seq_len=32, lr=1e-2, save_every=2, quiet=True)

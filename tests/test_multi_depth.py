@@ -13,8 +13,12 @@ from ulsexport.precision import TOLERANCES, relative_error  # noqa: E402
 from ulsexport.prune import plan_for_model, prune_checkpoint  # noqa: E402
 from ulsexport.runtime import open_runtime  # noqa: E402
 from ulsexport.runtime.ort import MultiDepthDecoder  # noqa: E402
-from ulsexport.testing import make_tiny_checkpoint  # noqa: E402
+from ulsexport.testing import FAMILIES, make_tiny_checkpoint  # noqa: E402
 
+# Every family is checked with `pytest -m families` (a multi-depth export of each takes 15-50 s here); the
+# default run keeps two that differ most from llama: opt (learned positions, no rotary) and mistral
+# (sliding window).
+IN_DEFAULT_RUN = ("opt", "mistral")
 SHARED_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2)
 STEPS = 8
 
@@ -91,6 +95,14 @@ def test_real_models_at_two_depths(name, model, speedups, tmp_path):
     assert result.exit_code == 0, result.output
     assert "stored once" in result.stdout
     assert_depths_match_their_prunes(model, tmp_path / "multi", tmp_path)
+
+
+@pytest.mark.parametrize("family", [f if f in IN_DEFAULT_RUN else pytest.param(f, marks=pytest.mark.families)
+                                    for f in FAMILIES if f != "llama"])
+def test_each_family_at_two_depths(family, tmp_path):
+    src = make_tiny_checkpoint(family, tmp_path / "hf", num_layers=4)
+    result = export_multi_depth(src, tmp_path / "multi", [1, 2], quiet=True)
+    assert_depths_match_their_prunes(src, result.out_dir, tmp_path)
 
 
 def test_depth_names_and_bad_speedups(multi, tmp_path):

@@ -84,6 +84,27 @@ def test_gqa_projections_packed_into_one_matmul(tmp_path):
     assert_greedy_parity(src, result.out_dir)
 
 
+def test_gate_and_up_projections_packed_into_one_matmul(tmp_path):
+    """Per layer one MatMul reads the gate and up weights side by side; a Split gives the two halves
+    to the SwiGLU; tokens and logits as PyTorch's."""
+    import onnx
+
+    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=2)
+    result = export_onnx(src, tmp_path / "onnx", quiet=True)
+    assert result.manifest["optimizations"]["applied"]["packed_shared_input"] == 2
+    graph = onnx.load(str(result.out_dir / "model.onnx")).graph
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    packed = [n for n in graph.node if n.op_type == "MatMul" and n.input[1].endswith(".packed")]
+    assert len(packed) == 2 and all(consumers[m.output[0]] == ["Split"] for m in packed)
+    initializers = {i.name: i for i in graph.initializer}
+    assert all(list(initializers[m.input[1]].dims) == [32, 2 * 64] for m in packed)  # hidden, 2 x intermediate
+    assert not [n for n in graph.initializer if "gate_proj" in n.name or "up_proj" in n.name]
+    assert_greedy_parity(src, result.out_dir)
+
+
 def test_greedy_tokens_of_float16_match_float32_argmax():
     from ulsexport.runtime.base import greedy_tokens
 
@@ -113,7 +134,10 @@ def test_shared_cache_graph(tmp_path):
     for node in attentions:  # packed q/k/v in, rotary inside, no attention_bias
         assert node.input[1:3] == ["", ""] and len(node.input) == 9
         assert {a.name: a.i for a in node.attribute}["do_rotary"] == 1
-    assert not {"RotaryEmbedding", "Split", "Where"} & {n.op_type for n in graph.node}
+    assert not {"RotaryEmbedding", "Where"} & {n.op_type for n in graph.node}
+    producers = {out: node for node in graph.node for out in node.output}
+    # the one Split per layer left is the packed gate and up projection's
+    assert [producers[n.input[0]].input[1].endswith(".packed") for n in graph.node if n.op_type == "Split"] == [True] * 3
     assert_greedy_parity(src, result.out_dir)  # a left-padded batch, moved to the right by the decoder
 
 

@@ -72,6 +72,20 @@ def test_cuda_graph_needs_cuda_and_the_shared_cache(shared_export):
     assert not OnnxDecoder(onnx_dir, "cpu").cuda_graph  # the CPU default: off, nothing to say
 
 
+def test_a_session_that_fell_back_to_the_cpu_is_refused(shared_export, monkeypatch):
+    """onnxruntime-gpu without its CUDA libraries warns and runs on the CPU: the runtime says so instead."""
+    import onnxruntime as ort
+
+    _, onnx_dir = shared_export
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    def make(path, options, providers):
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    with pytest.raises(UserError, match=r"could not start its CUDA provider .* \(LD_LIBRARY_PATH\)"):
+        OnnxDecoder(onnx_dir, "cuda", session=make)
+
+
 def test_prefill_and_step_match_greedy_and_pytorch(shared_export):
     src, onnx_dir = shared_export
     ids, mask = _left_padded(3)
@@ -109,3 +123,17 @@ def test_placement_log_names_the_nodes_off_cuda():
     assert placements_off_cuda("[V:onnxruntime:, x] All nodes placed on [CUDAExecutionProvider]. Number of nodes: 9") == []
     assert placements_off_cuda(" All nodes placed on [CPUExecutionProvider]. Number of nodes: 9") == [
         "all 9 nodes (CPUExecutionProvider)"]
+
+
+def test_per_layer_kernels_splits_a_step_by_layer_and_compares_with_the_floor():
+    from ulsexport.testing import per_layer_kernels
+
+    kernels = [{"name": "sm90_gemm_f16", "ms_per_step": 0.32, "per_step": 32},   # 4 GEMMs x 8 layers
+               {"name": "SkipLayerNorm", "ms_per_step": 0.04, "per_step": 16},
+               {"name": "gemv_lm_head", "ms_per_step": 0.05, "per_step": 1},
+               {"name": "argmax", "ms_per_step": 0.01, "per_step": 1}]
+    report = per_layer_kernels(kernels, layers=8, layer_bytes=1.5e8, bandwidth=4e12)
+    assert report["layer_kernels"] == 6 and report["layer_us"] == pytest.approx(45.0)
+    assert report["layer_gemm_us"] == pytest.approx(40.0) and report["outside_layers_us"] == pytest.approx(60.0)
+    assert report["layer_floor_us"] == pytest.approx(37.5) and report["fraction_of_floor"] == pytest.approx(37.5 / 45)
+    assert [k["name"] for k in report["per_layer"]] == ["sm90_gemm_f16", "SkipLayerNorm"]

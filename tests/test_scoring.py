@@ -13,7 +13,8 @@ from tiny_models import make_tiny_checkpoint
 from ulsexport.plan import scoring
 from ulsexport.cli import main
 from ulsexport.errors import UserError
-from ulsexport.models import decoder_layers, load_causal_lm, load_tokenizer
+from ulsexport.models import decoder_layers, load_causal_lm
+from ulsexport.tokenizer import load_tokenizer
 from ulsexport.plan import make_plan, num_kept_for_speedup
 from ulsexport.prune import prune_checkpoint
 from ulsexport.quality import perplexity

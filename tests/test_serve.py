@@ -93,7 +93,7 @@ def repo(artifact):
 @pytest.fixture(scope="module")
 def reference(artifact):
     """Greedy tokens of the pruned checkpoint in PyTorch, cut after the first eos (the server stops a row there)."""
-    from ulsexport.models import load_tokenizer
+    from ulsexport.tokenizer import load_tokenizer
     from ulsexport.runtime import open_runtime
 
     torch_rt, tokenizer, cache = open_runtime(artifact["hf"], "torch", "fp32"), load_tokenizer(artifact["hf"]), {}
@@ -499,6 +499,27 @@ def test_serve_without_the_wheel_says_how_to_install(monkeypatch, repo):
     monkeypatch.setattr(server_module.importlib.util, "find_spec", lambda name: None)
     result = cli("serve", repo)
     assert result.exit_code == 2 and "pip install --no-deps nvidia-pytriton==0.7.0" in result.output
+
+
+def test_the_models_python_is_probed_and_refused_with_reasons(tmp_path):
+    from ulsexport.errors import UserError
+    from ulsexport.serve.server import ModelPython, server_env
+
+    here, probed = ModelPython.of(), ModelPython.of(sys.executable)  # this Python, asked as another one
+    assert probed == ModelPython(Path(sys.executable).absolute(), here.version, here.libdir)
+    if not SERVER_MISSING:
+        env = server_env(probed)
+        assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).absolute().parent)
+    with pytest.raises(UserError, match="could not run it"):
+        ModelPython.of(tmp_path / "no-such-python")
+    for numpy, missing, message in [("2.1.0", [], "numpy 2.1.0: the Python backend stub"),
+                                    ("1.26.4", ["ulsexport"], "cannot import ulsexport")]:
+        fake = tmp_path / f"python-{numpy}-{len(missing)}"
+        answer = json.dumps({"version": "3.12", "libdir": "/usr/lib", "missing": missing, "numpy": numpy})
+        fake.write_text(f"#!/bin/sh\necho '{answer}'\n")
+        fake.chmod(0o755)
+        with pytest.raises(UserError, match=message):
+            ModelPython.of(fake)
 
 
 def test_serve_refuses_what_is_not_a_repository(artifact):

@@ -40,7 +40,7 @@ def multi(tmp_path_factory):
 def expected(multi):
     """expected(depth, prompt, n): the ORT graph's greedy tokens at that depth, checked equal to the
     checkpoint's in PyTorch (the original for full, the 2x prune for 2x), cut after the first eos."""
-    from ulsexport.models import load_tokenizer
+    from ulsexport.tokenizer import load_tokenizer
     from ulsexport.runtime import open_runtime
 
     ort = open_runtime(multi["onnx"], "ort")

@@ -41,15 +41,6 @@ def transformers_bars(enabled: bool):
         (logging.enable_progress_bar if was_enabled else logging.disable_progress_bar)()
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(Path(path))
-    except Exception as exc:  # many causes, all meaning "no usable tokenizer here"
-        raise UserError(f"could not load a tokenizer from {path}: {type(exc).__name__}: {exc}") from None
-
-
 def decoder_layers(model):
     """The ModuleList of decoder layers, wherever the family keeps it."""
     import torch

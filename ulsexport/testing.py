@@ -187,9 +187,9 @@ class TimedSession:
         return getattr(self.session, name)
 
 
-def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: int, top: int = 12,
+def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: int, top: int | None = 12,
                        folder=None) -> dict:
-    """Per decode step of `runtime`: kernel ms, wall ms, launches, and the `top` kernels by time. For our
+    """Per decode step of `runtime`: kernel ms, wall ms, launches, and the `top` kernels by time (None: all). For our
     onnxruntime loop (an OnnxDecoder with io binding) over export `folder`, also the ms inside
     onnxruntime's run, timed by a second decoder over the same session."""
     import numpy as np
@@ -214,6 +214,61 @@ def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: 
             "session_run_ms_per_step": run_ms,
             "kernels_per_step": sum(n for _, n in per_step.values()),
             "top_kernels": [{"name": name[:120], "ms_per_step": us / 1000, "per_step": n} for name, (us, n) in ranked[:top]]}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (8 GiB buffer, median of 5)."""
+    import statistics
+
+    import torch
+
+    src = torch.empty(2**33, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * 2**33 / statistics.median(times[1:])
+
+
+def weight_bytes(folder, without_axis: int | None = None) -> int:
+    """Bytes of an ONNX export's initializers (external data included); `without_axis` leaves out those
+    with an axis of that length (the vocabulary: embedding and lm head)."""
+    import onnx
+
+    from .artifact import read_manifest
+
+    graph = onnx.load(str(Path(folder) / read_manifest(folder)["onnx"]["file"]), load_external_data=False).graph
+    total = 0
+    for tensor in graph.initializer:
+        if without_axis is not None and without_axis in tensor.dims:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        total += int(info["length"]) if "length" in info else len(tensor.raw_data)
+    return total
+
+
+def per_layer_kernels(kernels: list[dict], layers: int, layer_bytes: float, bandwidth: float) -> dict:
+    """One decode step's kernels ({name, ms_per_step, per_step}) split into those every decoder layer
+    launches (a count per step that is a multiple of `layers`) and the rest (embedding, final norm,
+    lm head, sampling); each layer's kernel time against the floor of its weight bytes at `bandwidth`."""
+    in_layers = [k for k in kernels if k["per_step"] >= layers and round(k["per_step"]) % layers == 0]
+    outside = [k for k in kernels if k not in in_layers]
+    layer_us = 1000 * sum(k["ms_per_step"] for k in in_layers) / layers
+    floor_us = 1e6 * layer_bytes / bandwidth
+    gemm = [k for k in in_layers if any(word in k["name"].lower() for word in ("gemm", "gemv", "matmul", "cutlass"))]
+    return {"layers": layers, "layer_us": layer_us, "layer_floor_us": floor_us, "fraction_of_floor": floor_us / layer_us,
+            "layer_kernels": round(sum(k["per_step"] for k in in_layers) / layers, 2),
+            "layer_gemm_us": 1000 * sum(k["ms_per_step"] for k in gemm) / layers,
+            "outside_layers_us": 1000 * sum(k["ms_per_step"] for k in outside),
+            "per_layer": sorted(({"name": k["name"], "us_per_layer": 1000 * k["ms_per_step"] / layers,
+                                  "per_layer": k["per_step"] / layers} for k in in_layers),
+                                key=lambda k: -k["us_per_layer"])}
 
 
 # --- a decode step seen by onnxruntime's own profiler, by op type ---
@@ -269,7 +324,7 @@ def profile_decode(folder, device: str, batch: int, prompt_len: int, steps: int,
     return dict(sorted(totals.items(), key=lambda item: -item[1]["us"])), runs
 
 
-__all__ = ["SEVEN_B", "ONE_B", "TINY", "SHAPES", "VOCAB", "SLIDING_WINDOW", "TINY_CONFIGS", "FAMILIES",
+__all__ = ["copy_bandwidth", "weight_bytes", "per_layer_kernels", "SEVEN_B", "ONE_B", "TINY", "SHAPES", "VOCAB", "SLIDING_WINDOW", "TINY_CONFIGS", "FAMILIES",
            "tiny_config", "make_tiny_checkpoint", "save_word_tokenizer", "make_random_llama", "make_pruned_set",
            "add_decode_arguments", "add_shape_arguments", "shape_from_args", "kernel_totals", "TimedSession",
            "decode_kernel_time", "PROFILE_WARMUP_STEPS", "profiled_decoder", "op_times", "profile_decode"]

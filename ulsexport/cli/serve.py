@@ -78,9 +78,14 @@ def triton(model, out, name, device, runtime, instances, max_batch, no_cuda_grap
 @click.option("--metrics-port", type=int, default=8002, show_default=True)
 @click.option("--log-file", type=click.Path(path_type=Path), help="Server log [default: a temporary file, shown].")
 @click.option("--ready-timeout", type=float, default=300, show_default=True, help="Seconds to wait for the models.")
+@click.option("--python", "python", type=click.Path(path_type=Path, dir_okay=False),
+              help="Interpreter of the environment the models run in [default: this one]. It needs numpy<2 (the "
+                   "Python backend stub crashes with numpy 2), ulsexport and the artifact's runtime "
+                   "(onnxruntime or onnxruntime-gpu); transformers is optional where the artifact has a "
+                   "tokenizer.json (read with `tokenizers` then).")
 @quiet_option
 @click.pass_context
-def serve(ctx, repository, host, http_port, grpc_port, metrics_port, log_file, ready_timeout):
+def serve(ctx, repository, host, http_port, grpc_port, metrics_port, log_file, ready_timeout, python):
     """Run Triton Inference Server (the nvidia-pytriton wheel's tritonserver) over a repository
     from `ulsexport triton`, until Ctrl-C or SIGTERM.
 
@@ -91,6 +96,7 @@ def serve(ctx, repository, host, http_port, grpc_port, metrics_port, log_file, r
     Examples:
       ulsexport serve artifacts/llama-2x/triton
       ulsexport serve artifacts/llama-2x/triton --http-port 9000 --grpc-port 9001 --metrics-port 9002
+      ulsexport serve artifacts/llama-2x/triton --python /opt/serve-env/bin/python
     """
     from ..serve.server import TritonServer, available
     from ..errors import UserError
@@ -99,7 +105,7 @@ def serve(ctx, repository, host, http_port, grpc_port, metrics_port, log_file, r
     if why:
         raise UserError(why)
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
-                          metrics_port=metrics_port, log_file=log_file)
+                          metrics_port=metrics_port, log_file=log_file, python=python)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt

@@ -37,7 +37,7 @@ USE_TORCH = "use --builder torch"
 def build_genai(model, out, dtype: str = "fp32", device: str = "cpu", force: bool = False, quiet: bool = False):
     """Build `model` (a checkpoint directory) with onnxruntime-genai's model builder into `out`."""
     from ..checkpoint import load_model_info
-    from ..models import load_tokenizer
+    from ..tokenizer import load_tokenizer
     from ..runtime.genai import import_genai
 
     start = time.perf_counter()

@@ -39,6 +39,7 @@ def fuse_for_ort(ir_model, grouped_query_attention: bool = True):
         common_passes.RemoveUnusedNodesPass()(model)
         common_passes.IdentityEliminationPass()(model)
         counts["packed_qkv"] = pack_qkv_projections(model)
+    counts["packed_shared_input"] = pack_shared_input_projections(model)
     common_passes.CommonSubexpressionEliminationPass()(model)  # one length computation for all layers
     return model, counts
 
@@ -223,34 +224,57 @@ def pack_qkv_projections(model) -> int:
     drops the attention_bias input and leaves an invalid node ("The sum of input arg count is not
     equal to size of input defs").
     """
-    import numpy as np
-    import onnx_ir as ir
-
     graph, packed = model.graph, 0
     for attention in [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]:
         projections = [_projection_of(value) for value in attention.inputs[:3]]
         if any(p is None for p in projections) or len({p.inputs[0] for p in projections}) != 1:
             continue
-        weights = [p.inputs[1].const_value.numpy() for p in projections]
-        if len({w.shape[0] for w in weights}) != 1:
-            continue
-        first = projections[0].inputs[1]
-        weight = ir.Value(name=f"{first.name}.qkv", const_value=ir.tensor(np.concatenate(weights, axis=1)))
-        sizes = ir.Value(name=f"{first.name}.qkv_sizes",
-                         const_value=ir.tensor(np.array([w.shape[1] for w in weights], np.int64)))
-        graph.register_initializer(weight)
-        graph.register_initializer(sizes)
-        matmul = ir.node("MatMul", [projections[0].inputs[0], weight])
-        split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=3)
-        earliest = min(projections, key=lambda p: graph.index(p))
-        graph.insert_before(earliest, [matmul, split])
-        for projection, part in zip(projections, split.outputs):
-            part.shape, part.dtype = projection.outputs[0].shape, projection.outputs[0].dtype
-            projection.outputs[0].replace_all_uses_with(part)
-        graph.remove(projections, safe=True)
-        packed += 1
+        packed += _pack_projections(graph, projections, "qkv")
     _drop_unused_initializers(graph)
     return packed
+
+
+def pack_shared_input_projections(model) -> int:
+    """One MatMul for the constant-weight MatMuls that read the same input, split after it: the gate and
+    up projections of a gated MLP (after `pack_qkv_projections`, nothing else in a decoder layer shares
+    its input). One wider GEMM reads the same weight bytes with one launch fewer per layer."""
+    graph, groups = model.graph, {}
+    for node in graph:
+        if node.op_type == "MatMul" and node.domain == "" and _constant_matrix(node.inputs[1]):
+            groups.setdefault(node.inputs[0], []).append(node)
+    packed = sum(_pack_projections(graph, nodes, "packed") for nodes in groups.values() if len(nodes) > 1)
+    _drop_unused_initializers(graph)
+    return packed
+
+
+def _pack_projections(graph, projections, suffix: str) -> int:
+    """Replace MatMuls of one input by constant [K, N_i] weights with one MatMul by the weights side by
+    side and a Split into the old outputs; 1, or 0 where the weights' K differ."""
+    import numpy as np
+    import onnx_ir as ir
+
+    weights = [p.inputs[1].const_value.numpy() for p in projections]
+    if len({w.shape[0] for w in weights}) != 1:
+        return 0
+    first = projections[0].inputs[1]
+    weight = ir.Value(name=f"{first.name}.{suffix}", const_value=ir.tensor(np.concatenate(weights, axis=1)))
+    sizes = ir.Value(name=f"{first.name}.{suffix}_sizes",
+                     const_value=ir.tensor(np.array([w.shape[1] for w in weights], np.int64)))
+    graph.register_initializer(weight)
+    graph.register_initializer(sizes)
+    matmul = ir.node("MatMul", [projections[0].inputs[0], weight])
+    split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=len(projections))
+    earliest = min(projections, key=lambda p: graph.index(p))
+    graph.insert_before(earliest, [matmul, split])
+    for projection, part in zip(projections, split.outputs):
+        part.shape, part.dtype = projection.outputs[0].shape, projection.outputs[0].dtype
+        projection.outputs[0].replace_all_uses_with(part)
+    graph.remove(projections, safe=True)
+    return 1
+
+
+def _constant_matrix(value) -> bool:
+    return value is not None and value.const_value is not None and value.shape is not None and len(value.shape) == 2
 
 
 def _projection_of(value):
@@ -262,10 +286,7 @@ def _projection_of(value):
         node = value.producer()
     if node is None or node.op_type != "MatMul" or len(value.uses()) != 1:
         return None
-    weight = node.inputs[1]
-    if weight.const_value is None or weight.shape is None or len(weight.shape) != 2:
-        return None
-    return node
+    return node if _constant_matrix(node.inputs[1]) else None
 
 
 def _drop_unused_initializers(graph) -> None:

@@ -37,7 +37,8 @@ from ..families import adapter_for
 from .corpus import check_corpus, corpus_files, corpus_sha256, training_windows
 from ..errors import UserError
 from ..artifact import file_sha256, read_manifest, write_manifest
-from ..models import load_causal_lm, load_tokenizer, transformers_bars
+from ..models import load_causal_lm, transformers_bars
+from ..tokenizer import load_tokenizer
 from ..precision import resolve_device
 from ..outputs import atomic_output_dir, check_output_dir
 from ..progress import progress_bar

@@ -48,7 +48,8 @@ def compare_plans(model: str | Path, speedups: list[float], text_path, calib_pat
                   calib_tokens: int = DEFAULT_CALIB_TOKENS, eval_tokens: int | None = None,
                   strategies=STRATEGIES, device: str = "cpu", quiet: bool = False) -> dict:
     """Perplexity on the evaluation text of every (strategy, speedup) plan, layers dropped in memory."""
-    from ..models import load_causal_lm, load_tokenizer
+    from ..models import load_causal_lm
+    from ..tokenizer import load_tokenizer
     from ..precision import resolve_device
     from ..progress import progress_bar
     from ..checkpoint import load_model_info

@@ -387,7 +387,8 @@ def plan_from_data(model: str | Path, speedup: float, strategy: str, calib_path,
                    calib_tokens: int = DEFAULT_CALIB_TOKENS, device: str = "cpu",
                    quiet: bool = False) -> LayerPlan:
     """A plan for `model` at `speedup`, its layers chosen by `strategy` on the --calib text."""
-    from ..models import load_causal_lm, load_tokenizer
+    from ..models import load_causal_lm
+    from ..tokenizer import load_tokenizer
     from ..precision import resolve_device
     from ..checkpoint import load_model_info
 

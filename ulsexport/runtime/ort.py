@@ -88,6 +88,11 @@ class OnnxDecoder(Runtime):
                     raise
                 raise UserError(f"{path} could not be loaded by onnxruntime ({type(exc).__name__}: "
                                 f"{first_line(exc)[:200]}); rebuild it with `ulsexport onnx`") from None
+        if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            # onnxruntime falls back to the CPU, with a warning only, when the CUDA libraries fail to load
+            raise UserError(f"onnxruntime could not start its CUDA provider for {path} (it runs on "
+                            f"{', '.join(session.get_providers())}): the CUDA and cuDNN libraries that "
+                            f"onnxruntime-gpu {ort.__version__} needs were not found (LD_LIBRARY_PATH)")
         self.session = session
         self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
         self._step_buffers: dict[tuple[int, int], StepBuffers] = {}

@@ -88,7 +88,7 @@ class Generator:
     def __init__(self, folder: str | Path, runtime: str | None = None, device: str = "cpu", dtype: str | None = None,
                  max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS, cuda_graph: bool = True):
         from ..artifact import artifact_kind
-        from ..models import load_tokenizer
+        from ..tokenizer import load_tokenizer
         from ..runtime import default_runtime, open_runtime
 
         self.folder = Path(folder)

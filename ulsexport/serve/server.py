@@ -10,8 +10,10 @@ What it takes care of (each seen failing otherwise):
 - a backend directory of our own (never site-packages): libtriton_python.so, triton_python_backend_utils.py
   and the stub built for the running Python, copied from the wheel into a cache folder;
 - the stub embeds an isolated Python (PYTHONPATH is ignored) and finds it as the first `python3` on
-  PATH, so the running interpreter's bin folder goes first on PATH (a venv's pyvenv.cfg then selects
-  its site-packages, where ulsexport is);
+  PATH, so the models' interpreter's bin folder goes first on PATH (a venv's pyvenv.cfg then selects
+  its site-packages, where ulsexport is): this Python, or another environment's (`python=`, e.g. one
+  with numpy < 2, onnxruntime-gpu, tokenizers and ulsexport but no torch, where this Python's stack
+  needs numpy 2);
 - the stub links libpython3.x by name: the running interpreter's LIBDIR goes first on LD_LIBRARY_PATH
   (else `import ssl` fails in the stub with another build of the same Python), then the wheel's
   nvidia_pytriton.libs (the stub's RPATH assumes it sits in the wheel);
@@ -34,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
@@ -75,13 +78,64 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ulsexport"
 
 
-def backend_dir() -> Path:
-    """A backend directory of our own holding the Python backend with the stub of this Python;
+@dataclass(frozen=True)
+class ModelPython:
+    """The interpreter whose environment the models run in: the Python backend's stub embeds a Python
+    of its version and takes its site-packages from the first `python3` on PATH."""
+    executable: Path
+    version: str          # "3.12"
+    libdir: str | None    # where its libpython is
+
+    @classmethod
+    def of(cls, executable: str | Path | None = None) -> ModelPython:
+        """This Python, or another environment's interpreter, checked for what the generate model imports."""
+        if executable is None:
+            found = {"version": f"{sys.version_info.major}.{sys.version_info.minor}",
+                     "libdir": sysconfig.get_config_var("LIBDIR"), "missing": [], "numpy": _numpy_version()}
+            executable = Path(sys.executable)
+        else:
+            executable = Path(executable).absolute()
+            try:
+                # as the stub sees it: its embedded Python ignores PYTHONPATH and PYTHONHOME
+                env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+                done = subprocess.run([str(executable), "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                                      env=env)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise UserError(f"--python {executable}: could not run it ({type(exc).__name__}: {exc})") from None
+            if done.returncode != 0:
+                raise UserError(f"--python {executable}: could not run it: {done.stderr.strip()[-300:]}")
+            found = json.loads(done.stdout.strip().splitlines()[-1])
+        if found["missing"]:
+            raise UserError(f"the models' Python ({executable}) cannot import {', '.join(found['missing'])}, "
+                            f"which the generate model needs")
+        if found["numpy"] and int(found["numpy"].split(".")[0]) >= 2:
+            raise UserError(f"the models' Python ({executable}) has numpy {found['numpy']}: the Python backend stub "
+                            f"of nvidia-pytriton 0.7.0 crashes on string and int64 tensors with numpy 2; use an "
+                            f"environment with numpy<2 (ulsexport serve --python)")
+        return cls(executable, found["version"], found["libdir"])
+
+
+_NEEDED = ("numpy", "ulsexport")
+_PROBE = ("import importlib.util, json, sys, sysconfig\n"
+          f"missing = [m for m in {_NEEDED!r} if importlib.util.find_spec(m) is None]\n"
+          "numpy = __import__('numpy').__version__ if 'numpy' not in missing else None\n"
+          "print(json.dumps({'version': '%d.%d' % sys.version_info[:2], 'libdir': sysconfig.get_config_var('LIBDIR'),"
+          " 'missing': missing, 'numpy': numpy}))")
+
+
+def _numpy_version() -> str | None:
+    import numpy
+
+    return numpy.__version__
+
+
+def backend_dir(python: ModelPython | None = None) -> Path:
+    """A backend directory of our own holding the Python backend with the stub of the models' Python;
     returns the folder to pass as --backend-directory."""
     from importlib.metadata import version
 
     root = wheel_root() / "tritonserver"
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    py = (python or ModelPython.of()).version
     stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
     if not stub.is_file():
         raise UserError(f"the nvidia-pytriton wheel has no Python backend stub for Python {py}")
@@ -108,12 +162,12 @@ def backend_dir() -> Path:
     return target
 
 
-def server_env() -> dict:
+def server_env(python: ModelPython | None = None) -> dict:
+    python = python or ModelPython.of()
     env = dict(os.environ)
-    libdir = sysconfig.get_config_var("LIBDIR")
     libs = wheel_root().parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [libdir, str(libs), env.get("LD_LIBRARY_PATH")] if p)
-    env["PATH"] = os.pathsep.join(p for p in [str(Path(sys.executable).parent), env.get("PATH")] if p)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [python.libdir, str(libs), env.get("LD_LIBRARY_PATH")] if p)
+    env["PATH"] = os.pathsep.join(p for p in [str(python.executable.parent), env.get("PATH")] if p)
     return env
 
 
@@ -142,8 +196,10 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, log_file: str | Path | None = None,
-                 exit_timeout_s: int = 30, log_verbose: int = 0, extra_args: tuple[str, ...] = ()):
+                 exit_timeout_s: int = 30, log_verbose: int = 0, extra_args: tuple[str, ...] = (),
+                 python: str | Path | None = None):
         self.repository = Path(repository).resolve()
+        self.python = ModelPython.of(python)
         self.model_repository, self.models = served_models(self.repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.log_path = Path(log_file) if log_file else None
@@ -183,7 +239,7 @@ class TritonServer:
     def command(self) -> list[str]:
         return [str(tritonserver_binary()),
                 f"--model-repository={self.model_repository}",
-                f"--backend-directory={backend_dir()}",
+                f"--backend-directory={backend_dir(self.python)}",
                 f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 f"--http-address={self.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
@@ -204,7 +260,7 @@ class TritonServer:
         self._log_handle = open(self.log_path, "wb")
         # a session of its own: a terminal's Ctrl-C reaches us only, and we forward it once
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log_handle,
-                                        stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
+                                        stderr=subprocess.STDOUT, env=server_env(self.python), start_new_session=True)
         return self
 
     def log_text(self) -> str:

@@ -8,7 +8,8 @@ from ..errors import UserError
 
 
 def perplexities(reference_dir: Path, pruned_dir: Path, text, device: str) -> dict:
-    from ..models import load_causal_lm, load_tokenizer
+    from ..models import load_causal_lm
+    from ..tokenizer import load_tokenizer
     from ..quality import perplexity, read_text, token_windows
 
     windows = token_windows(load_tokenizer(pruned_dir), read_text(text), 256, max_tokens=100_000)
@@ -36,7 +37,8 @@ def score_tasks(reference_dir: Path, pruned_dir: Path, tasks, device: str, max_n
     import torch
     from rouge_score import rouge_scorer
 
-    from ..models import load_causal_lm, load_tokenizer
+    from ..models import load_causal_lm
+    from ..tokenizer import load_tokenizer
 
     try:
         rows = [json.loads(line) for line in Path(tasks).read_text(encoding="utf-8").splitlines() if line.strip()]
