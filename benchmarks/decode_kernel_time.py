@@ -62,6 +62,17 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def vocab_and_layers(folder: Path) -> tuple[int, int]:
+    """From genai_config.json where the builder was onnxruntime-genai's (its folders have no usable
+    config.json), else from the checkpoint's config.json."""
+    if (folder / "genai_config.json").is_file():
+        model = json.loads((folder / "genai_config.json").read_text())["model"]
+        return model["vocab_size"], model["decoder"]["num_hidden_layers"]
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    return config["vocab_size"], config["num_hidden_layers"]
+
+
 def _ms(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -77,24 +88,22 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoConfig
-
     from ulsexport.runtime import open_runtime
 
     bandwidth = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bandwidth, "artifacts": {}}
     for spec in args.artifacts:
         folder, runtime_name = spec.rsplit(":", 1)
-        config = AutoConfig.from_pretrained(folder).get_text_config()
+        vocab, layers = vocab_and_layers(Path(folder))
         options = {"cuda_graph": False} if runtime_name == "ort" else {}
         runtime = open_runtime(folder, runtime_name, args.dtype, "cuda", **options)
-        rows = [decode_kernel_time(runtime, b, args.prompt_len, args.steps, config.vocab_size, top=None,
+        rows = [decode_kernel_time(runtime, b, args.prompt_len, args.steps, vocab, top=None,
                                    folder=folder) for b in args.batch]
         onnx_export = (read_manifest(folder) or {}).get("onnx")
         for row in rows:
             if onnx_export:  # one layer's weights: all but the embedding and lm head, over the layers
-                layer_bytes = weight_bytes(folder, without_axis=config.vocab_size) / config.num_hidden_layers
-                row["layer"] = per_layer_kernels(row["top_kernels"], config.num_hidden_layers, layer_bytes, bandwidth)
+                layer_bytes = weight_bytes(folder, without_axis=vocab) / layers
+                row["layer"] = per_layer_kernels(row["top_kernels"], layers, layer_bytes, bandwidth)
             row["top_kernels"] = row["top_kernels"][:12]
         results["artifacts"][spec] = rows
         del runtime

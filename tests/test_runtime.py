@@ -128,7 +128,7 @@ def test_placement_log_names_the_nodes_off_cuda():
 def test_per_layer_kernels_splits_a_step_by_layer_and_compares_with_the_floor():
     from ulsexport.testing import per_layer_kernels
 
-    kernels = [{"name": "sm90_gemm_f16", "ms_per_step": 0.32, "per_step": 32},   # 4 GEMMs x 8 layers
+    kernels = [{"name": "nvjet_sm90_hsh_192x8", "ms_per_step": 0.32, "per_step": 32},   # 4 GEMMs x 8 layers
                {"name": "SkipLayerNorm", "ms_per_step": 0.04, "per_step": 16},
                {"name": "gemv_lm_head", "ms_per_step": 0.05, "per_step": 1},
                {"name": "argmax", "ms_per_step": 0.01, "per_step": 1}]
@@ -136,4 +136,4 @@ def test_per_layer_kernels_splits_a_step_by_layer_and_compares_with_the_floor():
     assert report["layer_kernels"] == 6 and report["layer_us"] == pytest.approx(45.0)
     assert report["layer_gemm_us"] == pytest.approx(40.0) and report["outside_layers_us"] == pytest.approx(60.0)
     assert report["layer_floor_us"] == pytest.approx(37.5) and report["fraction_of_floor"] == pytest.approx(37.5 / 45)
-    assert [k["name"] for k in report["per_layer"]] == ["sm90_gemm_f16", "SkipLayerNorm"]
+    assert [k["name"] for k in report["per_layer"]] == ["nvjet_sm90_hsh_192x8", "SkipLayerNorm"]

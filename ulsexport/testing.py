@@ -253,6 +253,13 @@ def weight_bytes(folder, without_axis: int | None = None) -> int:
     return total
 
 
+GEMM_KERNEL_WORDS = ("gemm", "gemv", "matmul", "cutlass", "nvjet", "splitkreduce")  # nvjet: cuBLASLt's Hopper GEMMs
+
+
+def is_gemm_kernel(name: str) -> bool:
+    return any(word in name.lower() for word in GEMM_KERNEL_WORDS)
+
+
 def per_layer_kernels(kernels: list[dict], layers: int, layer_bytes: float, bandwidth: float) -> dict:
     """One decode step's kernels ({name, ms_per_step, per_step}) split into those every decoder layer
     launches (a count per step that is a multiple of `layers`) and the rest (embedding, final norm,
@@ -261,7 +268,7 @@ def per_layer_kernels(kernels: list[dict], layers: int, layer_bytes: float, band
     outside = [k for k in kernels if k not in in_layers]
     layer_us = 1000 * sum(k["ms_per_step"] for k in in_layers) / layers
     floor_us = 1e6 * layer_bytes / bandwidth
-    gemm = [k for k in in_layers if any(word in k["name"].lower() for word in ("gemm", "gemv", "matmul", "cutlass"))]
+    gemm = [k for k in in_layers if is_gemm_kernel(k["name"])]
     return {"layers": layers, "layer_us": layer_us, "layer_floor_us": floor_us, "fraction_of_floor": floor_us / layer_us,
             "layer_kernels": round(sum(k["per_step"] for k in in_layers) / layers, 2),
             "layer_gemm_us": 1000 * sum(k["ms_per_step"] for k in gemm) / layers,
@@ -324,7 +331,7 @@ def profile_decode(folder, device: str, batch: int, prompt_len: int, steps: int,
     return dict(sorted(totals.items(), key=lambda item: -item[1]["us"])), runs
 
 
-__all__ = ["copy_bandwidth", "weight_bytes", "per_layer_kernels", "SEVEN_B", "ONE_B", "TINY", "SHAPES", "VOCAB", "SLIDING_WINDOW", "TINY_CONFIGS", "FAMILIES",
+__all__ = ["copy_bandwidth", "weight_bytes", "per_layer_kernels", "is_gemm_kernel", "SEVEN_B", "ONE_B", "TINY", "SHAPES", "VOCAB", "SLIDING_WINDOW", "TINY_CONFIGS", "FAMILIES",
            "tiny_config", "make_tiny_checkpoint", "save_word_tokenizer", "make_random_llama", "make_pruned_set",
            "add_decode_arguments", "add_shape_arguments", "shape_from_args", "kernel_totals", "TimedSession",
            "decode_kernel_time", "PROFILE_WARMUP_STEPS", "profiled_decoder", "op_times", "profile_decode"]
