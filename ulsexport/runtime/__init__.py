@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifact import artifact_kind
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .base import GreedyRun, Runtime
 
 
@@ -47,6 +47,10 @@ def default_runtime(kind: str) -> str:
     return (first or [name for name, entry in RUNTIMES.items() if kind in entry.kinds])[0]
 
 
+# the libraries whose exceptions mean "this artifact cannot be read" (onnx also covers onnxruntime_genai)
+LIBRARY_MODULES = ("onnxruntime", "onnx", "google.protobuf", "tensorrt")
+
+
 def open_runtime(folder: str | Path, runtime: str, dtype: str | None = None, device: str = "cpu",
                  **options) -> Runtime:
     """The runtime named `runtime` over artifact `folder`, refusing artifacts it cannot run; `options` are
@@ -56,7 +60,15 @@ def open_runtime(folder: str | Path, runtime: str, dtype: str | None = None, dev
     entry, kind = RUNTIMES[runtime], artifact_kind(Path(folder))
     if kind not in entry.kinds:
         raise UserError(f"--runtime {runtime} runs {' or '.join(entry.kinds)} artifacts; {folder} is a {kind} artifact")
-    return entry.open(folder, dtype, device, **options)
+    try:
+        return entry.open(folder, dtype, device, **options)
+    except UserError:
+        raise
+    except Exception as exc:  # a corrupt or truncated artifact, refused by the library that reads it
+        if not (type(exc).__module__ or "").startswith(LIBRARY_MODULES):
+            raise
+        raise UserError(f"{folder}: {runtime} could not load it ({type(exc).__name__}: {first_line(exc)[:200]}); "
+                        "is the export complete? rebuild it with `ulsexport onnx`") from None
 
 
 __all__ = ["RUNTIMES", "GreedyRun", "Runtime", "RuntimeEntry", "default_runtime", "open_runtime"]

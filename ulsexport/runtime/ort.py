@@ -80,14 +80,8 @@ class OnnxDecoder(Runtime):
         path = str(folder / self.onnx["file"])
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
-            try:
-                session = self._captured_session(make, path) if self.cuda_graph else None
-                session = session or make(path, self._session_options(), providers=PROVIDERS[provider])
-            except Exception as exc:  # a corrupt or truncated graph: onnxruntime's own exception types
-                if not type(exc).__module__.startswith("onnxruntime"):
-                    raise
-                raise UserError(f"{path} could not be loaded by onnxruntime ({type(exc).__name__}: "
-                                f"{first_line(exc)[:200]}); rebuild it with `ulsexport onnx`") from None
+            session = self._captured_session(make, path) if self.cuda_graph else None
+            session = session or make(path, self._session_options(), providers=PROVIDERS[provider])
         if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             # onnxruntime falls back to the CPU, with a warning only, when the CUDA libraries fail to load
             raise UserError(f"onnxruntime could not start its CUDA provider for {path} (it runs on "

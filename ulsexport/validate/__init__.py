@@ -94,7 +94,7 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
         raise UserError("--no-cuda-graph applies to --runtime ort (onnxruntime's CUDA graph capture)")
     options = {} if cuda_graph is None else {"cuda_graph": cuda_graph}
     report["cuda_graph"] = cuda_graph
-    candidate_runtime = _open(candidate, runtime, dtype, device, **options)
+    candidate_runtime = open_runtime(candidate, runtime, dtype, device, **options)
     with tempfile.TemporaryDirectory() as tmp:
         expected = parity_reference(reference_dir, candidate, lineage["kept"], Path(tmp))
         report["parity"] = {"reference_checkpoint": str(expected) if expected != Path(tmp) / "pruned-reference"
@@ -120,23 +120,6 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
 
         report["tasks"] = score_tasks(reference_dir, pruned_dir, tasks, device)
     return report
-
-
-def _open(folder, runtime: str, dtype, device: str, **options):
-    """open_runtime, with a runtime library's refusal of a corrupt artifact (onnxruntime's
-    InvalidProtobuf, say) turned into one line."""
-    try:
-        return open_runtime(folder, runtime, dtype, device, **options)
-    except UserError:
-        raise
-    except Exception as exc:
-        module = type(exc).__module__ or ""
-        if not module.startswith(("onnxruntime", "onnx", "google.protobuf")):
-            raise
-        from ..errors import first_line
-
-        raise UserError(f"{folder}: {runtime} could not load it ({type(exc).__name__}: {first_line(exc)[:200]}); "
-                        "is the export complete? rebuild it with `ulsexport onnx`") from None
 
 
 def _device_name(device: str) -> str:
