@@ -9,28 +9,16 @@ downloaded.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import shutil
-from pathlib import Path
 
-from prune_memory import SHAPE, build, measure
-
-from ulsexport.testing import SHAPES
+from prune_memory import fresh_checkpoint, measure
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/export-cost"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/export-cost.md"))
-    ap.add_argument("--tiny", action="store_true", help="a tiny model, to check the script")
-    args = ap.parse_args()
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    src = args.workdir / "src"
-    size = build(src, args.tiny)
-    shape = SHAPES["tiny"] if args.tiny else SHAPE
+    args, src, size, shape = fresh_checkpoint(__doc__, "/tmp/export-cost", "benchmarks/results/export-cost.md")
     ulsexport = shutil.which("ulsexport")
     pruned = args.workdir / "pruned"
     measure([ulsexport, "--quiet", "prune", "--model", str(src), "--speedup", "2", "--out", str(pruned)])

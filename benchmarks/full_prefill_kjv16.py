@@ -41,7 +41,7 @@ def main():
     full = load_causal_lm(KJV16)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        candidates = [(f"uls 2x, unhealed", prune_checkpoint(KJV16, Path(tmp) / "uls2", plan_for_model(KJV16, 2),
+        candidates = [("uls 2x, unhealed", prune_checkpoint(KJV16, Path(tmp) / "uls2", plan_for_model(KJV16, 2),
                                                             quiet=True).out_dir)]
         candidates += [(f"healed ({p.name})", p) for p in args.healed]
         for label, folder in candidates:

@@ -14,7 +14,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ulsexport.testing import SHAPES
@@ -55,16 +54,21 @@ def build(src: Path, tiny: bool = False) -> int:
     return sum(p.stat().st_size for p in src.glob("*.safetensors"))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/prune-mem"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prune-memory.md"))
+def fresh_checkpoint(description: str, workdir: str, out: str):
+    """The command line of a cost benchmark (--workdir, --out, --tiny) and its checkpoint, built anew in
+    WORKDIR/src: (args, src, bytes, shape)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path(workdir))
+    ap.add_argument("--out", type=Path, default=Path(out))
     ap.add_argument("--tiny", action="store_true", help="a tiny model, to check the script")
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     src = args.workdir / "src"
-    size = build(src, args.tiny)
-    shape = SHAPES["tiny"] if args.tiny else SHAPE
+    return args, src, build(src, args.tiny), SHAPES["tiny"] if args.tiny else SHAPE
+
+
+def main():
+    args, src, size, shape = fresh_checkpoint(__doc__, "/tmp/prune-mem", "benchmarks/results/prune-memory.md")
     from ulsexport.prune import plan_for_model
 
     keep = ",".join(map(str, plan_for_model(src, 2).kept))  # the uls 2x plan, as `ulsexport prune` takes it
