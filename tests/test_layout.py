@@ -72,3 +72,10 @@ def test_builders_and_runtimes_are_listed_only_in_their_registries():
     for name, home in listed.items():
         quoted = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if f'"{name}"' in p.read_text()]
         assert quoted == [home], (name, quoted)
+
+
+def test_every_top_level_name_resolves():
+    import ulsexport
+
+    for name in ulsexport.__all__:
+        assert getattr(ulsexport, name) is not None, name

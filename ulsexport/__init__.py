@@ -9,7 +9,7 @@ def __getattr__(name):
     # Heavy entry points load on first use, so `import ulsexport` stays cheap and torch-free.
     lazy = {
         "prune_checkpoint": "prune", "plan_for_model": "prune",
-        "adapter_for": "adapters", "ADAPTERS": "adapters",
+        "adapter_for": "families", "ADAPTERS": "families",
     }
     if name in lazy:
         import importlib

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .checkpoint import load_model_info
-from .families import adapter_for, remap_config
+from .families import remap_config
 from .errors import UserError
 from .artifact import file_sha256, read_manifest, write_manifest
 from .outputs import atomic_output_dir

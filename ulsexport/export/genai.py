@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..artifact import GENAI_CONFIG, BuildResult, graph_entry, lineage, read_manifest, write_manifest
 from ..errors import UserError, first_line
 from ..families import CPU_GQA_HEAD_MULTIPLE
