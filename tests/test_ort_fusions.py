@@ -70,38 +70,29 @@ def test_layout_rules_apply_rotary_to_projection():
     np.testing.assert_allclose(run(ir.serde.serialize_model(model)), run(proto), atol=1e-6)
 
 
-def test_gqa_projections_packed_into_one_matmul(tmp_path):
+def test_projections_packed_into_one_matmul_each(tmp_path):
+    """Per layer one MatMul for q/k/v (split into GroupQueryAttention) and one for gate and up (split
+    into the SwiGLU), the separate weights gone; tokens and logits as PyTorch's."""
     import onnx
 
     src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=2)
     result = export_onnx(src, tmp_path / "onnx", attention="gqa", kv_cache="concat", quiet=True)
-    assert result.manifest["optimizations"]["applied"]["packed_qkv"] == 2
+    applied = result.manifest["optimizations"]["applied"]
+    assert applied["packed_qkv"] == 2 and applied["packed_shared_input"] == 2
     graph = onnx.load(str(result.out_dir / "model.onnx")).graph
     producers = {out: node for node in graph.node for out in node.output}
     for attention in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
         assert producers[attention.input[2]].op_type == "Split"  # value: straight from the packed projection
         assert {producers[producers[i].input[0]].op_type for i in attention.input[:2]} == {"Split"}
-    assert_greedy_parity(src, result.out_dir)
-
-
-def test_gate_and_up_projections_packed_into_one_matmul(tmp_path):
-    """Per layer one MatMul reads the gate and up weights side by side; a Split gives the two halves
-    to the SwiGLU; tokens and logits as PyTorch's."""
-    import onnx
-
-    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=2)
-    result = export_onnx(src, tmp_path / "onnx", quiet=True)
-    assert result.manifest["optimizations"]["applied"]["packed_shared_input"] == 2
-    graph = onnx.load(str(result.out_dir / "model.onnx")).graph
     consumers = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node.op_type)
     packed = [n for n in graph.node if n.op_type == "MatMul" and n.input[1].endswith(".packed")]
     assert len(packed) == 2 and all(consumers[m.output[0]] == ["Split"] for m in packed)
-    initializers = {i.name: i for i in graph.initializer}
-    assert all(list(initializers[m.input[1]].dims) == [32, 2 * 64] for m in packed)  # hidden, 2 x intermediate
-    assert not [n for n in graph.initializer if "gate_proj" in n.name or "up_proj" in n.name]
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    assert all(dims[m.input[1]] == [32, 2 * 64] for m in packed)  # hidden, gate and up side by side
+    assert not [name for name in dims if "gate_proj" in name or "up_proj" in name]
     assert_greedy_parity(src, result.out_dir)
 
 
