@@ -11,6 +11,12 @@ KJV16 = FIXTURES / "models" / "kjv16"
 DATA = FIXTURES / "data"
 
 
+def sampled(values, default_run):
+    """Parameters of a check too slow to run whole by default: those in `default_run` as they are, the
+    rest marked `extended` (run them with `python -m pytest -m extended`)."""
+    return [v if v in default_run else pytest.param(v, marks=pytest.mark.extended) for v in values]
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """One tiny random checkpoint per family, built once per test session."""

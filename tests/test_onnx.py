@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STORIES, run_cli
+from conftest import STORIES, run_cli, sampled
 from tiny_models import FAMILIES, make_tiny_checkpoint
 
 pytest.importorskip("onnxruntime")
@@ -75,7 +75,9 @@ def assert_cache_io(pruned, onnx_dir):
     assert manifest["parity_check"]["relative_logit_error"] < 1e-4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# by default every family but four whose graphs are closest to one that runs (qwen2 and granite: llama's,
+# with biases / multipliers; gemma3_text: gemma2's; olmo2: q/k norms, as qwen3); all with `pytest -m extended`
+@pytest.mark.parametrize("family", sampled(FAMILIES, [f for f in FAMILIES if f not in ("qwen2", "granite", "gemma3_text", "olmo2")]))
 def test_tiny_family_greedy_parity(exported, family):
     pruned, onnx_dir = exported(family)
     assert_cache_io(pruned, onnx_dir)
