@@ -85,7 +85,9 @@ def test_each_graph_loads_on_its_own(multi):
         assert session.get_outputs()[0].name == "logits"
 
 
-@pytest.mark.parametrize("name,model,speedups", [("stories260K", STORIES, "1,2"), ("kjv16", KJV16, "2,3")])
+# kjv16 (16 layers, a minute here) with `pytest -m extended`
+@pytest.mark.parametrize("name,model,speedups", [("stories260K", STORIES, "1,2"),
+                                                 pytest.param("kjv16", KJV16, "2,3", marks=pytest.mark.extended)])
 def test_real_models_at_two_depths(name, model, speedups, tmp_path):
     result = run_cli("onnx", "--model", model, "--speedups", speedups, "--out", tmp_path / "multi")
     assert result.exit_code == 0, result.output
