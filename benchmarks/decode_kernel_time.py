@@ -99,10 +99,11 @@ def main() -> None:
         runtime = open_runtime(folder, runtime_name, args.dtype, "cuda", **options)
         rows = [decode_kernel_time(runtime, b, args.prompt_len, args.steps, vocab, top=None,
                                    folder=folder) for b in args.batch]
-        onnx_export = (read_manifest(folder) or {}).get("onnx")
+        # one layer's weights (ONNX exports): all but the embedding and lm head, over the layers
+        layer_bytes = weight_bytes(folder, without_axis=vocab) / layers \
+            if (read_manifest(folder) or {}).get("onnx") else None
         for row in rows:
-            if onnx_export:  # one layer's weights: all but the embedding and lm head, over the layers
-                layer_bytes = weight_bytes(folder, without_axis=vocab) / layers
+            if layer_bytes:
                 row["layer"] = per_layer_kernels(row["top_kernels"], layers, layer_bytes, bandwidth)
             row["top_kernels"] = row["top_kernels"][:12]
         results["artifacts"][spec] = rows

@@ -236,8 +236,8 @@ def pack_qkv_projections(model) -> int:
 
 def pack_shared_input_projections(model) -> int:
     """One MatMul for the constant-weight MatMuls that read the same input, split after it: the gate and
-    up projections of a gated MLP (after `pack_qkv_projections`, nothing else in a decoder layer shares
-    its input). One wider GEMM reads the same weight bytes with one launch fewer per layer."""
+    up projections of a gated MLP, and q/k/v where `pack_qkv_projections` did not run (no
+    GroupQueryAttention). One wider GEMM reads the same weight bytes with fewer launches per layer."""
     graph, groups = model.graph, {}
     for node in graph:
         if node.op_type == "MatMul" and node.domain == "" and _constant_matrix(node.inputs[1]):

@@ -129,13 +129,13 @@ def _numpy_version() -> str | None:
     return numpy.__version__
 
 
-def backend_dir(python: ModelPython | None = None) -> Path:
+def backend_dir(python: ModelPython) -> Path:
     """A backend directory of our own holding the Python backend with the stub of the models' Python;
     returns the folder to pass as --backend-directory."""
     from importlib.metadata import version
 
     root = wheel_root() / "tritonserver"
-    py = (python or ModelPython.of()).version
+    py = python.version
     stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
     if not stub.is_file():
         raise UserError(f"the nvidia-pytriton wheel has no Python backend stub for Python {py}")
@@ -162,8 +162,7 @@ def backend_dir(python: ModelPython | None = None) -> Path:
     return target
 
 
-def server_env(python: ModelPython | None = None) -> dict:
-    python = python or ModelPython.of()
+def server_env(python: ModelPython) -> dict:
     env = dict(os.environ)
     libs = wheel_root().parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [python.libdir, str(libs), env.get("LD_LIBRARY_PATH")] if p)
