@@ -69,6 +69,20 @@ def test_three_depths_over_one_weights_file(multi, tmp_path):
     assert runtime.weights.nbytes == sum(a.nbytes for a in runtime.weights.arrays.values())
 
 
+def test_fixed_width_depths_over_the_shared_weights(multi):
+    """The decode loop CUDA graphs replay, with the argmax added to each depth's graph in memory, over the
+    shared initializers: the plain loop's tokens and logits at every depth, and with the full prefill."""
+    _, out = multi
+    plain, fixed = MultiDepthDecoder(out, "cpu"), MultiDepthDecoder(out, "cpu", fixed_width=True)
+    assert all(d.device_argmax for d in fixed.decoders.values())
+    ids, mask = _prompt(read_manifest(out)["onnx"]["io_shapes"]["logits"][-1])
+    for options in ({"depth": "full"}, {"depth": "2x"}, {"depth": "3x"}, {"depth": "3x", "prefill_depth": "full"}):
+        expected = plain.greedy(ids, mask, STEPS, keep_logits=True, **options)
+        got = fixed.greedy(ids, mask, STEPS, keep_logits=True, **options)
+        np.testing.assert_array_equal(got.tokens, expected.tokens)
+        assert max(relative_error(a, e) for a, e in zip(got.logits, expected.logits)) < TOLERANCES["fp32"]
+
+
 def test_the_concatenated_cache_layout_too(tmp_path):
     src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=4, overrides=SHARED_SHAPE)
     result = export_multi_depth(src, tmp_path / "multi", [1, 2], kv_cache="concat", quiet=True)

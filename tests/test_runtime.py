@@ -52,6 +52,42 @@ def test_fixed_width_loop_equals_the_plain_loop(shared_export):
     assert list(fixed._step_buffers) == [(3, CAPACITY_STEP)]  # one graph per (batch, capacity), reused
 
 
+def test_fixed_width_step_chooses_its_ids_in_the_graph(shared_export):
+    """The fixed-width session's graph gains an ArgMax output: a step's result leaves the logits in their
+    buffer and brings back only the ids, which the next step reads from the buffer they were chosen into.
+    Ids the caller chose itself (teacher forcing here) are uploaded instead."""
+    from ulsexport.runtime.base import DeviceLogits
+    from ulsexport.runtime.ort import NEXT_TOKEN
+
+    _, onnx_dir = shared_export
+    plain = OnnxDecoder(onnx_dir, "cpu")
+    fixed = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)
+    host = OnnxDecoder(onnx_dir, "cpu", fixed_width=True, device_argmax=False)
+    assert fixed.device_argmax and not host.device_argmax and not plain.device_argmax
+    assert NEXT_TOKEN in {o.name for o in fixed.session.get_outputs()}
+    assert NEXT_TOKEN not in {o.name for o in host.session.get_outputs()}
+    ids, mask = _left_padded(5)
+    forced = np.random.default_rng(6).integers(3, 128, (4, len(ids)), dtype=np.int64)
+    runs = {}
+    for name, decoder in (("plain", plain), ("fixed", fixed), ("host", host)):
+        state, logits = decoder.prefill(ids, mask, 5)
+        steps = []
+        for tokens in forced:
+            logits = decoder.step(state, tokens)
+            steps.append(decoder.to_host(logits).copy())
+            assert isinstance(logits, DeviceLogits) == (name == "fixed")
+            np.testing.assert_array_equal(decoder.next_tokens(logits), steps[-1].argmax(-1))
+        runs[name] = steps
+    for name in ("fixed", "host"):
+        assert max(relative_error(a, e) for a, e in zip(runs[name], runs["plain"])) < TOLERANCES["fp32"]
+    uploads = []
+    for buffers in fixed._step_buffers.values():
+        update = buffers.ids.update_inplace
+        buffers.ids.update_inplace = lambda array, update=update: (uploads.append(array), update(array))
+    fixed.greedy(ids, mask, 6)
+    assert len(uploads) == 1  # the first step's ids come from the prompt's logits; the next four are in place
+
+
 def test_fixed_width_buffers_per_batch_and_capacity(shared_export):
     _, onnx_dir = shared_export
     decoder = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)

@@ -289,11 +289,12 @@ def profiled_decoder(folder, device: str, profile_dir: Path):
 
     from .runtime.ort import OnnxDecoder
 
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(profile_dir / "decode")
-    return OnnxDecoder(folder, device,
-                       session=lambda path, _, providers: ort.InferenceSession(path, options, providers=providers))
+    def make(model, options, providers):
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_dir / "decode")
+        return ort.InferenceSession(model, options, providers=providers)
+
+    return OnnxDecoder(folder, device, session=make)
 
 
 def op_times(profile: list[dict], skip_runs: int = 1, provider: str = "CUDAExecutionProvider") -> tuple[dict, int]:

@@ -54,9 +54,20 @@ def greedy_tokens(logits: np.ndarray) -> np.ndarray:
     return tokens
 
 
+class DeviceLogits:
+    """Logits a runtime keeps where it computed them, with the greedy ids chosen there too: `tokens()`
+    brings back only the ids, `host()` the logits [batch, vocab]."""
+
+    def tokens(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def host(self) -> np.ndarray:
+        raise NotImplementedError
+
+
 class Runtime:
-    """A decoder with a KV cache. Subclasses give `prefill` and `step`; arrays are numpy unless a
-    subclass keeps its own (then it overrides `next_tokens` and `to_host`)."""
+    """A decoder with a KV cache. Subclasses give `prefill` and `step`; logits are numpy arrays or
+    DeviceLogits unless a subclass keeps its own (then it overrides `next_tokens` and `to_host`)."""
 
     name = ""
 
@@ -70,10 +81,10 @@ class Runtime:
 
     def next_tokens(self, logits):
         """The greedy choice, known on the host when this returns (the step's work has finished)."""
-        return greedy_tokens(logits)
+        return logits.tokens() if isinstance(logits, DeviceLogits) else greedy_tokens(logits)
 
     def to_host(self, array) -> np.ndarray:
-        return np.asarray(array)
+        return array.host() if isinstance(array, DeviceLogits) else np.asarray(array)
 
     def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False,
                **prefill_options) -> GreedyRun:

@@ -19,6 +19,12 @@ first decode step of each (batch, capacity) (`gpu_graph_id`) and replays it afte
 runs uncaptured (`gpu_graph_id` -1), so any batch size works. A graph with a node that is not on
 the CUDA provider cannot be captured: the decoder then runs uncaptured and says which nodes
 (`cuda_graph_off`).
+
+The fixed-width session runs the graph with one output added (`graph_with_next_token`, in memory;
+the export's files are not touched): the argmax of the logits, written into the token-ids buffer.
+So a step's greedy ids are chosen where the logits are, only they come back to the host (a step
+returns a `StepLogits`; its logits are copied only when asked for), and ids fed back as they came
+are already in place for the next step.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import numpy as np
 
 from ..artifact import read_manifest
 from ..errors import UserError, first_line
-from .base import Runtime, position_ids_from_mask
+from .base import DeviceLogits, Runtime, position_ids_from_mask
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -52,13 +58,16 @@ class OnnxDecoder(Runtime):
     `session` is an InferenceSession already made over the folder's graph (e.g. with profiling
     options), or a factory `session(path, options, providers)`; by default one is made here.
     `cuda_graph` (shared cache on CUDA; default on there) captures decode steps; `fixed_width`
-    (default: where capturing) runs the fixed-width decode loop without capturing, as on the CPU.
+    (default: where capturing) runs the fixed-width decode loop without capturing, as on the CPU;
+    `device_argmax` False leaves the fixed-width step's argmax to the host. A factory gets the model as
+    a path or, with the argmax added, as bytes (their options name the folder of the external weights).
     """
 
     name = "ort"
 
     def __init__(self, folder: str | Path, provider: str = "cpu", io_binding: bool | None = None, session=None,
-                 cuda_graph: bool | None = None, fixed_width: bool | None = None, graph: str | None = None):
+                 cuda_graph: bool | None = None, fixed_width: bool | None = None, graph: str | None = None,
+                 device_argmax: bool = True):
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -77,18 +86,23 @@ class OnnxDecoder(Runtime):
                             f"(this one: {provider}, {self.onnx.get('kv_cache', 'concat')} cache)")
         self.cuda_graph = provider == "cuda" and self.shared_cache if cuda_graph is None else cuda_graph
         self.cuda_graph_off = None  # why capture was asked for and is not used
+        self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
         path = str(folder / self.onnx["file"])
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
-            session = self._captured_session(make, path) if self.cuda_graph else None
-            session = session or make(path, self._session_options(), providers=PROVIDERS[provider])
+            model = graph_with_next_token(path) if self.fixed_width and device_argmax else path
+            session = self._captured_session(make, model, folder) if self.cuda_graph else None
+            if session is None and self.fixed_width and fixed_width is None:  # capture refused: the plain loop
+                self.fixed_width, model = False, path
+            session = session or make(model, session_options(model, folder), providers=PROVIDERS[provider])
         if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             # onnxruntime falls back to the CPU, with a warning only, when the CUDA libraries fail to load
             raise UserError(f"onnxruntime could not start its CUDA provider for {path} (it runs on "
                             f"{', '.join(session.get_providers())}): the CUDA and cuDNN libraries that "
                             f"onnxruntime-gpu {ort.__version__} needs were not found (LD_LIBRARY_PATH)")
         self.session = session
-        self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
+        # the fixed-width step's greedy ids come from the graph's own argmax where the session has it
+        self.device_argmax = self.fixed_width and NEXT_TOKEN in {o.name for o in session.get_outputs()}
         self._step_buffers: dict[tuple[int, int], StepBuffers] = {}
         # the shared buffer is bound as input and output at once: that needs io binding, on any provider
         self.io_binding = self.shared_cache or (provider == "cuda" if io_binding is None else io_binding)
@@ -125,21 +139,13 @@ class OnnxDecoder(Runtime):
     def step(self, state, next_ids):
         return state.forward(np.asarray(next_ids))
 
-    @staticmethod
-    def _session_options(severity: int = 3):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = severity  # 3, errors only: the exporter's shape annotations draw warnings
-        return options
-
-    def _captured_session(self, make, path: str):
+    def _captured_session(self, make, model: str | bytes, folder: Path):
         """A session that can capture CUDA graphs, or None (and `cuda_graph_off` says why)."""
         providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
         try:
-            return make(path, self._session_options(), providers=providers)
+            return make(model, session_options(model, folder), providers=providers)
         except Exception as exc:  # onnxruntime refuses capture when a node is not on the CUDA provider
-            off_cuda = nodes_off_cuda(path)
+            off_cuda = nodes_off_cuda(model, folder)
             self.cuda_graph_off = (f"not on the CUDA provider: {', '.join(off_cuda)}" if off_cuda
                                    else first_line(exc))
             self.cuda_graph = False
@@ -175,6 +181,8 @@ class OnnxDecoder(Runtime):
             buffers.binding.bind_ortvalue_input("input_ids", buffers.ids)
             buffers.binding.bind_ortvalue_input("attention_mask", buffers.mask)
             buffers.binding.bind_ortvalue_output("logits", buffers.logits)
+            if self.device_argmax:  # the chosen ids overwrite the ids just read: the next step's input, in place
+                buffers.binding.bind_ortvalue_output(NEXT_TOKEN, buffers.ids)
             for past, present, value in zip(self.cache_inputs, self.cache_outputs, cache):
                 buffers.binding.bind_ortvalue_input(past, value)
                 buffers.binding.bind_ortvalue_output(present, value)
@@ -211,19 +219,45 @@ class StepBuffers:
     graph_id: int
 
 
-def nodes_off_cuda(path: str) -> list[str]:
+NEXT_TOKEN = "ulsexport_next_token"  # the output the fixed-width session adds: each position's greedy id
+
+
+def graph_with_next_token(path: str) -> bytes:
+    """The graph at `path` (weights left in their files) with one more output, NEXT_TOKEN: the argmax
+    of its logits over the vocabulary, so that a decode step chooses its greedy ids where the logits
+    are and only the ids come back. ArgMax keeps the first of equal maxima, as numpy does."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(path, load_external_data=False)
+    model.graph.node.append(helper.make_node("ArgMax", ["logits"], [NEXT_TOKEN], name=NEXT_TOKEN, axis=-1, keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, None))
+    return model.SerializeToString()
+
+
+def session_options(model: str | bytes, folder: Path, severity: int = 3):
+    """Options of a session over `model`, a path or a graph in memory whose external weights are in `folder`."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = severity  # 3, errors only: the exporter's shape annotations draw warnings
+    if isinstance(model, bytes):
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    return options
+
+
+def nodes_off_cuda(model: str | bytes, folder: Path) -> list[str]:
     """'OpType (node name)' of each node onnxruntime places on another provider than CUDA, read from
     its verbose placement log (written to the process's stderr, so fd 2 is redirected meanwhile)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 0  # the placements are logged at VERBOSE
+    options = session_options(model, folder, severity=0)  # the placements are logged at VERBOSE
     with tempfile.TemporaryFile(mode="w+") as log:
         saved = os.dup(2)
         try:
             os.dup2(log.fileno(), 2)
             with contextlib.suppress(Exception):
-                ort.InferenceSession(path, options, providers=PROVIDERS["cuda"])
+                ort.InferenceSession(model, options, providers=PROVIDERS["cuda"])
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -308,6 +342,7 @@ class SharedCacheStream:
         self.decoder = decoder
         self.binding = decoder.session.io_binding()
         self.steps = 0
+        self.ids_in_buffer = None
         self.fixed_width = decoder.fixed_width and cache is None  # given buffers are not the fixed ones
         if cache is not None:
             self.cache = cache
@@ -352,15 +387,36 @@ class SharedCacheStream:
             return self.logits[np.arange(len(self.logits)), self.lengths - 1]
         return self.logits[:, -1]  # a view: valid until the next forward
 
-    def _fixed_width_step(self, next_ids: np.ndarray) -> np.ndarray:
-        """One decode step through the fixed buffers (captured as a CUDA graph, or replayed)."""
+    def _fixed_width_step(self, next_ids: np.ndarray):
+        """One decode step through the fixed buffers (captured as a CUDA graph, or replayed): the logits,
+        or with the graph's argmax a StepLogits that leaves them on the device."""
         buffers = self.buffers
         self.steps += 1
         self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
-        buffers.ids.update_inplace(np.ascontiguousarray(next_ids[:, None], np.int64))
+        if next_ids is not self.ids_in_buffer:  # not the ids the last step chose into the buffer
+            buffers.ids.update_inplace(np.ascontiguousarray(next_ids[:, None], np.int64))
+        self.ids_in_buffer = None
         buffers.mask.update_inplace(self.wide_mask)
         self.decoder.session.run_with_iobinding(buffers.binding, self.decoder.run_options(buffers.graph_id))
+        if self.decoder.device_argmax:
+            return StepLogits(self, buffers)
         return buffers.logits.numpy()[:, -1]
+
+
+class StepLogits(DeviceLogits):
+    """A fixed-width step's logits, left in their buffer, and the ids the graph's argmax chose into the
+    ids buffer; both valid until the stream's next step."""
+
+    def __init__(self, stream: SharedCacheStream, buffers: StepBuffers):
+        self.stream, self.buffers = stream, buffers
+
+    def tokens(self) -> np.ndarray:
+        ids = self.buffers.ids.numpy()[:, 0].copy()  # on the CPU the value wraps the buffer: a copy, not a view
+        self.stream.ids_in_buffer = ids  # fed back as they are, the next step needs no upload
+        return ids
+
+    def host(self) -> np.ndarray:
+        return self.buffers.logits.numpy()[:, -1]
 
 
 class SharedWeights:
@@ -416,14 +472,14 @@ class SharedWeights:
         return sum(a.nbytes for a in self.arrays.values())
 
     def session_factory(self, graph_file: str):
-        """make(path, options, providers) that hands the graph its shared initializers."""
+        """make(model, options, providers) that hands the graph its shared initializers."""
         import onnxruntime as ort
 
-        def make(path, options, providers):
+        def make(model, options, providers):
             options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies weights
             for name in self.names[graph_file]:
                 options.add_initializer(name, self.values[name])
-            return ort.InferenceSession(path, options, providers=providers)
+            return ort.InferenceSession(model, options, providers=providers)
 
         return make
 
