@@ -4,7 +4,9 @@ A Llama-7B-shaped model (random fp16 weights made on the GPU), full depth and ul
 Graphs: onnxruntime-genai's builder at every depth, and our torch builder's shared-cache graph at
 --torch-depths (its export takes minutes per depth). Runtimes over each graph:
 
-- ours-graph: `--runtime ort` with the decode step captured as a CUDA graph (the default on CUDA);
+- ours-graph: `--runtime ort` with the decode step captured as a CUDA graph (the default on CUDA), the
+  greedy ids chosen in the graph (only they come back);
+- ours-graph-host: the same capture, the logits copied back and their argmax taken on the host;
 - ours-eager: the same loop uncaptured;
 - genai-graph: onnxruntime-genai's loop with its `enable_cuda_graph` (batch 1: it refuses capture above);
 - genai-eager: onnxruntime-genai's loop uncaptured.
@@ -56,6 +58,7 @@ def runtimes_for(folder: Path, builder: str, device: str) -> dict:
     out = {"ours-eager": OnnxDecoder(folder, device, cuda_graph=False)}
     if device == "cuda":
         out["ours-graph"] = OnnxDecoder(folder, device, cuda_graph=True)
+        out["ours-graph-host"] = OnnxDecoder(folder, device, cuda_graph=True, device_argmax=False)
     try:
         from ulsexport.runtime.genai import GenaiRuntime
 
@@ -168,11 +171,14 @@ def main():
 def summarize(times: dict, report: dict, batches, args) -> dict:
     """Medians, per-round ratios against genai's best setting, depth speedups and the floor."""
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"median_ms": med, "vs_genai_best": {}, "speedup_over_full": {}, "floor": {}}
+    out = {"median_ms": med, "vs_genai_best": {}, "speedup_over_full": {}, "floor": {}, "device_argmax": {}}
     for key in times:
         name, runtime, batch = key.split("|")
         if not runtime.startswith("ours"):
             continue
+        host = key.replace("|ours-graph|", "|ours-graph-host|")
+        if host != key and host in times:
+            out["device_argmax"][key] = statistics.median(h / d for d, h in zip(times[key], times[host]))
         genai_graph = name.replace("-torch", "-genai")
         best = f"{genai_graph}|genai-graph|{batch}" if int(batch) == 1 else f"{genai_graph}|genai-eager|{batch}"
         if best in times:
@@ -213,6 +219,10 @@ def markdown(report: dict, batches) -> str:
               "| graph, runtime, batch | speedup |", "|---|---|"]
     for key, v in sorted(summary["speedup_over_full"].items()):
         lines.append(f"| {key} | {v:.3f}x |")
+    lines += ["", "## Greedy ids chosen in the graph against the host's argmax, same capture (host ms over graph ms, "
+              "median per-round ratio)", "", "| graph, batch | ratio |", "|---|---|"]
+    for key, v in sorted(summary["device_argmax"].items()):
+        lines.append(f"| {key.replace('|ours-graph|', ', b')} | {v:.3f} |")
     lines += ["", "## Weight-bytes floor, batch 1", "", "| graph, runtime | floor ms | measured ms | fraction |",
               "|---|---|---|---|"]
     for key, f in sorted(summary["floor"].items()):

@@ -16,8 +16,9 @@ synchronizations); close to it, the kernels themselves are what to make faster.
 Per layer (ONNX exports): the kernels every decoder layer launches (a count per step that is a multiple
 of the layer count), their time per layer against the floor of one layer's weight bytes (the
 initializers without the vocabulary axis, over the layer count) at the device-to-device copy bandwidth
-measured in the same run. Our onnxruntime loop runs uncaptured here (the kernels are those of the
-captured step; a replayed graph's launches are not all seen one by one).
+measured in the same run. Our onnxruntime loop runs its fixed-width step uncaptured here (the kernels
+are those of the captured step, its argmax included; a replayed graph's launches are not all seen one
+by one).
 
     python benchmarks/decode_kernel_time.py /root/bench/uls2-onnx:ort /root/bench/uls2-genai:genai \
         --batch 1 8 --json benchmarks/results/gpu/kernels.json
@@ -95,7 +96,7 @@ def main() -> None:
     for spec in args.artifacts:
         folder, runtime_name = spec.rsplit(":", 1)
         vocab, layers = vocab_and_layers(Path(folder))
-        options = {"cuda_graph": False} if runtime_name == "ort" else {}
+        options = {"cuda_graph": False, "fixed_width": True} if runtime_name == "ort" else {}
         runtime = open_runtime(folder, runtime_name, args.dtype, "cuda", **options)
         rows = [decode_kernel_time(runtime, b, args.prompt_len, args.steps, vocab, top=None,
                                    folder=folder) for b in args.batch]

@@ -71,11 +71,13 @@ def test_three_depths_over_one_weights_file(multi, tmp_path):
 
 def test_fixed_width_depths_over_the_shared_weights(multi):
     """The decode loop CUDA graphs replay, with the argmax added to each depth's graph in memory, over the
-    shared initializers: the plain loop's tokens and logits at every depth, and with the full prefill."""
+    shared initializers: the plain loop's tokens and logits at every depth, and with the full prefill (whose
+    decoding stream takes the prompt's padded rows)."""
     _, out = multi
     plain, fixed = MultiDepthDecoder(out, "cpu"), MultiDepthDecoder(out, "cpu", fixed_width=True)
     assert all(d.device_argmax for d in fixed.decoders.values())
     ids, mask = _prompt(read_manifest(out)["onnx"]["io_shapes"]["logits"][-1])
+    ids, mask = np.concatenate([ids, ids[:1]]), np.concatenate([mask, mask[1:]])  # 3 rows: run as 4
     for options in ({"depth": "full"}, {"depth": "2x"}, {"depth": "3x"}, {"depth": "3x", "prefill_depth": "full"}):
         expected = plain.greedy(ids, mask, STEPS, keep_logits=True, **options)
         got = fixed.greedy(ids, mask, STEPS, keep_logits=True, **options)

@@ -49,7 +49,8 @@ def test_fixed_width_loop_equals_the_plain_loop(shared_export):
         got = fixed.greedy(ids, mask, 12, keep_logits=True)
         np.testing.assert_array_equal(got.tokens, expected.tokens)
         assert max(relative_error(a, e) for a, e in zip(got.logits, expected.logits)) < TOLERANCES["fp32"]
-    assert list(fixed._step_buffers) == [(3, CAPACITY_STEP)]  # one graph per (batch, capacity), reused
+    # one graph per (batch, capacity), reused; 3 rows run as 4 (a row of one token added, and dropped)
+    assert list(fixed._step_buffers) == [(4, CAPACITY_STEP)]
 
 
 def test_fixed_width_step_chooses_its_ids_in_the_graph(shared_export):
@@ -91,11 +92,13 @@ def test_fixed_width_step_chooses_its_ids_in_the_graph(shared_export):
 def test_fixed_width_buffers_per_batch_and_capacity(shared_export):
     _, onnx_dir = shared_export
     decoder = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)
-    for batch, new in ((1, 4), (2, 4), (1, CAPACITY_STEP)):
+    for batch, new in ((1, 4), (2, 4), (1, CAPACITY_STEP), (3, 4), (4, 4)):
         ids = np.full((batch, 5), 7, np.int64)
         decoder.greedy(ids, np.ones_like(ids), new)
-    assert sorted(decoder._step_buffers) == [(1, CAPACITY_STEP), (1, 2 * CAPACITY_STEP), (2, CAPACITY_STEP)]
-    assert sorted(b.graph_id for b in decoder._step_buffers.values()) == [1, 2, 3]
+    assert sorted(decoder._step_buffers) == [(1, CAPACITY_STEP), (1, 2 * CAPACITY_STEP), (2, CAPACITY_STEP),
+                                             (4, CAPACITY_STEP)]  # batches 3 and 4 share one
+    assert sorted(b.graph_id for b in decoder._step_buffers.values()) == [1, 2, 3, 4]
+    assert [decoder.rows_for(b) for b in (1, 2, 3, 5, 8, 9, 32, 33)] == [1, 2, 4, 8, 8, 16, 32, 64]
     assert decoder.capacity_for(CAPACITY_STEP + 1) == 2 * CAPACITY_STEP
     assert decoder.capacity_for(10_000) == 512  # never past the export's positions
     assert decoder.run_options(1) is None  # no capture on the CPU: no graph ids passed

@@ -16,7 +16,9 @@ reads and writes the same buffers, kept by the decoder across calls: token ids, 
 as wide as the cache buffer (its shape never changes; each step sets one more column per row), the
 cache and the logits. That is what a CUDA graph needs: with `cuda_graph`, onnxruntime captures the
 first decode step of each (batch, capacity) (`gpu_graph_id`) and replays it after, while the prompt
-runs uncaptured (`gpu_graph_id` -1), so any batch size works. A graph with a node that is not on
+runs uncaptured (`gpu_graph_id` -1), so any batch size works. Batches are rounded up to a power of
+two and capacities to CAPACITY_STEP, so that few graphs serve all calls; the extra rows (one token
+each) are run and dropped. A graph with a node that is not on
 the CUDA provider cannot be captured: the decoder then runs uncaptured and says which nodes
 (`cuda_graph_off`).
 
@@ -112,12 +114,11 @@ class OnnxDecoder(Runtime):
         self.dtype = NUMPY_DTYPES[self.onnx["dtype"]]
 
     @classmethod
-    def open(cls, folder: str | Path, dtype: str | None = None, device: str = "cpu",
-             cuda_graph: bool | None = None) -> Runtime:
+    def open(cls, folder: str | Path, dtype: str | None = None, device: str = "cpu", **options) -> Runtime:
         """The runtime over an export: an OnnxDecoder, or a MultiDepthDecoder for a multi-depth export;
-        `cuda_graph` None captures decode steps where it can (CUDA, shared cache), False never, True or
-        refuse."""
-        options = {} if cuda_graph is None else {"cuda_graph": cuda_graph}
+        `options` are the decoder's (`cuda_graph` None captures decode steps where it can: CUDA, shared
+        cache; False never; True or refuse)."""
+        options = {k: v for k, v in options.items() if v is not None}
         decoder = MultiDepthDecoder(folder, device, **options) if (read_manifest(folder) or {}).get("multi_depth") \
             else cls(folder, device, **options)
         if dtype is not None and dtype != decoder.onnx["dtype"]:
@@ -166,6 +167,12 @@ class OnnxDecoder(Runtime):
         similar lengths share one captured graph, and never past the export's positions."""
         limit = self.onnx.get("max_sequence_length") or length
         return min(-(-length // CAPACITY_STEP) * CAPACITY_STEP, limit)
+
+    @staticmethod
+    def rows_for(batch: int) -> int:
+        """The batch a fixed-width step runs: rounded up to a power of two, so that batches of nearby
+        sizes (a server's, say) share one captured graph."""
+        return 1 << (batch - 1).bit_length()
 
     def step_buffers(self, batch: int, capacity: int) -> StepBuffers:
         """The buffers of the (batch, capacity) decode step, made and bound on first use."""
@@ -344,6 +351,11 @@ class SharedCacheStream:
         self.steps = 0
         self.ids_in_buffer = None
         self.fixed_width = decoder.fixed_width and cache is None  # given buffers are not the fixed ones
+        # rows past the caller's `rows`: one token each, run and dropped from every result (the cache's rows
+        # where one is given, a fixed-width step's batch rounded up where not)
+        self.rows = batch
+        self._pad_to(cache[0].shape()[0] if cache is not None else decoder.rows_for(batch) if self.fixed_width else batch)
+        batch = len(self.ids)
         if cache is not None:
             self.cache = cache
         elif self.fixed_width:
@@ -359,6 +371,18 @@ class SharedCacheStream:
             self.binding.bind_ortvalue_input(past, buffer)
             self.binding.bind_ortvalue_output(present, buffer)
         self.logits = self._bind_logits(batch, prompt)
+
+    def _pad_to(self, rows: int) -> None:
+        extra = rows - self.rows
+        if extra > 0:
+            self.ids = np.concatenate([self.ids, np.zeros((extra, self.ids.shape[1]), np.int64)])
+            self.lengths = np.concatenate([self.lengths, np.ones(extra, self.lengths.dtype)])
+            self.mask = (np.arange(self.ids.shape[1])[None] < self.lengths[:, None]).astype(np.int64)
+
+    def _padded(self, next_ids: np.ndarray) -> np.ndarray:
+        """The caller's ids for the next step, with a token for each row past its own."""
+        next_ids = np.asarray(next_ids, np.int64).reshape(-1)
+        return np.concatenate([next_ids, np.zeros(len(self.lengths) - len(next_ids), np.int64)])
 
     def _bind_logits(self, batch: int, seq: int) -> np.ndarray:
         """A host array bound as the logits output: onnxruntime copies into it, and reading it needs no
@@ -376,7 +400,7 @@ class SharedCacheStream:
         if next_ids is not None and self.fixed_width:
             return self._fixed_width_step(next_ids)
         if next_ids is not None:
-            self.ids = next_ids[:, None].astype(np.int64)
+            self.ids = self._padded(next_ids)[:, None]
             self.mask = np.concatenate([self.mask, np.ones_like(self.mask[:, :1])], axis=1)
         self.binding.bind_cpu_input("input_ids", self.ids)
         self.binding.bind_cpu_input("attention_mask", self.mask)
@@ -384,8 +408,8 @@ class SharedCacheStream:
             self.logits = self._bind_logits(*self.ids.shape)
         self.decoder.session.run_with_iobinding(self.binding, self.decoder.run_options(-1))
         if next_ids is None:  # the prompt: each row's last real token
-            return self.logits[np.arange(len(self.logits)), self.lengths - 1]
-        return self.logits[:, -1]  # a view: valid until the next forward
+            return self.logits[np.arange(self.rows), self.lengths[:self.rows] - 1]
+        return self.logits[:self.rows, -1]  # a view: valid until the next forward
 
     def _fixed_width_step(self, next_ids: np.ndarray):
         """One decode step through the fixed buffers (captured as a CUDA graph, or replayed): the logits,
@@ -394,13 +418,13 @@ class SharedCacheStream:
         self.steps += 1
         self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
         if next_ids is not self.ids_in_buffer:  # not the ids the last step chose into the buffer
-            buffers.ids.update_inplace(np.ascontiguousarray(next_ids[:, None], np.int64))
+            buffers.ids.update_inplace(self._padded(next_ids)[:, None])
         self.ids_in_buffer = None
         buffers.mask.update_inplace(self.wide_mask)
         self.decoder.session.run_with_iobinding(buffers.binding, self.decoder.run_options(buffers.graph_id))
         if self.decoder.device_argmax:
             return StepLogits(self, buffers)
-        return buffers.logits.numpy()[:, -1]
+        return buffers.logits.numpy()[:self.rows, -1]
 
 
 class StepLogits(DeviceLogits):
@@ -411,12 +435,12 @@ class StepLogits(DeviceLogits):
         self.stream, self.buffers = stream, buffers
 
     def tokens(self) -> np.ndarray:
-        ids = self.buffers.ids.numpy()[:, 0].copy()  # on the CPU the value wraps the buffer: a copy, not a view
+        ids = self.buffers.ids.numpy()[:self.stream.rows, 0].copy()  # on the CPU the value wraps the buffer: a copy
         self.stream.ids_in_buffer = ids  # fed back as they are, the next step needs no upload
         return ids
 
     def host(self) -> np.ndarray:
-        return self.buffers.logits.numpy()[:, -1]
+        return self.buffers.logits.numpy()[:self.stream.rows, -1]
 
 
 class SharedWeights:
