@@ -23,10 +23,9 @@ the CUDA provider cannot be captured: the decoder then runs uncaptured and says 
 (`cuda_graph_off`).
 
 The fixed-width session runs the graph with one output added (`graph_with_next_token`, in memory;
-the export's files are not touched): the argmax of the logits, written into the token-ids buffer.
-So a step's greedy ids are chosen where the logits are, only they come back to the host (a step
-returns a `StepLogits`; its logits are copied only when asked for), and ids fed back as they came
-are already in place for the next step.
+the export's files are not touched): the argmax of the logits. So a step's greedy ids are chosen
+where the logits are and only they come back to the host (a step returns a `StepLogits`; its logits
+are copied only when asked for).
 """
 from __future__ import annotations
 
@@ -184,12 +183,15 @@ class OnnxDecoder(Runtime):
             buffers = StepBuffers(cache, self.to_device(np.zeros((batch, 1), np.int64)),
                                   self.to_device(np.zeros((batch, capacity), np.int64)),
                                   self.to_device(np.zeros((batch, 1, vocab), self.dtype)),
+                                  self.to_device(np.zeros((batch, 1), np.int64)),
                                   self.session.io_binding(), len(self._step_buffers) + 1)
             buffers.binding.bind_ortvalue_input("input_ids", buffers.ids)
             buffers.binding.bind_ortvalue_input("attention_mask", buffers.mask)
             buffers.binding.bind_ortvalue_output("logits", buffers.logits)
-            if self.device_argmax:  # the chosen ids overwrite the ids just read: the next step's input, in place
-                buffers.binding.bind_ortvalue_output(NEXT_TOKEN, buffers.ids)
+            if self.device_argmax:
+                # not the ids buffer itself: onnxruntime runs a graph two or three times in the call that
+                # captures it, and each run would read the last one's choice
+                buffers.binding.bind_ortvalue_output(NEXT_TOKEN, buffers.chosen)
             for past, present, value in zip(self.cache_inputs, self.cache_outputs, cache):
                 buffers.binding.bind_ortvalue_input(past, value)
                 buffers.binding.bind_ortvalue_output(present, value)
@@ -222,6 +224,7 @@ class StepBuffers:
     ids: object       # OrtValue [batch, 1] int64
     mask: object      # OrtValue [batch, capacity] int64
     logits: object    # OrtValue [batch, 1, vocab]
+    chosen: object    # OrtValue [batch, 1] int64: the graph's argmax, where it has one
     binding: object   # IOBinding of all of them
     graph_id: int
 
@@ -349,7 +352,6 @@ class SharedCacheStream:
         self.decoder = decoder
         self.binding = decoder.session.io_binding()
         self.steps = 0
-        self.ids_in_buffer = None
         self.fixed_width = decoder.fixed_width and cache is None  # given buffers are not the fixed ones
         # rows past the caller's `rows`: one token each, run and dropped from every result (the cache's rows
         # where one is given, a fixed-width step's batch rounded up where not)
@@ -417,9 +419,7 @@ class SharedCacheStream:
         buffers = self.buffers
         self.steps += 1
         self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
-        if next_ids is not self.ids_in_buffer:  # not the ids the last step chose into the buffer
-            buffers.ids.update_inplace(self._padded(next_ids)[:, None])
-        self.ids_in_buffer = None
+        buffers.ids.update_inplace(self._padded(next_ids)[:, None])
         buffers.mask.update_inplace(self.wide_mask)
         self.decoder.session.run_with_iobinding(buffers.binding, self.decoder.run_options(buffers.graph_id))
         if self.decoder.device_argmax:
@@ -428,16 +428,14 @@ class SharedCacheStream:
 
 
 class StepLogits(DeviceLogits):
-    """A fixed-width step's logits, left in their buffer, and the ids the graph's argmax chose into the
-    ids buffer; both valid until the stream's next step."""
+    """A fixed-width step's logits, left in their buffer, and the ids the graph's argmax chose; both valid
+    until the stream's next step."""
 
     def __init__(self, stream: SharedCacheStream, buffers: StepBuffers):
         self.stream, self.buffers = stream, buffers
 
     def tokens(self) -> np.ndarray:
-        ids = self.buffers.ids.numpy()[:self.stream.rows, 0].copy()  # on the CPU the value wraps the buffer: a copy
-        self.stream.ids_in_buffer = ids  # fed back as they are, the next step needs no upload
-        return ids
+        return self.buffers.chosen.numpy()[:self.stream.rows, 0].copy()  # on the CPU the value wraps the buffer
 
     def host(self) -> np.ndarray:
         return self.buffers.logits.numpy()[:self.stream.rows, -1]
