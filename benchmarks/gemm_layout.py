@@ -1,0 +1,95 @@
+"""Decode-shaped GEMMs in cuBLAS: does the weights' layout change how close they come to the bandwidth floor?
+
+onnxruntime's MatMul takes its weights as [K, N] (the exported graphs store them so); a Gemm or
+FusedMatMul with transB takes them as [N, K], the layout of a torch Linear. For the 7B shape's
+projections at 1, 8 and 32 rows this times y = x @ W with W stored either way (torch.matmul over a
+[K, N] tensor, or over the transposed view of an [N, K] one: the same cuBLAS call with the other
+transpose flag), each call on another copy of the weights so that none is served from L2. Calls are
+replayed from a CUDA graph, so launch gaps are left out; each row reports microseconds per call and
+the floor (the weight bytes over the device-to-device copy bandwidth measured in the same run) over it.
+
+    python benchmarks/gemm_layout.py --json $OUT/gemm-layout.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ulsexport.testing import copy_bandwidth
+
+# (name, K, N) of the 7B shape's decode GEMMs: packed q/k/v, o, packed gate/up, gate (or up), down, lm head
+SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 22016), ("gate", 4096, 11008),
+          ("down", 11008, 4096), ("lm_head", 4096, 32000)]
+L2_BYTES = 60 * 2**20  # a little above the H200's 50 MiB L2
+
+
+def time_calls(weights, x, transposed: bool, replays: int = 20) -> float:
+    """Microseconds per call of x @ W over `weights` in turn, replayed from one CUDA graph."""
+    import torch
+
+    def calls():
+        for w in weights:
+            torch.matmul(x, w.t() if transposed else w)
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        calls()  # warm-up: heuristics, workspace
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        calls()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * start.elapsed_time(end) / (replays * len(weights))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--json", type=Path, required=True, help="results (a .md beside it)")
+    args = parser.parse_args()
+
+    import torch
+
+    bandwidth = copy_bandwidth()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "blas": str(torch.backends.cuda.preferred_blas_library()),
+               "copy_bandwidth_bytes_per_s": bandwidth, "rows": []}
+    for name, k, n in SHAPES:
+        nbytes = 2 * k * n
+        copies = max(4, -(-2 * L2_BYTES // nbytes))
+        layouts = {"kn": [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(copies)],
+                   "nk": [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies)]}
+        for rows in args.rows:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+            row = {"gemm": name, "k": k, "n": n, "rows": rows, "floor_us": 1e6 * nbytes / bandwidth}
+            for layout, weights in layouts.items():
+                us = time_calls(weights, x, transposed=layout == "nk")
+                row[f"{layout}_us"], row[f"{layout}_fraction"] = us, row["floor_us"] / us
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        del layouts
+        torch.cuda.empty_cache()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"# Decode GEMMs by weight layout ({results['device']}, torch {results['torch']}, "
+             f"copy bandwidth {bandwidth / 1e12:.2f} TB/s)", "",
+             "kn: weights [K, N] (onnxruntime MatMul's); nk: [N, K] (transB, a torch Linear's). "
+             "Microseconds per call from CUDA-graph replay; floor = weight bytes / copy bandwidth.", "",
+             "| gemm | K x N | rows | floor us | kn us (of floor) | nk us (of floor) |", "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['gemm']} | {r['k']} x {r['n']} | {r['rows']} | {r['floor_us']:.1f} | "
+                     f"{r['kn_us']:.1f} ({r['kn_fraction']:.0%}) | {r['nk_us']:.1f} ({r['nk_fraction']:.0%}) |")
+    args.json.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
