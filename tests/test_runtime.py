@@ -82,6 +82,39 @@ def test_fixed_width_step_chooses_its_ids_in_the_graph(shared_export):
         assert max(relative_error(a, e) for a, e in zip(runs[name], runs["plain"])) < TOLERANCES["fp32"]
 
 
+class RerunSession:
+    """A session that runs each bound call three times, as onnxruntime does in the call that captures a
+    CUDA graph (warm-up runs, then the capture): a step must give the same result however often it runs."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run_with_iobinding(self, *args, **kwargs):
+        for _ in range(3):
+            self.session.run_with_iobinding(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_a_step_run_again_as_capture_runs_it_gives_the_same_tokens(shared_export):
+    import onnxruntime as ort
+
+    from ulsexport.artifact import read_manifest
+    from ulsexport.runtime.ort import graph_with_next_token, session_options
+
+    _, onnx_dir = shared_export
+    model = graph_with_next_token(str(onnx_dir / read_manifest(onnx_dir)["onnx"]["file"]))
+    session = ort.InferenceSession(model, session_options(model, onnx_dir), providers=["CPUExecutionProvider"])
+    rerun = OnnxDecoder(onnx_dir, "cpu", fixed_width=True, session=RerunSession(session))
+    assert rerun.device_argmax
+    ids, mask = _left_padded(7)
+    expected = OnnxDecoder(onnx_dir, "cpu").greedy(ids, mask, 8, keep_logits=True)
+    got = rerun.greedy(ids, mask, 8, keep_logits=True)
+    np.testing.assert_array_equal(got.tokens, expected.tokens)
+    assert max(relative_error(a, e) for a, e in zip(got.logits, expected.logits)) < TOLERANCES["fp32"]
+
+
 def test_fixed_width_buffers_per_batch_and_capacity(shared_export):
     _, onnx_dir = shared_export
     decoder = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)
