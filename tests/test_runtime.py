@@ -202,3 +202,12 @@ def test_per_layer_kernels_splits_a_step_by_layer_and_compares_with_the_floor():
     assert report["layer_gemm_us"] == pytest.approx(40.0) and report["outside_layers_us"] == pytest.approx(60.0)
     assert report["layer_floor_us"] == pytest.approx(37.5) and report["fraction_of_floor"] == pytest.approx(37.5 / 45)
     assert [k["name"] for k in report["per_layer"]] == ["nvjet_sm90_hsh_192x8", "SkipLayerNorm"]
+
+
+def test_gpu_time_split_separates_busy_time_short_and_long_gaps():
+    from ulsexport.testing import gpu_time_split
+
+    # overlapping activities count once; a 1 us gap is a launch gap, a 35 us one the host's
+    split = gpu_time_split([(0, 10), (11, 20), (15, 25), (60, 70), (71, 80)], short_gap_us=5)
+    assert split == {"busy_us": 43.0, "short_gap_us": 2.0, "short_gaps": 2, "long_gap_us": 35.0, "long_gaps": 1}
+    assert gpu_time_split([], 5)["busy_us"] == 0.0

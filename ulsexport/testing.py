@@ -171,6 +171,39 @@ def kernel_totals(run) -> dict:
     return totals
 
 
+def gpu_intervals(run) -> list[tuple[float, float]]:
+    """(start, end) microseconds of every GPU activity (kernel, copy, memset) during run(), in start order;
+    kernels replayed from a CUDA graph are recorded one by one too (CUPTI)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        run()
+    return sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+
+def gpu_time_split(intervals: list[tuple[float, float]], short_gap_us: float) -> dict:
+    """The span of `intervals` split into GPU busy time (their union), short gaps (at most `short_gap_us`:
+    the launch latency between kernels a graph or a stream queues back to back) and long gaps (the GPU
+    waiting for the host); microseconds, and the count of each kind of gap."""
+    busy = short = long_ = 0.0
+    shorts = longs = 0
+    end = None
+    for start, stop in intervals:
+        if end is not None and start > end:
+            gap = start - end
+            if gap <= short_gap_us:
+                short, shorts = short + gap, shorts + 1
+            else:
+                long_, longs = long_ + gap, longs + 1
+        begin = start if end is None else max(start, end)
+        busy += max(0.0, stop - begin)
+        end = stop if end is None else max(end, stop)
+    return {"busy_us": busy, "short_gap_us": short, "short_gaps": shorts, "long_gap_us": long_, "long_gaps": longs}
+
+
 class TimedSession:
     """An onnxruntime session whose run_with_iobinding calls are timed: the rest of a step is our loop."""
 

@@ -18,9 +18,8 @@ cache and the logits. That is what a CUDA graph needs: with `cuda_graph`, onnxru
 first decode step of each (batch, capacity) (`gpu_graph_id`) and replays it after, while the prompt
 runs uncaptured (`gpu_graph_id` -1), so any batch size works. Batches are rounded up to a power of
 two and capacities to CAPACITY_STEP, so that few graphs serve all calls; the extra rows (one token
-each) are run and dropped. A graph with a node that is not on
-the CUDA provider cannot be captured: the decoder then runs uncaptured and says which nodes
-(`cuda_graph_off`).
+each) are run and dropped. A graph with a node that is not on the CUDA provider cannot be captured:
+the decoder then runs uncaptured and says which nodes (`cuda_graph_off`).
 
 The fixed-width session runs the graph with one output added (`graph_with_next_token`, in memory;
 the export's files are not touched): the argmax of the logits. So a step's greedy ids are chosen
@@ -57,7 +56,7 @@ class OnnxDecoder(Runtime):
     """An exported decoder folder (model.onnx + ulsexport.json) loaded in onnxruntime.
 
     `session` is an InferenceSession already made over the folder's graph (e.g. with profiling
-    options), or a factory `session(path, options, providers)`; by default one is made here.
+    options), or a factory `session(model, options, providers)`; by default one is made here.
     `cuda_graph` (shared cache on CUDA; default on there) captures decode steps; `fixed_width`
     (default: where capturing) runs the fixed-width decode loop without capturing, as on the CPU;
     `device_argmax` False leaves the fixed-width step's argmax to the host. A factory gets the model as
@@ -353,10 +352,13 @@ class SharedCacheStream:
         self.binding = decoder.session.io_binding()
         self.steps = 0
         self.fixed_width = decoder.fixed_width and cache is None  # given buffers are not the fixed ones
-        # rows past the caller's `rows`: one token each, run and dropped from every result (the cache's rows
-        # where one is given, a fixed-width step's batch rounded up where not)
+        # rows past the caller's `rows` (a given cache's, or a fixed-width step's batch rounded up): one
+        # token each, run and dropped from every result
         self.rows = batch
-        self._pad_to(cache[0].shape()[0] if cache is not None else decoder.rows_for(batch) if self.fixed_width else batch)
+        if cache is not None:
+            self._pad_to(cache[0].shape()[0])
+        elif self.fixed_width:
+            self._pad_to(decoder.rows_for(batch))
         batch = len(self.ids)
         if cache is not None:
             self.cache = cache
