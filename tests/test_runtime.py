@@ -54,8 +54,9 @@ def test_fixed_width_loop_equals_the_plain_loop(shared_export):
 
 
 def test_fixed_width_step_chooses_its_ids_in_the_graph(shared_export):
-    """The fixed-width session's graph gains an ArgMax output: a step's result leaves the logits in their
-    buffer and brings back only the ids; the ids of the next step are the caller's (teacher forcing here)."""
+    """The fixed-width session's graph gains outputs for the next step's inputs (the argmax, the mask): a
+    step's result leaves the logits in their buffer and brings back only the ids; ids the caller chose
+    itself (teacher forcing here) are uploaded, ids fed back as chosen are already in place."""
     from ulsexport.runtime.base import DeviceLogits
     from ulsexport.runtime.ort import NEXT_TOKEN
 
@@ -80,6 +81,16 @@ def test_fixed_width_step_chooses_its_ids_in_the_graph(shared_export):
         runs[name] = steps
     for name in ("fixed", "host"):
         assert max(relative_error(a, e) for a, e in zip(runs[name], runs["plain"])) < TOLERANCES["fp32"]
+    uploads = {"fixed": [], "host": []}
+    for name, decoder in (("fixed", fixed), ("host", host)):
+        for buffers in decoder._step_buffers.values():
+            for value in buffers.ids + buffers.mask:
+                update = value.update_inplace
+                value.update_inplace = lambda array, update=update, name=name: (uploads[name].append(array),
+                                                                                update(array))
+        decoder.greedy(ids, mask, 6)
+    # the ids the prompt chose and the first wide mask go up; the graph makes the rest itself
+    assert len(uploads["fixed"]) == 2 and len(uploads["host"]) == 2 * 5
 
 
 class RerunSession:
@@ -101,10 +112,10 @@ def test_a_step_run_again_as_capture_runs_it_gives_the_same_tokens(shared_export
     import onnxruntime as ort
 
     from ulsexport.artifact import read_manifest
-    from ulsexport.runtime.ort import graph_with_next_token, session_options
+    from ulsexport.runtime.ort import graph_with_next_inputs, session_options
 
     _, onnx_dir = shared_export
-    model = graph_with_next_token(str(onnx_dir / read_manifest(onnx_dir)["onnx"]["file"]))
+    model = graph_with_next_inputs(str(onnx_dir / read_manifest(onnx_dir)["onnx"]["file"]))
     session = ort.InferenceSession(model, session_options(model, onnx_dir), providers=["CPUExecutionProvider"])
     rerun = OnnxDecoder(onnx_dir, "cpu", fixed_width=True, session=RerunSession(session))
     assert rerun.device_argmax
@@ -123,7 +134,8 @@ def test_fixed_width_buffers_per_batch_and_capacity(shared_export):
         decoder.greedy(ids, np.ones_like(ids), new)
     assert sorted(decoder._step_buffers) == [(1, CAPACITY_STEP), (1, 2 * CAPACITY_STEP), (2, CAPACITY_STEP),
                                              (4, CAPACITY_STEP)]  # batches 3 and 4 share one
-    assert sorted(b.graph_id for b in decoder._step_buffers.values()) == [1, 2, 3, 4]
+    # two phases each (one reads the ids and mask the other writes), each its own graph
+    assert sorted(g for b in decoder._step_buffers.values() for g in b.graph_ids) == list(range(1, 9))
     assert [decoder.rows_for(b) for b in (1, 2, 3, 5, 8, 9, 32, 33)] == [1, 2, 4, 8, 8, 16, 32, 64]
     assert decoder.capacity_for(CAPACITY_STEP + 1) == 2 * CAPACITY_STEP
     assert decoder.capacity_for(10_000) == 512  # never past the export's positions

@@ -21,10 +21,11 @@ two and capacities to CAPACITY_STEP, so that few graphs serve all calls; the ext
 each) are run and dropped. A graph with a node that is not on the CUDA provider cannot be captured:
 the decoder then runs uncaptured and says which nodes (`cuda_graph_off`).
 
-The fixed-width session runs the graph with one output added (`graph_with_next_token`, in memory;
-the export's files are not touched): the argmax of the logits. So a step's greedy ids are chosen
-where the logits are and only they come back to the host (a step returns a `StepLogits`; its logits
-are copied only when asked for).
+The fixed-width session runs the graph with two outputs added (`graph_with_next_inputs`, in memory;
+the export's files are not touched): the argmax of the logits and the next step's attention mask,
+written into the buffers the next step reads. So a step's greedy ids are chosen where the logits are,
+only they come back to the host (a step returns a `StepLogits`; its logits are copied only when asked
+for), and nothing goes up between steps unless the caller feeds other ids than those chosen.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class OnnxDecoder(Runtime):
         path = str(folder / self.onnx["file"])
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
-            model = graph_with_next_token(path) if self.fixed_width and device_argmax else path
+            model = graph_with_next_inputs(path) if self.fixed_width and device_argmax else path
             session = self._captured_session(make, model, folder) if self.cuda_graph else None
             if session is None and self.fixed_width and fixed_width is None:  # capture refused: the plain loop
                 self.fixed_width, model = False, path
@@ -173,27 +174,31 @@ class OnnxDecoder(Runtime):
         return 1 << (batch - 1).bit_length()
 
     def step_buffers(self, batch: int, capacity: int) -> StepBuffers:
-        """The buffers of the (batch, capacity) decode step, made and bound on first use."""
+        """The buffers of the (batch, capacity) decode step, made and bound on first use: with the graph's
+        own next inputs, two phases that read one set of ids and mask and write the other (onnxruntime
+        runs a graph two or three times in the call that captures it, so no run may overwrite what it
+        reads), each its own captured graph; else one phase, its inputs uploaded at every step."""
         key = (batch, capacity)
         if key not in self._step_buffers:
             vocab = self.onnx["io_shapes"]["logits"][-1]
-            cache = [self.to_device(np.zeros(self.cache_shape(batch, capacity), self.dtype))
-                     for _ in self.cache_inputs]
-            buffers = StepBuffers(cache, self.to_device(np.zeros((batch, 1), np.int64)),
-                                  self.to_device(np.zeros((batch, capacity), np.int64)),
-                                  self.to_device(np.zeros((batch, 1, vocab), self.dtype)),
-                                  self.to_device(np.zeros((batch, 1), np.int64)),
-                                  self.session.io_binding(), len(self._step_buffers) + 1)
-            buffers.binding.bind_ortvalue_input("input_ids", buffers.ids)
-            buffers.binding.bind_ortvalue_input("attention_mask", buffers.mask)
-            buffers.binding.bind_ortvalue_output("logits", buffers.logits)
-            if self.device_argmax:
-                # not the ids buffer itself: onnxruntime runs a graph two or three times in the call that
-                # captures it, and each run would read the last one's choice
-                buffers.binding.bind_ortvalue_output(NEXT_TOKEN, buffers.chosen)
-            for past, present, value in zip(self.cache_inputs, self.cache_outputs, cache):
-                buffers.binding.bind_ortvalue_input(past, value)
-                buffers.binding.bind_ortvalue_output(present, value)
+            phases = 2 if self.device_argmax else 1
+            buffers = StepBuffers(
+                cache=[self.to_device(np.zeros(self.cache_shape(batch, capacity), self.dtype)) for _ in self.cache_inputs],
+                ids=[self.to_device(np.zeros((batch, 1), np.int64)) for _ in range(phases)],
+                mask=[self.to_device(np.zeros((batch, capacity), np.int64)) for _ in range(phases)],
+                logits=self.to_device(np.zeros((batch, 1, vocab), self.dtype)),
+                bindings=[self.session.io_binding() for _ in range(phases)],
+                graph_ids=[2 * len(self._step_buffers) + 1 + phase for phase in range(phases)])
+            for phase, binding in enumerate(buffers.bindings):
+                binding.bind_ortvalue_input("input_ids", buffers.ids[phase])
+                binding.bind_ortvalue_input("attention_mask", buffers.mask[phase])
+                binding.bind_ortvalue_output("logits", buffers.logits)
+                if self.device_argmax:
+                    binding.bind_ortvalue_output(NEXT_TOKEN, buffers.ids[1 - phase])
+                    binding.bind_ortvalue_output(NEXT_MASK, buffers.mask[1 - phase])
+                for past, present, value in zip(self.cache_inputs, self.cache_outputs, buffers.cache):
+                    binding.bind_ortvalue_input(past, value)
+                    binding.bind_ortvalue_output(present, value)
             self._step_buffers[key] = buffers
         return self._step_buffers[key]
 
@@ -218,29 +223,49 @@ def graph_section(manifest: dict, graph: str | None) -> dict:
 
 @dataclass
 class StepBuffers:
-    """What one (batch, capacity) decode step reads and writes, at fixed addresses for the decoder's life."""
+    """What one (batch, capacity) decode step reads and writes, at fixed addresses for the decoder's life;
+    ids, mask, bindings and graph ids per phase."""
     cache: list
-    ids: object       # OrtValue [batch, 1] int64
-    mask: object      # OrtValue [batch, capacity] int64
+    ids: list         # OrtValue [batch, 1] int64
+    mask: list        # OrtValue [batch, capacity] int64
     logits: object    # OrtValue [batch, 1, vocab]
-    chosen: object    # OrtValue [batch, 1] int64: the graph's argmax, where it has one
-    binding: object   # IOBinding of all of them
-    graph_id: int
+    bindings: list    # IOBinding of one phase's inputs and outputs
+    graph_ids: list
 
 
-NEXT_TOKEN = "ulsexport_next_token"  # the output the fixed-width session adds: each position's greedy id
+NEXT_TOKEN = "ulsexport_next_token"  # outputs the fixed-width session adds: each position's greedy id,
+NEXT_MASK = "ulsexport_next_mask"    # and the attention mask of the next step
 
 
-def graph_with_next_token(path: str) -> bytes:
-    """The graph at `path` (weights left in their files) with one more output, NEXT_TOKEN: the argmax
-    of its logits over the vocabulary, so that a decode step chooses its greedy ids where the logits
-    are and only the ids come back. ArgMax keeps the first of equal maxima, as numpy does."""
+def graph_with_next_inputs(path: str) -> bytes:
+    """The graph at `path` (weights left in their files) with two more outputs, so that a decode step makes
+    the next one's inputs where it runs and only the chosen ids come back to the host:
+
+    - NEXT_TOKEN, the argmax of the logits over the vocabulary (ArgMax keeps the first of equal maxima, as
+      numpy does);
+    - NEXT_MASK, the attention mask one column longer per row: rows are right-padded (each row's ones
+      first, at least one), so that is the mask shifted right by one behind its own first column, its
+      width kept (Slice and Concat: copies of any type on every provider)."""
+    import numpy as np
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(path, load_external_data=False)
-    model.graph.node.append(helper.make_node("ArgMax", ["logits"], [NEXT_TOKEN], name=NEXT_TOKEN, axis=-1, keepdims=0))
-    model.graph.output.append(helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, None))
+    graph = model.graph
+
+    def name(part: str) -> str:
+        return f"{NEXT_MASK}.{part}"
+
+    constants = {"zero": [0], "one": [1], "last": [-1]}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), name(k)) for k, v in constants.items())
+    graph.node.extend([
+        helper.make_node("ArgMax", ["logits"], [NEXT_TOKEN], name=NEXT_TOKEN, axis=-1, keepdims=0),
+        helper.make_node("Slice", ["attention_mask", name("zero"), name("one"), name("one")], [name("first")],
+                         name=name("first")),
+        helper.make_node("Concat", [name("first"), "attention_mask"], [name("longer")], name=name("longer"), axis=1),
+        helper.make_node("Slice", [name("longer"), name("zero"), name("last"), name("one")], [NEXT_MASK], name=NEXT_MASK)])
+    graph.output.extend([helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, None),
+                         helper.make_tensor_value_info(NEXT_MASK, TensorProto.INT64, None)])
     return model.SerializeToString()
 
 
@@ -351,6 +376,7 @@ class SharedCacheStream:
         self.decoder = decoder
         self.binding = decoder.session.io_binding()
         self.steps = 0
+        self.phase, self.chosen = 0, None  # the fixed-width step's phase; the ids its graph chose last
         self.fixed_width = decoder.fixed_width and cache is None  # given buffers are not the fixed ones
         # rows past the caller's `rows` (a given cache's, or a fixed-width step's batch rounded up): one
         # token each, run and dropped from every result
@@ -365,7 +391,7 @@ class SharedCacheStream:
         elif self.fixed_width:
             self.buffers = decoder.step_buffers(batch, decoder.capacity_for(prompt + max_new_tokens))
             self.cache = self.buffers.cache
-            self.wide_mask = np.zeros(self.buffers.mask.shape(), np.int64)
+            self.wide_mask = np.zeros(self.buffers.mask[0].shape(), np.int64)
             self.wide_mask[:, :prompt] = self.mask
         else:
             shape = decoder.cache_shape(batch, prompt + max_new_tokens)
@@ -417,30 +443,37 @@ class SharedCacheStream:
 
     def _fixed_width_step(self, next_ids: np.ndarray):
         """One decode step through the fixed buffers (captured as a CUDA graph, or replayed): the logits,
-        or with the graph's argmax a StepLogits that leaves them on the device."""
-        buffers = self.buffers
+        or with the graph's own next inputs a StepLogits that leaves them on the device."""
+        buffers, phase = self.buffers, self.phase
         self.steps += 1
-        self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
-        buffers.ids.update_inplace(self._padded(next_ids)[:, None])
-        buffers.mask.update_inplace(self.wide_mask)
-        self.decoder.session.run_with_iobinding(buffers.binding, self.decoder.run_options(buffers.graph_id))
-        if self.decoder.device_argmax:
-            return StepLogits(self, buffers)
-        return buffers.logits.numpy()[:self.rows, -1]
+        if self.steps == 1 or len(buffers.bindings) == 1:  # later masks the graph makes itself
+            self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
+            buffers.mask[phase].update_inplace(self.wide_mask)
+        if next_ids is not self.chosen:  # not the ids the last step chose into this buffer
+            buffers.ids[phase].update_inplace(self._padded(next_ids)[:, None])
+        self.chosen = None
+        self.decoder.session.run_with_iobinding(buffers.bindings[phase], self.decoder.run_options(buffers.graph_ids[phase]))
+        if len(buffers.bindings) == 1:
+            return buffers.logits.numpy()[:self.rows, -1]
+        self.phase = 1 - phase
+        return StepLogits(self, buffers.ids[self.phase])
 
 
 class StepLogits(DeviceLogits):
-    """A fixed-width step's logits, left in their buffer, and the ids the graph's argmax chose; both valid
-    until the stream's next step."""
+    """A fixed-width step's logits, left in their buffer, and the ids the graph's argmax chose into the
+    next step's ids buffer; both valid until the stream's next step. Ids fed back unchanged, as
+    `tokens()` returned them, are not uploaded again."""
 
-    def __init__(self, stream: SharedCacheStream, buffers: StepBuffers):
-        self.stream, self.buffers = stream, buffers
+    def __init__(self, stream: SharedCacheStream, chosen):
+        self.stream, self.chosen = stream, chosen
 
     def tokens(self) -> np.ndarray:
-        return self.buffers.chosen.numpy()[:self.stream.rows, 0].copy()  # on the CPU the value wraps the buffer
+        ids = self.chosen.numpy()[:self.stream.rows, 0].copy()  # on the CPU the value wraps the buffer
+        self.stream.chosen = ids
+        return ids
 
     def host(self) -> np.ndarray:
-        return self.buffers.logits.numpy()[:self.stream.rows, -1]
+        return self.stream.buffers.logits.numpy()[:self.stream.rows, -1]
 
 
 class SharedWeights:
