@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ulsexport.testing import add_shape_arguments, gpu_intervals, gpu_time_split
+from ulsexport.testing import add_shape_arguments, gpu_intervals, gpu_time_split, write_results
 
 
 def split_steps(runtime, batch: int, prompt_len: int, steps: int, vocab: int, short_gap_us: float) -> dict:
@@ -69,8 +69,6 @@ def main() -> None:
                                       for b in args.batch]
         del runtime
         print(json.dumps(results["artifacts"][name]), flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# A captured decode step, from the host and from the GPU ({results['device']})", "",
              f"Per decode step, median wall and CUPTI means over {args.steps} steps; short gaps are at most "
              f"{args.short_gap_us:g} us. `python benchmarks/captured_step_time.py`.", "",
@@ -80,8 +78,7 @@ def main() -> None:
         for r in rows:
             lines.append(f"| {name} | {r['batch']} | {r['wall_us']:.0f} | {r['busy_us']:.0f} | "
                          f"{r['short_gap_us']:.0f} ({r['short_gaps']:.0f}) | {r['long_gap_us']:.0f} ({r['long_gaps']:.0f}) |")
-    args.json.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.json, results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

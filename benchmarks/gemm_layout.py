@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ulsexport.testing import copy_bandwidth
+from ulsexport.testing import copy_bandwidth, write_results
 
 # (name, K, N) of the 7B shape's decode GEMMs: packed q/k/v, o, packed gate/up, gate (or up), down, lm head
 SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 22016), ("gate", 4096, 11008),
@@ -77,8 +77,6 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         del layouts
         torch.cuda.empty_cache()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# Decode GEMMs by weight layout ({results['device']}, torch {results['torch']}, "
              f"copy bandwidth {bandwidth / 1e12:.2f} TB/s)", "",
              "kn: weights [K, N] (onnxruntime MatMul's); nk: [N, K] (transB, a torch Linear's). "
@@ -87,8 +85,7 @@ def main() -> None:
     for r in results["rows"]:
         lines.append(f"| {r['gemm']} | {r['k']} x {r['n']} | {r['rows']} | {r['floor_us']:.1f} | "
                      f"{r['kn_us']:.1f} ({r['kn_fraction']:.0%}) | {r['nk_us']:.1f} ({r['nk_fraction']:.0%}) |")
-    args.json.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.json, results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -250,6 +250,14 @@ def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: 
             "top_kernels": [{"name": name[:120], "ms_per_step": us / 1000, "per_step": n} for name, (us, n) in ranked[:top]]}
 
 
+def write_results(path: Path, results: dict, markdown: str) -> None:
+    """A benchmark's results: `path` (JSON) and the markdown beside it (.md), which is printed too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (8 GiB buffer, median of 5)."""
     import statistics
