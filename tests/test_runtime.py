@@ -93,6 +93,18 @@ def test_fixed_width_step_chooses_its_ids_in_the_graph(shared_export):
     assert len(uploads["fixed"]) == 2 and len(uploads["host"]) == 2 * 5
 
 
+def test_without_the_onnx_package_the_host_takes_the_argmax(shared_export, monkeypatch):
+    import sys
+
+    _, onnx_dir = shared_export
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    decoder = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)
+    assert decoder.fixed_width and not decoder.device_argmax and "onnx package" in decoder.device_argmax_off
+    ids, mask = _left_padded(8)
+    np.testing.assert_array_equal(decoder.greedy(ids, mask, 5).tokens,
+                                  OnnxDecoder(onnx_dir, "cpu").greedy(ids, mask, 5).tokens)
+
+
 class RerunSession:
     """A session that runs each bound call three times, as onnxruntime does in the call that captures a
     CUDA graph (warm-up runs, then the capture): a step must give the same result however often it runs."""

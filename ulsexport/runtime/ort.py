@@ -87,11 +87,17 @@ class OnnxDecoder(Runtime):
                             f"(this one: {provider}, {self.onnx.get('kv_cache', 'concat')} cache)")
         self.cuda_graph = provider == "cuda" and self.shared_cache if cuda_graph is None else cuda_graph
         self.cuda_graph_off = None  # why capture was asked for and is not used
+        self.device_argmax_off = None  # why the graph does not choose the ids where it could
         self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
         path = str(folder / self.onnx["file"])
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
-            model = graph_with_next_inputs(path) if self.fixed_width and device_argmax else path
+            model = path
+            if self.fixed_width and device_argmax:
+                try:
+                    model = graph_with_next_inputs(path)
+                except ImportError:  # a lean environment (a Triton stub's, say) without the onnx package
+                    self.device_argmax_off = "the onnx package is not installed: the host takes the argmax"
             session = self._captured_session(make, model, folder) if self.cuda_graph else None
             if session is None and self.fixed_width and fixed_width is None:  # capture refused: the plain loop
                 self.fixed_width, model = False, path

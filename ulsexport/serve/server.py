@@ -12,7 +12,7 @@ What it takes care of (each seen failing otherwise):
 - the stub embeds an isolated Python (PYTHONPATH is ignored) and finds it as the first `python3` on
   PATH, so the models' interpreter's bin folder goes first on PATH (a venv's pyvenv.cfg then selects
   its site-packages, where ulsexport is): this Python, or another environment's (`python=`, e.g. one
-  with numpy < 2, onnxruntime-gpu, tokenizers and ulsexport but no torch, where this Python's stack
+  with numpy < 2, onnxruntime-gpu, onnx, tokenizers and ulsexport but no torch, where this Python's stack
   needs numpy 2);
 - the stub links libpython3.x by name: the running interpreter's LIBDIR goes first on LD_LIBRARY_PATH
   (else `import ssl` fails in the stub with another build of the same Python), then the wheel's
