@@ -11,10 +11,10 @@
 #
 #   setsid nohup bash benchmarks/gpu_session.sh [STEPS] > /root/session.log 2>&1 < /dev/null &
 #
-# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,kernels,tensorrt,stub-env,serve,multi-depth (default:
+# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,captured,gemm,kernels,tensorrt,stub-env,serve,multi-depth (default:
 # heal,parity,bench, in that order). CUDA_GRAPH_ARGS, TENSORRT_ARGS, SERVE_ARGS and MULTI_DEPTH_ARGS pass extra
-# flags to their scripts; PYTHON names the interpreter of the serve and multi-depth steps. cuda-graph, kernels
-# and serve share WORK (default /root/w), so the artifacts one builds the next reuses.
+# flags to their scripts; PYTHON names the interpreter of the serve and multi-depth steps. cuda-graph, captured,
+# kernels and serve share WORK (default /root/w), so the artifacts one builds the next reuses.
 # stub-env makes /root/stubenv (benchmarks/stub_env.sh, from the wheels in WHEELS, default /root/wheels),
 # the environment Triton's Python backend runs the models in; serve runs its models there.
 # BENCH_STAGES and BENCH_ATTENTION pass --stages and --attention to gpu_benchmark.py; FUSION_LAYERS
@@ -51,6 +51,9 @@ for s in ${STEPS//,/ }; do
                 --results "$RESULTS/cuda-graph" ${CUDA_GRAPH_ARGS:-} ;;
     tensorrt) step tensorrt python3 benchmarks/tensorrt_build.py --results "$RESULTS/tensorrt" \
                 --workdir /root/tensorrt-work ${TENSORRT_ARGS:-} ;;
+    captured) step captured python3 benchmarks/captured_step_time.py --workdir "$WORK" \
+                --json "$RESULTS/captured/captured-step-time.json" ;;
+    gemm)   step gemm python3 benchmarks/gemm_layout.py --json "$RESULTS/gemm/gemm-layout.json" ;;
     kernels) step kernels python3 benchmarks/decode_kernel_time.py $KERNEL_ARTIFACTS --batch 1 8 \
                 --json "$RESULTS/kernels/decode-kernels-per-layer.json" ;;
     stub-env) step stub-env bash benchmarks/stub_env.sh "$WHEELS" /root/stubenv ;;
