@@ -77,7 +77,8 @@ def main() -> None:
     for name, rows in results["artifacts"].items():
         for r in rows:
             lines.append(f"| {name} | {r['batch']} | {r['wall_us']:.0f} | {r['busy_us']:.0f} | "
-                         f"{r['short_gap_us']:.0f} ({r['short_gaps']:.0f}) | {r['long_gap_us']:.0f} ({r['long_gaps']:.0f}) |")
+                         f"{r['short_gap_us']:.0f} ({r['short_gaps']:.0f}) | "
+                         f"{r['long_gap_us']:.0f} ({r['long_gaps']:.0f}) |")
     write_results(args.json, results, "\n".join(lines) + "\n")
 
 

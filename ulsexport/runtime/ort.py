@@ -189,7 +189,8 @@ class OnnxDecoder(Runtime):
             vocab = self.onnx["io_shapes"]["logits"][-1]
             phases = 2 if self.device_argmax else 1
             buffers = StepBuffers(
-                cache=[self.to_device(np.zeros(self.cache_shape(batch, capacity), self.dtype)) for _ in self.cache_inputs],
+                cache=[self.to_device(np.zeros(self.cache_shape(batch, capacity), self.dtype))
+                       for _ in self.cache_inputs],
                 ids=[self.to_device(np.zeros((batch, 1), np.int64)) for _ in range(phases)],
                 mask=[self.to_device(np.zeros((batch, capacity), np.int64)) for _ in range(phases)],
                 logits=self.to_device(np.zeros((batch, 1, vocab), self.dtype)),
@@ -269,7 +270,8 @@ def graph_with_next_inputs(path: str) -> bytes:
         helper.make_node("Slice", ["attention_mask", name("zero"), name("one"), name("one")], [name("first")],
                          name=name("first")),
         helper.make_node("Concat", [name("first"), "attention_mask"], [name("longer")], name=name("longer"), axis=1),
-        helper.make_node("Slice", [name("longer"), name("zero"), name("last"), name("one")], [NEXT_MASK], name=NEXT_MASK)])
+        helper.make_node("Slice", [name("longer"), name("zero"), name("last"), name("one")], [NEXT_MASK],
+                         name=NEXT_MASK)])
     graph.output.extend([helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, None),
                          helper.make_tensor_value_info(NEXT_MASK, TensorProto.INT64, None)])
     return model.SerializeToString()
@@ -458,7 +460,8 @@ class SharedCacheStream:
         if next_ids is not self.chosen:  # not the ids the last step chose into this buffer
             buffers.ids[phase].update_inplace(self._padded(next_ids)[:, None])
         self.chosen = None
-        self.decoder.session.run_with_iobinding(buffers.bindings[phase], self.decoder.run_options(buffers.graph_ids[phase]))
+        run_options = self.decoder.run_options(buffers.graph_ids[phase])
+        self.decoder.session.run_with_iobinding(buffers.bindings[phase], run_options)
         if len(buffers.bindings) == 1:
             return buffers.logits.numpy()[:self.rows, -1]
         self.phase = 1 - phase

@@ -16,7 +16,8 @@ def session(op: str, attrs: dict, width: int):
     node = helper.make_node(op, ["x"], ["y"], domain="com.microsoft", **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, width])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
 
 
