@@ -153,35 +153,32 @@ def shape_from_args(args) -> dict:
 
 # --- a decode step seen from the GPU (CUPTI, through torch.profiler) ---
 
-def kernel_totals(run) -> dict:
-    """name -> [microseconds, launches] of every GPU activity (kernel, copy, memset) during run()."""
+def gpu_events(run) -> list:
+    """torch.profiler's events of every GPU activity (kernel, copy, memset) during run(); kernels replayed
+    from a CUDA graph are recorded one by one too (CUPTI)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    # without CUDA (a check of a script on CPU) nothing is recorded on a device: totals stay empty
+    # without CUDA (a check of a script on CPU) nothing is recorded on a device: no events
     activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
         run()
+    return [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+
+
+def kernel_totals(run) -> dict:
+    """name -> [microseconds, launches] of every GPU activity during run()."""
     totals = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            totals[event.name][0] += event.time_range.elapsed_us()
-            totals[event.name][1] += 1
+    for event in gpu_events(run):
+        totals[event.name][0] += event.time_range.elapsed_us()
+        totals[event.name][1] += 1
     return totals
 
 
 def gpu_intervals(run) -> list[tuple[float, float]]:
-    """(start, end) microseconds of every GPU activity (kernel, copy, memset) during run(), in start order;
-    kernels replayed from a CUDA graph are recorded one by one too (CUPTI)."""
-    import torch
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
-        run()
-    return sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    """(start, end) microseconds of every GPU activity during run(), in start order."""
+    return sorted((e.time_range.start, e.time_range.end) for e in gpu_events(run))
 
 
 def gpu_time_split(intervals: list[tuple[float, float]], short_gap_us: float) -> dict:
@@ -376,5 +373,6 @@ def profile_decode(folder, device: str, batch: int, prompt_len: int, steps: int,
 
 __all__ = ["copy_bandwidth", "weight_bytes", "per_layer_kernels", "is_gemm_kernel", "SEVEN_B", "ONE_B", "TINY", "SHAPES", "VOCAB", "SLIDING_WINDOW", "TINY_CONFIGS", "FAMILIES",
            "tiny_config", "make_tiny_checkpoint", "save_word_tokenizer", "make_random_llama", "make_pruned_set",
-           "add_decode_arguments", "add_shape_arguments", "shape_from_args", "kernel_totals", "TimedSession",
+           "add_decode_arguments", "add_shape_arguments", "shape_from_args", "gpu_events", "kernel_totals",
+           "gpu_intervals", "gpu_time_split", "write_results", "TimedSession",
            "decode_kernel_time", "PROFILE_WARMUP_STEPS", "profiled_decoder", "op_times", "profile_decode"]

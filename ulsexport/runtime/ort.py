@@ -253,7 +253,6 @@ def graph_with_next_inputs(path: str) -> bytes:
     - NEXT_MASK, the attention mask one column longer per row: rows are right-padded (each row's ones
       first, at least one), so that is the mask shifted right by one behind its own first column, its
       width kept (Slice and Concat: copies of any type on every provider)."""
-    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -376,11 +375,6 @@ class SharedCacheStream:
         if capacity and prompt + max_new_tokens > capacity:
             raise UserError(f"{prompt} prompt + {max_new_tokens} new tokens pass the export's "
                             f"{capacity} positions")
-        real = attention_mask.astype(bool)
-        self.lengths = real.sum(axis=1)
-        order = np.argsort(~real, axis=1, kind="stable")  # each row's real tokens first, in order
-        self.ids = np.take_along_axis(input_ids, order, axis=1).astype(np.int64)
-        self.mask = (np.arange(prompt)[None] < self.lengths[:, None]).astype(np.int64)
         self.decoder = decoder
         self.binding = decoder.session.io_binding()
         self.steps = 0
@@ -388,11 +382,17 @@ class SharedCacheStream:
         self.fixed_width = decoder.fixed_width and cache is None  # given buffers are not the fixed ones
         # rows past the caller's `rows` (a given cache's, or a fixed-width step's batch rounded up): one
         # token each, run and dropped from every result
-        self.rows = batch
+        self.rows, extra = batch, 0
         if cache is not None:
-            self._pad_to(cache[0].shape()[0])
+            extra = cache[0].shape()[0] - batch
         elif self.fixed_width:
-            self._pad_to(decoder.rows_for(batch))
+            extra = decoder.rows_for(batch) - batch
+        real = attention_mask.astype(bool)
+        order = np.argsort(~real, axis=1, kind="stable")  # each row's real tokens first, in order
+        self.ids = np.concatenate([np.take_along_axis(input_ids, order, axis=1).astype(np.int64),
+                                   np.zeros((extra, prompt), np.int64)])
+        self.lengths = np.concatenate([real.sum(axis=1), np.ones(extra, np.int64)])
+        self.mask = (np.arange(prompt)[None] < self.lengths[:, None]).astype(np.int64)
         batch = len(self.ids)
         if cache is not None:
             self.cache = cache
@@ -409,13 +409,6 @@ class SharedCacheStream:
             self.binding.bind_ortvalue_input(past, buffer)
             self.binding.bind_ortvalue_output(present, buffer)
         self.logits = self._bind_logits(batch, prompt)
-
-    def _pad_to(self, rows: int) -> None:
-        extra = rows - self.rows
-        if extra > 0:
-            self.ids = np.concatenate([self.ids, np.zeros((extra, self.ids.shape[1]), np.int64)])
-            self.lengths = np.concatenate([self.lengths, np.ones(extra, self.lengths.dtype)])
-            self.mask = (np.arange(self.ids.shape[1])[None] < self.lengths[:, None]).astype(np.int64)
 
     def _padded(self, next_ids: np.ndarray) -> np.ndarray:
         """The caller's ids for the next step, with a token for each row past its own."""
@@ -454,7 +447,7 @@ class SharedCacheStream:
         or with the graph's own next inputs a StepLogits that leaves them on the device."""
         buffers, phase = self.buffers, self.phase
         self.steps += 1
-        if self.steps == 1 or len(buffers.bindings) == 1:  # later masks the graph makes itself
+        if self.steps == 1 or not self.decoder.device_argmax:  # later masks the graph makes itself
             self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
             buffers.mask[phase].update_inplace(self.wide_mask)
         if next_ids is not self.chosen:  # not the ids the last step chose into this buffer
@@ -462,7 +455,7 @@ class SharedCacheStream:
         self.chosen = None
         run_options = self.decoder.run_options(buffers.graph_ids[phase])
         self.decoder.session.run_with_iobinding(buffers.bindings[phase], run_options)
-        if len(buffers.bindings) == 1:
+        if not self.decoder.device_argmax:
             return buffers.logits.numpy()[:self.rows, -1]
         self.phase = 1 - phase
         return StepLogits(self, buffers.ids[self.phase])
