@@ -5,13 +5,17 @@ Graphs: onnxruntime-genai's builder at every depth, and our torch builder's shar
 --torch-depths (its export takes minutes per depth). Runtimes over each graph:
 
 - ours-graph: `--runtime ort` with the decode step captured as a CUDA graph (the default on CUDA), the
-  greedy ids chosen in the graph (only they come back);
-- ours-graph-host: the same capture, the logits copied back and their argmax taken on the host;
+  greedy ids chosen in the graph (only they come back), steps queued `QUEUED_STEPS` at a time;
+- ours-graph-stepwise: the same decoder, each step's ids read before the next step is launched;
+- ours-graph+KERNELS: ours-graph with CUDA kernel choices of `--variants` (`CUDA_KERNEL_CHOICES`, joined
+  by '+'), each its own session;
 - ours-eager: the same loop uncaptured;
 - genai-graph: onnxruntime-genai's loop with its `enable_cuda_graph` (batch 1: it refuses capture above);
 - genai-eager: onnxruntime-genai's loop uncaptured.
 
-Parity: ours-graph against ours-eager, greedy tokens over --parity-steps and fp16 logits. Speed: decode ms
+Parity: every ours-graph runtime against ours-eager, greedy tokens over --parity-steps and fp16 logits
+(step by step, logits kept), and the queued run's tokens. Kernels: CUPTI totals of a few steps of each
+ours-graph runtime at batch 1, so that a kernel choice shows what it changed. Speed: decode ms
 per step (the prompt excluded), each round running every runtime once per (graph, batch); ratios are taken
 within a round and their median reported. The weights-bytes floor is the graph's weight bytes over the
 copy bandwidth measured in this run (bytes read + written, device to device).
@@ -52,13 +56,18 @@ def build_artifacts(args) -> dict[str, Path]:
     return artifacts
 
 
-def runtimes_for(folder: Path, builder: str, device: str) -> dict:
+def runtimes_for(folder: Path, builder: str, device: str, variants: list[str]) -> dict:
+    import copy
+
     from ulsexport.runtime.ort import OnnxDecoder
 
     out = {"ours-eager": OnnxDecoder(folder, device, cuda_graph=False)}
     if device == "cuda":
         out["ours-graph"] = OnnxDecoder(folder, device, cuda_graph=True)
-        out["ours-graph-host"] = OnnxDecoder(folder, device, cuda_graph=True, device_argmax=False)
+        out["ours-graph-stepwise"] = copy.copy(out["ours-graph"])  # the same session and buffers
+        out["ours-graph-stepwise"].queued_steps = 1
+        for variant in variants:
+            out[f"ours-graph+{variant}"] = OnnxDecoder(folder, device, cuda_graph=True, kernels=variant.split("+"))
     try:
         from ulsexport.runtime.genai import GenaiRuntime
 
@@ -79,17 +88,35 @@ def parity(runtimes: dict, batches, args, vocab: int) -> dict:
     from ulsexport.precision import TOLERANCES
     from ulsexport.validate.parity import compare_runs
 
-    if "ours-graph" not in runtimes:
-        return {}
     out = {}
     for batch in batches:
         ids, mask = prompt(batch, args.prompt_len, vocab, seed=batch)
         eager = runtimes["ours-eager"].greedy(ids, mask, args.parity_steps, keep_logits=True)
-        graph = runtimes["ours-graph"].greedy(ids, mask, args.parity_steps, keep_logits=True)
-        result = compare_runs(eager, graph, TOLERANCES["fp16"])
-        result.pop("per_step")
-        result["tokens_equal_fraction"] = float((eager.tokens == graph.tokens).mean())
-        out[str(batch)] = result
+        for name, runtime in runtimes.items():
+            if not name.startswith("ours-graph") or name == "ours-graph-stepwise":
+                continue
+            graph = runtime.greedy(ids, mask, args.parity_steps, keep_logits=True)
+            result = compare_runs(eager, graph, TOLERANCES["fp16"])
+            result.pop("per_step")
+            result["tokens_equal_fraction"] = float((eager.tokens == graph.tokens).mean())
+            result["queued_tokens_equal"] = bool((runtime.greedy(ids, mask, args.parity_steps).tokens
+                                                  == graph.tokens).all())
+            out.setdefault(name, {})[str(batch)] = result
+    return out
+
+
+def kernels(runtimes: dict, args, vocab: int, steps: int = 9) -> dict:
+    """runtime -> the top kernels (name, us per launch, launches per step) of `steps` decode steps, batch 1."""
+    from ulsexport.testing import kernel_totals
+
+    out = {}
+    ids, mask = prompt(1, args.prompt_len, vocab)
+    for name, runtime in runtimes.items():
+        if name.startswith("ours-graph") and name != "ours-graph-stepwise":
+            runtime.greedy(ids, mask, steps + 1)  # captures made before the profile
+            totals = kernel_totals(lambda: runtime.greedy(ids, mask, steps + 1))
+            top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:14]
+            out[name] = [(k[:90], round(us / n, 2), round(n / steps, 2)) for k, (us, n) in top]
     return out
 
 
@@ -134,7 +161,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--parity-steps", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default="gemm-autotune,flash-decode,gemm-autotune+flash-decode",
+                    help="comma-separated CUDA kernel choices of ours-graph, '+' joining several (empty: none)")
     args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -149,14 +179,16 @@ def main():
         group = {name: folder for name, folder in artifacts.items() if name.rsplit("-", 1)[0] == depth}
         runtimes = {}
         for name, folder in group.items():
-            runtimes[name] = runtimes_for(folder, name.rsplit("-", 1)[1], args.device)
+            runtimes[name] = runtimes_for(folder, name.rsplit("-", 1)[1], args.device, variants)
             graph = report["graphs"][name] = {
                 "weight_bytes": weight_bytes(folder),
                 "cuda_graph_off": getattr(runtimes[name].get("ours-graph"), "cuda_graph_off", None),
                 "genai_error": runtimes[name].pop("genai-error", None)}
             graph["parity"] = parity(runtimes[name], [b for b in batches if b <= 8], args, vocab)
-            print(f"{name}: parity {json.dumps({b: p['greedy_tokens_equal'] for b, p in graph['parity'].items()})}",
-                  flush=True)
+            print(f"{name}: parity " + json.dumps({r: {b: p['greedy_tokens_equal'] for b, p in v.items()}
+                                                   for r, v in graph["parity"].items()}), flush=True)
+            if args.device == "cuda":
+                graph["kernels_b1"] = kernels(runtimes[name], args, vocab)
         interleaved_rounds(runtimes, batches, args, vocab, times)
         del runtimes
         _release()
@@ -171,14 +203,14 @@ def main():
 def summarize(times: dict, report: dict, batches, args) -> dict:
     """Medians, per-round ratios against genai's best setting, depth speedups and the floor."""
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"median_ms": med, "vs_genai_best": {}, "speedup_over_full": {}, "floor": {}, "device_argmax": {}}
+    out = {"median_ms": med, "vs_genai_best": {}, "speedup_over_full": {}, "floor": {}, "vs_stepwise": {}}
     for key in times:
         name, runtime, batch = key.split("|")
         if not runtime.startswith("ours"):
             continue
-        host = key.replace("|ours-graph|", "|ours-graph-host|")
-        if host != key and host in times:
-            out["device_argmax"][key] = statistics.median(h / d for d, h in zip(times[key], times[host]))
+        stepwise = f"{name}|ours-graph-stepwise|{batch}"
+        if runtime.startswith("ours-graph") and key != stepwise and stepwise in times:
+            out["vs_stepwise"][key] = statistics.median(s / d for d, s in zip(times[key], times[stepwise]))
         genai_graph = name.replace("-torch", "-genai")
         best = f"{genai_graph}|genai-graph|{batch}" if int(batch) == 1 else f"{genai_graph}|genai-eager|{batch}"
         if best in times:
@@ -219,24 +251,30 @@ def markdown(report: dict, batches) -> str:
               "| graph, runtime, batch | speedup |", "|---|---|"]
     for key, v in sorted(summary["speedup_over_full"].items()):
         lines.append(f"| {key} | {v:.3f}x |")
-    lines += ["", "## Greedy ids chosen in the graph against the host's argmax, same capture (host ms over graph ms, "
-              "median per-round ratio)", "", "| graph, batch | ratio |", "|---|---|"]
-    for key, v in sorted(summary["device_argmax"].items()):
-        lines.append(f"| {key.replace('|ours-graph|', ', b')} | {v:.3f} |")
+    lines += ["", "## Queued steps and kernel choices against the step-by-step captured loop (stepwise ms over "
+              "ms, median per-round ratio)", "", "| graph, runtime, batch | ratio |", "|---|---|"]
+    for key, v in sorted(summary["vs_stepwise"].items()):
+        lines.append(f"| {key} | {v:.3f} |")
     lines += ["", "## Weight-bytes floor, batch 1", "", "| graph, runtime | floor ms | measured ms | fraction |",
               "|---|---|---|---|"]
     for key, f in sorted(summary["floor"].items()):
         lines.append(f"| {key} | {f['floor_ms']:.3f} | {summary['median_ms'][key]:.3f} | {f['fraction_of_floor']:.2%} |")
-    lines += ["", "## Parity: ours-graph against ours-eager (fp16 tolerance 1e-2)", "",
-              "| graph | batch | tokens equal | first divergence | max relative logit error |", "|---|---|---|---|---|"]
+    lines += ["", "## Parity: each ours-graph runtime against ours-eager (fp16 tolerance 1e-2)", "",
+              "| graph | runtime | batch | tokens equal | first divergence | max relative logit error | "
+              "queued run's tokens equal |", "|---|---|---|---|---|---|---|"]
     for name, graph in report["graphs"].items():
         if graph["cuda_graph_off"]:
-            lines.append(f"| {name} | - | capture off: {graph['cuda_graph_off']} | | |")
-        for batch, p in graph["parity"].items():
-            div = p["first_divergence"]
-            div_text = "none" if div is None else f"step {div['step']} row {div['row']} (near tie: {div['near_tie']})"
-            lines.append(f"| {name} | {batch} | {p['greedy_tokens_equal']} over {p['steps_compared']} steps | {div_text} "
-                         f"| {p['max_relative_error']:.2e} |")
+            lines.append(f"| {name} | - | - | capture off: {graph['cuda_graph_off']} | | | |")
+        for runtime, per_batch in graph["parity"].items():
+            for batch, p in per_batch.items():
+                div = p["first_divergence"]
+                div_text = "none" if div is None else f"step {div['step']} row {div['row']} (near tie: {div['near_tie']})"
+                lines.append(f"| {name} | {runtime} | {batch} | {p['greedy_tokens_equal']} over {p['steps_compared']} "
+                             f"steps | {div_text} | {p['max_relative_error']:.2e} | {p['queued_tokens_equal']} |")
+    lines += ["", "## Top kernels per decode step, batch 1 (CUPTI: us per launch, launches per step)", ""]
+    for name, graph in report["graphs"].items():
+        for runtime, top in graph.get("kernels_b1", {}).items():
+            lines.append(f"- {name} {runtime}: " + "; ".join(f"{k} {us} us x{n}" for k, us, n in top))
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,10 @@ onnxruntime's MatMul takes its weights as [K, N] (the exported graphs store them
 FusedMatMul with transB takes them as [N, K], the layout of a torch Linear. For the 7B shape's
 projections at 1, 8 and 32 rows this times y = x @ W with W stored either way (torch.matmul over a
 [K, N] tensor, or over the transposed view of an [N, K] one: the same cuBLAS call with the other
-transpose flag), each call on another copy of the weights so that none is served from L2. Calls are
+transpose flag), and the product with its operands swapped, y^T = W^T x^T over an [N, K] tensor (cuBLAS
+then sees the rows as its M and the outputs as its N, and picks other kernels; a graph would add a
+Transpose on each side, free at one row), each call on another copy of the weights so that none is
+served from L2. Calls are
 replayed from a CUDA graph, so launch gaps are left out; each row reports microseconds per call and
 the floor (the weight bytes over the device-to-device copy bandwidth measured in the same run) over it.
 
@@ -24,13 +27,20 @@ SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 22016), ("ga
 L2_BYTES = 60 * 2**20  # a little above the H200's 50 MiB L2
 
 
-def time_calls(weights, x, transposed: bool, replays: int = 20) -> float:
-    """Microseconds per call of x @ W over `weights` in turn, replayed from one CUDA graph."""
+PRODUCTS = {  # layout name -> (weights stored as [K, N]?, the product of x [rows, K] and one weight)
+    "kn": (True, lambda x, w: x @ w),
+    "nk": (False, lambda x, w: x @ w.t()),
+    "swapped": (False, lambda x, w: w @ x.t()),
+}
+
+
+def time_calls(weights, x, product, replays: int = 20) -> float:
+    """Microseconds per call of product(x, W) over `weights` in turn, replayed from one CUDA graph."""
     import torch
 
     def calls():
         for w in weights:
-            torch.matmul(x, w.t() if transposed else w)
+            product(x, w)
 
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -65,26 +75,28 @@ def main() -> None:
     for name, k, n in SHAPES:
         nbytes = 2 * k * n
         copies = max(4, -(-2 * L2_BYTES // nbytes))
-        layouts = {"kn": [torch.randn(k, n, device="cuda", dtype=torch.float16) for _ in range(copies)],
-                   "nk": [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies)]}
+        stored = {kn: [torch.randn(*((k, n) if kn else (n, k)), device="cuda", dtype=torch.float16)
+                       for _ in range(copies)] for kn in (True, False)}
         for rows in args.rows:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             row = {"gemm": name, "k": k, "n": n, "rows": rows, "floor_us": 1e6 * nbytes / bandwidth}
-            for layout, weights in layouts.items():
-                us = time_calls(weights, x, transposed=layout == "nk")
+            for layout, (kn, product) in PRODUCTS.items():
+                us = time_calls(stored[kn], x, product)
                 row[f"{layout}_us"], row[f"{layout}_fraction"] = us, row["floor_us"] / us
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-        del layouts
+        del stored
         torch.cuda.empty_cache()
     lines = [f"# Decode GEMMs by weight layout ({results['device']}, torch {results['torch']}, "
              f"copy bandwidth {bandwidth / 1e12:.2f} TB/s)", "",
-             "kn: weights [K, N] (onnxruntime MatMul's); nk: [N, K] (transB, a torch Linear's). "
-             "Microseconds per call from CUDA-graph replay; floor = weight bytes / copy bandwidth.", "",
-             "| gemm | K x N | rows | floor us | kn us (of floor) | nk us (of floor) |", "|---|---|---|---|---|---|"]
+             "kn: x @ W, weights [K, N] (onnxruntime MatMul's); nk: x @ W^T, weights [N, K] (transB, a torch "
+             "Linear's); swapped: W @ x^T over [N, K]. Microseconds per call from CUDA-graph replay; "
+             "floor = weight bytes / copy bandwidth.", "",
+             "| gemm | K x N | rows | floor us | " + " | ".join(f"{p} us (of floor)" for p in PRODUCTS) + " |",
+             "|---|---|---|---|" + "---|" * len(PRODUCTS)]
     for r in results["rows"]:
-        lines.append(f"| {r['gemm']} | {r['k']} x {r['n']} | {r['rows']} | {r['floor_us']:.1f} | "
-                     f"{r['kn_us']:.1f} ({r['kn_fraction']:.0%}) | {r['nk_us']:.1f} ({r['nk_fraction']:.0%}) |")
+        lines.append(f"| {r['gemm']} | {r['k']} x {r['n']} | {r['rows']} | {r['floor_us']:.1f} | " + " | ".join(
+            f"{r[f'{p}_us']:.1f} ({r[f'{p}_fraction']:.0%})" for p in PRODUCTS) + " |")
     write_results(args.json, results, "\n".join(lines) + "\n")
 
 

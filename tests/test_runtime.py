@@ -4,6 +4,8 @@ The capture itself needs a GPU (benchmarks/gpu_benchmark.py measures it on the d
 loop runs uncaptured on the CPU: same buffers, a mask as wide as the cache, one graph id per
 (batch, capacity), and it must give the tokens and logits of the plain loop.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -136,6 +138,62 @@ def test_a_step_run_again_as_capture_runs_it_gives_the_same_tokens(shared_export
     got = rerun.greedy(ids, mask, 8, keep_logits=True)
     np.testing.assert_array_equal(got.tokens, expected.tokens)
     assert max(relative_error(a, e) for a, e in zip(got.logits, expected.logits)) < TOLERANCES["fp32"]
+    queued = OnnxDecoder(onnx_dir, "cpu", fixed_width=True, session=RerunSession(session), queued_steps=3)
+    np.testing.assert_array_equal(queued.greedy(ids, mask, 8).tokens, expected.tokens)
+
+
+def test_queued_steps_give_the_tokens_of_the_step_by_step_loop(shared_export):
+    """`decode` queues steps back to back (on CUDA onnxruntime returns at each graph's launch, the last
+    waits) and reads their ids together: each step must find the ids and mask the one before wrote, in
+    a ring of phases long enough that no step's ids are overwritten before they are read."""
+    _, onnx_dir = shared_export
+    stepwise = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)
+    queued = OnnxDecoder(onnx_dir, "cpu", fixed_width=True, queued_steps=3)
+    assert stepwise.queued_steps == 1 and queued.queued_steps == 3
+    uploads = []
+    for seed in (2, 3):  # the second call starts the ring at the phase where the first one stopped
+        ids, mask = _left_padded(seed)
+        expected = OnnxDecoder(onnx_dir, "cpu").greedy(ids, mask, 12)
+        for decoder in (stepwise, queued):
+            np.testing.assert_array_equal(decoder.greedy(ids, mask, 12).tokens, expected.tokens)
+        if seed == 2:
+            for value in (v for b in queued._step_buffers.values() for v in b.ids + b.mask):
+                update = value.update_inplace
+                value.update_inplace = lambda array, update=update: (uploads.append(array), update(array))
+    uploads.clear()
+    run = queued.greedy(ids, mask, 12)
+    # the prefill, then 11 steps in calls of 3, 3, 3 and 2; only the first step's ids and mask went up
+    assert len(run.step_seconds) == 5 and len(uploads) == 2
+    buffers = queued._step_buffers[(4, CAPACITY_STEP)]
+    assert len(buffers.ids) == 4 and buffers.graph_ids == [1, 2, 3, 4]
+    state, logits = queued.prefill(ids, mask, 8)
+    with pytest.raises(ValueError, match="queues 1 to 3"):
+        queued.decode(state, queued.next_tokens(logits), 4)
+    with pytest.raises(UserError, match="queued decode steps need"):
+        OnnxDecoder(onnx_dir, "cpu", queued_steps=2)
+
+
+def test_cuda_kernel_choices_set_their_session_entries_and_environment(monkeypatch):
+    import os
+
+    from ulsexport.runtime.ort import CUDA_KERNEL_CHOICES, kernel_environment, session_options
+
+    monkeypatch.setenv("ORT_ENABLE_XQA", "1")
+    monkeypatch.delenv("ORT_ENABLE_CUDNN_FLASH_ATTENTION", raising=False)
+    with kernel_environment(("flash-decode",)):
+        assert os.environ["ORT_ENABLE_XQA"] == "0" and os.environ["ORT_ENABLE_CUDNN_FLASH_ATTENTION"] == "0"
+    assert os.environ["ORT_ENABLE_XQA"] == "1" and "ORT_ENABLE_CUDNN_FLASH_ATTENTION" not in os.environ
+    options = session_options("model.onnx", Path("."), kernels=("gemm-autotune",))
+    for key, value in CUDA_KERNEL_CHOICES["gemm-autotune"][0].items():
+        assert options.get_session_config_entry(key) == value
+
+
+def test_unknown_cuda_kernel_choice_is_refused():
+    from ulsexport.runtime.ort import cuda_kernels
+
+    assert cuda_kernels(["flash-decode"]) == ("flash-decode",)
+    with pytest.raises(UserError, match="unknown CUDA kernel choice fast; choose from gemm-autotune"):
+        cuda_kernels(("fast",))
 
 
 def test_fixed_width_buffers_per_batch_and_capacity(shared_export):

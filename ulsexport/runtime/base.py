@@ -3,8 +3,10 @@ built on the two, returning one result type.
 
 `prefill(input_ids, attention_mask, max_new_tokens)` runs the (left-padded) prompt and returns the
 decoding state and each row's last logits; `step(state, next_ids)` feeds one token per row and
-returns the next logits. `greedy` times each call up to the moment its tokens are known on the
-host, so the first entry of `step_seconds` is the prefill and the rest are decode steps.
+returns the next logits; `decode(state, next_ids, steps)` runs several steps and returns their ids
+(a runtime whose steps can run ahead of the host queues them, `queued_steps` at a time). `greedy`
+times each call up to the moment its tokens are known on the host, so the first entry of
+`step_seconds` is the prefill and the rest are decode calls.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import numpy as np
 class GreedyRun:
     tokens: np.ndarray                                        # [batch, new_tokens]
     logits: list[np.ndarray] = field(default_factory=list)    # per step [batch, vocab] fp32, if kept
-    step_seconds: list[float] = field(default_factory=list)   # the prefill, then every decode step
+    # the prefill, then each decode call: one step, or `queued_steps` steps whose ids came back together
+    step_seconds: list[float] = field(default_factory=list)
 
     @property
     def prefill_seconds(self) -> float:
@@ -70,6 +73,7 @@ class Runtime:
     DeviceLogits unless a subclass keeps its own (then it overrides `next_tokens` and `to_host`)."""
 
     name = ""
+    queued_steps = 1  # decode steps `greedy` hands to one `decode` call
 
     def prefill(self, input_ids, attention_mask, max_new_tokens: int):
         """Run the prompt; (state, each row's last logits [batch, vocab])."""
@@ -86,21 +90,36 @@ class Runtime:
     def to_host(self, array) -> np.ndarray:
         return array.host() if isinstance(array, DeviceLogits) else np.asarray(array)
 
+    def decode(self, state, next_ids, steps: int) -> list:
+        """`steps` greedy decode steps from `next_ids`; each step's ids as `next_tokens` gives them, all
+        known on the host when this returns. This one runs a step at a time; a runtime whose steps can
+        run ahead of the host overrides it (`queued_steps` > 1)."""
+        chosen = []
+        for _ in range(steps):
+            next_ids = self.next_tokens(self.step(state, next_ids))
+            chosen.append(next_ids)
+        return chosen
+
     def greedy(self, input_ids, attention_mask, new_tokens: int, keep_logits: bool = False,
                **prefill_options) -> GreedyRun:
         """Greedy decoding of exactly `new_tokens` tokens (no early stop); `prefill_options` go to
-        `prefill` (a multi-depth runtime's depth, say)."""
+        `prefill` (a multi-depth runtime's depth, say). Without `keep_logits` the decode steps go to
+        `decode`, `queued_steps` at a time."""
         tokens, kept, seconds = [], [], []
         state = next_ids = None
-        for _ in range(new_tokens):
+        while len(tokens) < new_tokens:
             start = time.perf_counter()
             if state is None:
                 state, logits = self.prefill(input_ids, attention_mask, new_tokens, **prefill_options)
-            else:
+                chosen = [self.next_tokens(logits)]
+            elif keep_logits:
                 logits = self.step(state, next_ids)
-            next_ids = self.next_tokens(logits)
+                chosen = [self.next_tokens(logits)]
+            else:
+                chosen = self.decode(state, next_ids, min(self.queued_steps, new_tokens - len(tokens)))
             seconds.append(time.perf_counter() - start)
-            tokens.append(next_ids)
             if keep_logits:
                 kept.append(self.to_host(logits).astype(np.float32))
+            tokens.extend(chosen)
+            next_ids = chosen[-1]
         return GreedyRun(np.stack([self.to_host(t) for t in tokens], axis=1), kept, seconds)

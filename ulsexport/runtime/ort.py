@@ -26,6 +26,16 @@ the export's files are not touched): the argmax of the logits and the next step'
 written into the buffers the next step reads. So a step's greedy ids are chosen where the logits are,
 only they come back to the host (a step returns a `StepLogits`; its logits are copied only when asked
 for), and nothing goes up between steps unless the caller feeds other ids than those chosen.
+
+As no step then waits for the host, `decode` queues up to `queued_steps` captured steps back to back
+(onnxruntime's run returns at the graph's launch, `disable_synchronize_execution_providers`; the last
+one waits) and reads their ids together: the GPU runs step after step while the host launches the
+next, instead of idling while the host reads each step's ids and calls onnxruntime again. Each queued
+step writes its ids and mask into buffers of its own (one phase each, a captured graph each), so that
+none is overwritten before it is read.
+
+`kernels` picks among onnxruntime's CUDA kernels where its defaults are not the fastest for decoding
+(CUDA_KERNEL_CHOICES, measured in benchmarks/cuda_graph_decode.py).
 """
 from __future__ import annotations
 
@@ -46,6 +56,19 @@ from .base import DeviceLogits, Runtime, position_ids_from_mask
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 CAPACITY_STEP = 256  # fixed-width cache buffers are rounded up to this, so that calls share captured graphs
+QUEUED_STEPS = 8  # captured decode steps queued before their ids are read: the host's time per step / 8
+
+# name -> (session config entries, environment variables while the session is made: onnxruntime reads its
+# attention switches when it makes each GroupQueryAttention kernel)
+CUDA_KERNEL_CHOICES = {
+    # MatMul tries its small-row kernels (tinygemm2, a small-N GEMV) against cuBLAS per shape, in the
+    # uncaptured runs before a capture, and keeps the fastest
+    "gemm-autotune": ({"ep.cuda.enable_gemm_auto_tune": "1"}, {}),
+    # decode attention by flash attention's split-KV kernel, rotary and cache append inside it, instead
+    # of XQA after a separate rotary-and-append kernel (cuDNN's SDPA, next in line, off too)
+    "flash-decode": ({}, {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}),
+}
+DEFAULT_CUDA_KERNELS: tuple[str, ...] = ()
 
 
 def position_ids_for(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
@@ -60,15 +83,18 @@ class OnnxDecoder(Runtime):
     options), or a factory `session(model, options, providers)`; by default one is made here.
     `cuda_graph` (shared cache on CUDA; default on there) captures decode steps; `fixed_width`
     (default: where capturing) runs the fixed-width decode loop without capturing, as on the CPU;
-    `device_argmax` False leaves the fixed-width step's argmax to the host. A factory gets the model as
-    a path or, with the argmax added, as bytes (their options name the folder of the external weights).
+    `device_argmax` False leaves the fixed-width step's argmax to the host; `queued_steps` (default
+    QUEUED_STEPS where steps are captured and choose their own ids, else 1) bounds the steps `decode`
+    queues; `kernels` names CUDA_KERNEL_CHOICES (CUDA only). A factory gets the model as a path or, with
+    the argmax added, as bytes (their options name the folder of the external weights).
     """
 
     name = "ort"
 
     def __init__(self, folder: str | Path, provider: str = "cpu", io_binding: bool | None = None, session=None,
                  cuda_graph: bool | None = None, fixed_width: bool | None = None, graph: str | None = None,
-                 device_argmax: bool = True):
+                 device_argmax: bool = True, queued_steps: int | None = None,
+                 kernels: tuple[str, ...] | None = None):
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -89,6 +115,7 @@ class OnnxDecoder(Runtime):
         self.cuda_graph_off = None  # why capture was asked for and is not used
         self.device_argmax_off = None  # why the graph does not choose the ids where it could
         self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
+        self.kernels = cuda_kernels(DEFAULT_CUDA_KERNELS if kernels is None else kernels) if provider == "cuda" else ()
         path = str(folder / self.onnx["file"])
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
@@ -98,10 +125,12 @@ class OnnxDecoder(Runtime):
                     model = graph_with_next_inputs(path)
                 except ImportError:  # a lean environment (a Triton stub's, say) without the onnx package
                     self.device_argmax_off = "the onnx package is not installed: the host takes the argmax"
-            session = self._captured_session(make, model, folder) if self.cuda_graph else None
-            if session is None and self.fixed_width and fixed_width is None:  # capture refused: the plain loop
-                self.fixed_width, model = False, path
-            session = session or make(model, session_options(model, folder), providers=PROVIDERS[provider])
+            with kernel_environment(self.kernels):
+                session = self._captured_session(make, model, folder) if self.cuda_graph else None
+                if session is None and self.fixed_width and fixed_width is None:  # capture refused: the plain loop
+                    self.fixed_width, model = False, path
+                session = session or make(model, session_options(model, folder, kernels=self.kernels),
+                                          providers=PROVIDERS[provider])
         if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             # onnxruntime falls back to the CPU, with a warning only, when the CUDA libraries fail to load
             raise UserError(f"onnxruntime could not start its CUDA provider for {path} (it runs on "
@@ -110,6 +139,13 @@ class OnnxDecoder(Runtime):
         self.session = session
         # the fixed-width step's greedy ids come from the graph's own argmax where the session has it
         self.device_argmax = self.fixed_width and NEXT_TOKEN in {o.name for o in session.get_outputs()}
+        if queued_steps is None:
+            queued_steps = QUEUED_STEPS if self.device_argmax and self.cuda_graph else 1
+        if queued_steps > 1 and not self.device_argmax:
+            raise UserError("queued decode steps need the fixed-width step that chooses its own ids")
+        self.queued_steps = queued_steps
+        self.phases = max(2, queued_steps + 1) if self.device_argmax else 1  # of each step's buffers
+        self._run_options: dict[tuple[int, bool], object] = {}
         self._step_buffers: dict[tuple[int, int], StepBuffers] = {}
         # the shared buffer is bound as input and output at once: that needs io binding, on any provider
         self.io_binding = self.shared_cache or (provider == "cuda" if io_binding is None else io_binding)
@@ -149,7 +185,7 @@ class OnnxDecoder(Runtime):
         """A session that can capture CUDA graphs, or None (and `cuda_graph_off` says why)."""
         providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
         try:
-            return make(model, session_options(model, folder), providers=providers)
+            return make(model, session_options(model, folder, kernels=self.kernels), providers=providers)
         except Exception as exc:  # onnxruntime refuses capture when a node is not on the CUDA provider
             off_cuda = nodes_off_cuda(model, folder)
             self.cuda_graph_off = (f"not on the CUDA provider: {', '.join(off_cuda)}" if off_cuda
@@ -157,15 +193,24 @@ class OnnxDecoder(Runtime):
             self.cuda_graph = False
             return None
 
-    def run_options(self, graph_id: int):
-        """Run options naming the CUDA graph of a step (-1: run uncaptured), or None without capture."""
+    def run_options(self, graph_id: int, wait: bool = True):
+        """Run options naming the CUDA graph of a step (-1: run uncaptured), or None without capture;
+        with `wait` False the run returns once the graph is launched."""
         if not self.cuda_graph:
             return None
-        import onnxruntime as ort
+        if (graph_id, wait) not in self._run_options:
+            import onnxruntime as ort
 
-        options = ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        return options
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            options.add_run_config_entry("disable_synchronize_execution_providers", "0" if wait else "1")
+            self._run_options[graph_id, wait] = options
+        return self._run_options[graph_id, wait]
+
+    def decode(self, state, next_ids, steps: int) -> list[np.ndarray]:
+        if not (self.device_argmax and getattr(state, "fixed_width", False)):
+            return super().decode(state, next_ids, steps)
+        return state.decode(np.asarray(next_ids), steps)
 
     def capacity_for(self, length: int) -> int:
         """The fixed-width cache length that holds `length` positions: rounded up, so that calls of
@@ -181,13 +226,14 @@ class OnnxDecoder(Runtime):
 
     def step_buffers(self, batch: int, capacity: int) -> StepBuffers:
         """The buffers of the (batch, capacity) decode step, made and bound on first use: with the graph's
-        own next inputs, two phases that read one set of ids and mask and write the other (onnxruntime
-        runs a graph two or three times in the call that captures it, so no run may overwrite what it
-        reads), each its own captured graph; else one phase, its inputs uploaded at every step."""
+        own next inputs, a ring of phases, each reading one set of ids and mask and writing the next
+        phase's (onnxruntime runs a graph two or three times in the call that captures it, so no run may
+        overwrite what it reads; and `queued_steps` steps' ids must all be there when they are read),
+        each its own captured graph; else one phase, its inputs uploaded at every step."""
         key = (batch, capacity)
         if key not in self._step_buffers:
             vocab = self.onnx["io_shapes"]["logits"][-1]
-            phases = 2 if self.device_argmax else 1
+            phases = self.phases
             buffers = StepBuffers(
                 cache=[self.to_device(np.zeros(self.cache_shape(batch, capacity), self.dtype))
                        for _ in self.cache_inputs],
@@ -195,14 +241,14 @@ class OnnxDecoder(Runtime):
                 mask=[self.to_device(np.zeros((batch, capacity), np.int64)) for _ in range(phases)],
                 logits=self.to_device(np.zeros((batch, 1, vocab), self.dtype)),
                 bindings=[self.session.io_binding() for _ in range(phases)],
-                graph_ids=[2 * len(self._step_buffers) + 1 + phase for phase in range(phases)])
+                graph_ids=[phases * len(self._step_buffers) + 1 + phase for phase in range(phases)])
             for phase, binding in enumerate(buffers.bindings):
                 binding.bind_ortvalue_input("input_ids", buffers.ids[phase])
                 binding.bind_ortvalue_input("attention_mask", buffers.mask[phase])
                 binding.bind_ortvalue_output("logits", buffers.logits)
                 if self.device_argmax:
-                    binding.bind_ortvalue_output(NEXT_TOKEN, buffers.ids[1 - phase])
-                    binding.bind_ortvalue_output(NEXT_MASK, buffers.mask[1 - phase])
+                    binding.bind_ortvalue_output(NEXT_TOKEN, buffers.ids[(phase + 1) % phases])
+                    binding.bind_ortvalue_output(NEXT_MASK, buffers.mask[(phase + 1) % phases])
                 for past, present, value in zip(self.cache_inputs, self.cache_outputs, buffers.cache):
                     binding.bind_ortvalue_input(past, value)
                     binding.bind_ortvalue_output(present, value)
@@ -276,15 +322,42 @@ def graph_with_next_inputs(path: str) -> bytes:
     return model.SerializeToString()
 
 
-def session_options(model: str | bytes, folder: Path, severity: int = 3):
-    """Options of a session over `model`, a path or a graph in memory whose external weights are in `folder`."""
+def session_options(model: str | bytes, folder: Path, severity: int = 3, kernels: tuple[str, ...] = ()):
+    """Options of a session over `model`, a path or a graph in memory whose external weights are in `folder`,
+    with the session config entries of the CUDA_KERNEL_CHOICES named in `kernels`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = severity  # 3, errors only: the exporter's shape annotations draw warnings
     if isinstance(model, bytes):
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    for kernel in kernels:
+        for key, value in CUDA_KERNEL_CHOICES[kernel][0].items():
+            options.add_session_config_entry(key, value)
     return options
+
+
+def cuda_kernels(names) -> tuple[str, ...]:
+    """`names` of CUDA_KERNEL_CHOICES, checked."""
+    if unknown := [k for k in names if k not in CUDA_KERNEL_CHOICES]:
+        raise UserError(f"unknown CUDA kernel choice {', '.join(unknown)}; choose from {', '.join(CUDA_KERNEL_CHOICES)}")
+    return tuple(names)
+
+
+@contextlib.contextmanager
+def kernel_environment(kernels: tuple[str, ...]):
+    """The environment variables of the CUDA_KERNEL_CHOICES named in `kernels`, set meanwhile, then restored."""
+    settings = {k: v for kernel in kernels for k, v in CUDA_KERNEL_CHOICES[kernel][1].items()}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def nodes_off_cuda(model: str | bytes, folder: Path) -> list[str]:
@@ -445,20 +518,39 @@ class SharedCacheStream:
     def _fixed_width_step(self, next_ids: np.ndarray):
         """One decode step through the fixed buffers (captured as a CUDA graph, or replayed): the logits,
         or with the graph's own next inputs a StepLogits that leaves them on the device."""
+        self._launch(next_ids)
+        if not self.decoder.device_argmax:
+            return self.buffers.logits.numpy()[:self.rows, -1]
+        return StepLogits(self, self.buffers.ids[self.phase])
+
+    def decode(self, next_ids: np.ndarray, steps: int) -> list[np.ndarray]:
+        """`steps` fixed-width steps from `next_ids` (at most `queued_steps`), queued back to back: each
+        reads the ids and mask the one before wrote, only the last waits for the GPU. Their ids."""
+        phases = len(self.buffers.ids)
+        if not 0 < steps < phases:
+            raise ValueError(f"{steps} steps: this decoder queues 1 to {phases - 1}")
+        first = self.phase
+        for step in range(steps):
+            self._launch(next_ids if step == 0 else None, wait=step == steps - 1)
+        chosen = [self.buffers.ids[(first + 1 + step) % phases].numpy()[:self.rows, 0].copy()
+                  for step in range(steps)]
+        self.chosen = chosen[-1]
+        return chosen
+
+    def _launch(self, next_ids: np.ndarray | None, wait: bool = True) -> None:
+        """Run the step of this phase, `next_ids` uploaded unless they are the ids the graph wrote there
+        (None: they are); with `wait` False onnxruntime returns once the captured graph is launched."""
         buffers, phase = self.buffers, self.phase
         self.steps += 1
         if self.steps == 1 or not self.decoder.device_argmax:  # later masks the graph makes itself
             self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
             buffers.mask[phase].update_inplace(self.wide_mask)
-        if next_ids is not self.chosen:  # not the ids the last step chose into this buffer
+        if next_ids is not None and (self.chosen is None or not np.array_equal(next_ids.reshape(-1), self.chosen)):
             buffers.ids[phase].update_inplace(self._padded(next_ids)[:, None])
         self.chosen = None
-        run_options = self.decoder.run_options(buffers.graph_ids[phase])
+        run_options = self.decoder.run_options(buffers.graph_ids[phase], wait)
         self.decoder.session.run_with_iobinding(buffers.bindings[phase], run_options)
-        if not self.decoder.device_argmax:
-            return buffers.logits.numpy()[:self.rows, -1]
-        self.phase = 1 - phase
-        return StepLogits(self, buffers.ids[self.phase])
+        self.phase = (phase + 1) % len(buffers.ids)
 
 
 class StepLogits(DeviceLogits):
@@ -597,3 +689,10 @@ class MultiDepthDecoder(Runtime):
 
     def step(self, state: DepthState, next_ids):
         return state.decoder.step(state.inner, next_ids)
+
+    def decode(self, state: DepthState, next_ids, steps: int):
+        return state.decoder.decode(state.inner, next_ids, steps)
+
+    @property
+    def queued_steps(self) -> int:
+        return min(d.queued_steps for d in self.decoders.values())
