@@ -7,15 +7,13 @@ Graphs: onnxruntime-genai's builder at every depth, and our torch builder's shar
 - ours-graph: `--runtime ort` with the decode step captured as a CUDA graph (the default on CUDA), the
   greedy ids chosen in the graph (only they come back), steps queued `QUEUED_STEPS` at a time;
 - ours-graph-stepwise: the same decoder, each step's ids read before the next step is launched;
-- ours-graph+KERNELS: ours-graph with CUDA kernel choices of `--variants` (`CUDA_KERNEL_CHOICES`, joined
-  by '+'), each its own session;
 - ours-eager: the same loop uncaptured;
 - genai-graph: onnxruntime-genai's loop with its `enable_cuda_graph` (batch 1: it refuses capture above);
 - genai-eager: onnxruntime-genai's loop uncaptured.
 
-Parity: every ours-graph runtime against ours-eager, greedy tokens over --parity-steps and fp16 logits
-(step by step, logits kept), and the queued run's tokens. Kernels: CUPTI totals of a few steps of each
-ours-graph runtime at batch 1, so that a kernel choice shows what it changed. Speed: decode ms
+Parity: ours-graph against ours-eager, greedy tokens over --parity-steps and fp16 logits (step by step,
+logits kept), and the queued run's tokens. Kernels: CUPTI totals of a few steps of ours-graph at batch 1.
+Speed: decode ms
 per step (the prompt excluded), each round running every runtime once per (graph, batch); ratios are taken
 within a round and their median reported. The weights-bytes floor is the graph's weight bytes over the
 copy bandwidth measured in this run (bytes read + written, device to device).
@@ -56,7 +54,7 @@ def build_artifacts(args) -> dict[str, Path]:
     return artifacts
 
 
-def runtimes_for(folder: Path, builder: str, device: str, variants: list[str]) -> dict:
+def runtimes_for(folder: Path, builder: str, device: str) -> dict:
     import copy
 
     from ulsexport.runtime.ort import OnnxDecoder
@@ -66,8 +64,6 @@ def runtimes_for(folder: Path, builder: str, device: str, variants: list[str]) -
         out["ours-graph"] = OnnxDecoder(folder, device, cuda_graph=True)
         out["ours-graph-stepwise"] = copy.copy(out["ours-graph"])  # the same session and buffers
         out["ours-graph-stepwise"].queued_steps = 1
-        for variant in variants:
-            out[f"ours-graph+{variant}"] = OnnxDecoder(folder, device, cuda_graph=True, kernels=variant.split("+"))
     try:
         from ulsexport.runtime.genai import GenaiRuntime
 
@@ -161,10 +157,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--parity-steps", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--variants", default="gemm-autotune,flash-decode,gemm-autotune+flash-decode",
-                    help="comma-separated CUDA kernel choices of ours-graph, '+' joining several (empty: none)")
     args = ap.parse_args()
-    variants = [v for v in args.variants.split(",") if v]
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -179,7 +172,7 @@ def main():
         group = {name: folder for name, folder in artifacts.items() if name.rsplit("-", 1)[0] == depth}
         runtimes = {}
         for name, folder in group.items():
-            runtimes[name] = runtimes_for(folder, name.rsplit("-", 1)[1], args.device, variants)
+            runtimes[name] = runtimes_for(folder, name.rsplit("-", 1)[1], args.device)
             graph = report["graphs"][name] = {
                 "weight_bytes": weight_bytes(folder),
                 "cuda_graph_off": getattr(runtimes[name].get("ours-graph"), "cuda_graph_off", None),
@@ -251,15 +244,15 @@ def markdown(report: dict, batches) -> str:
               "| graph, runtime, batch | speedup |", "|---|---|"]
     for key, v in sorted(summary["speedup_over_full"].items()):
         lines.append(f"| {key} | {v:.3f}x |")
-    lines += ["", "## Queued steps and kernel choices against the step-by-step captured loop (stepwise ms over "
-              "ms, median per-round ratio)", "", "| graph, runtime, batch | ratio |", "|---|---|"]
+    lines += ["", "## Queued steps against the step-by-step captured loop (stepwise ms over queued ms, median "
+              "per-round ratio)", "", "| graph, runtime, batch | ratio |", "|---|---|"]
     for key, v in sorted(summary["vs_stepwise"].items()):
         lines.append(f"| {key} | {v:.3f} |")
     lines += ["", "## Weight-bytes floor, batch 1", "", "| graph, runtime | floor ms | measured ms | fraction |",
               "|---|---|---|---|"]
     for key, f in sorted(summary["floor"].items()):
         lines.append(f"| {key} | {f['floor_ms']:.3f} | {summary['median_ms'][key]:.3f} | {f['fraction_of_floor']:.2%} |")
-    lines += ["", "## Parity: each ours-graph runtime against ours-eager (fp16 tolerance 1e-2)", "",
+    lines += ["", "## Parity: ours-graph against ours-eager (fp16 tolerance 1e-2)", "",
               "| graph | runtime | batch | tokens equal | first divergence | max relative logit error | "
               "queued run's tokens equal |", "|---|---|---|---|---|---|---|"]
     for name, graph in report["graphs"].items():

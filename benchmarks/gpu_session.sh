@@ -11,7 +11,7 @@
 #
 #   setsid nohup bash benchmarks/gpu_session.sh [STEPS] > /root/session.log 2>&1 < /dev/null &
 #
-# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,captured,gemm,kernels,tensorrt,stub-env,serve,multi-depth (default:
+# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,captured,gemm,gemm-probe,kernels,tensorrt,stub-env,serve,multi-depth (default:
 # heal,parity,bench, in that order). CUDA_GRAPH_ARGS, TENSORRT_ARGS, SERVE_ARGS and MULTI_DEPTH_ARGS pass extra
 # flags to their scripts; PYTHON names the interpreter of the serve and multi-depth steps. cuda-graph, captured,
 # kernels and serve share WORK (default /root/w), so the artifacts one builds the next reuses.
@@ -54,6 +54,8 @@ for s in ${STEPS//,/ }; do
     captured) step captured python3 benchmarks/captured_step_time.py --workdir "$WORK" \
                 --json "$RESULTS/captured/captured-step-time.json" ;;
     gemm)   step gemm python3 benchmarks/gemm_layout.py --json "$RESULTS/gemm/gemm-layout.json" ;;
+    gemm-probe) step gemm-probe python3 benchmarks/experiments/gemm-kernels/gemm_kernel_probe.py "$WORK/uls2-genai" \
+                --json "$RESULTS/gemm-probe/gemm-kernel-probe.json" ;;
     kernels) step kernels python3 benchmarks/decode_kernel_time.py $KERNEL_ARTIFACTS --batch 1 8 \
                 --json "$RESULTS/kernels/decode-kernels-per-layer.json" ;;
     stub-env) step stub-env bash benchmarks/stub_env.sh "$WHEELS" /root/stubenv ;;

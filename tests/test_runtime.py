@@ -4,8 +4,6 @@ The capture itself needs a GPU (benchmarks/gpu_benchmark.py measures it on the d
 loop runs uncaptured on the CPU: same buffers, a mask as wide as the cache, one graph id per
 (batch, capacity), and it must give the tokens and logits of the plain loop.
 """
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -173,29 +171,6 @@ def test_queued_steps_give_the_tokens_of_the_step_by_step_loop(shared_export):
         OnnxDecoder(onnx_dir, "cpu", queued_steps=2)
 
 
-def test_cuda_kernel_choices_set_their_session_entries_and_environment(monkeypatch):
-    import os
-
-    from ulsexport.runtime.ort import CUDA_KERNEL_CHOICES, kernel_environment, session_options
-
-    monkeypatch.setenv("ORT_ENABLE_XQA", "1")
-    monkeypatch.delenv("ORT_ENABLE_CUDNN_FLASH_ATTENTION", raising=False)
-    with kernel_environment(("flash-decode",)):
-        assert os.environ["ORT_ENABLE_XQA"] == "0" and os.environ["ORT_ENABLE_CUDNN_FLASH_ATTENTION"] == "0"
-    assert os.environ["ORT_ENABLE_XQA"] == "1" and "ORT_ENABLE_CUDNN_FLASH_ATTENTION" not in os.environ
-    options = session_options("model.onnx", Path("."), kernels=("gemm-autotune",))
-    for key, value in CUDA_KERNEL_CHOICES["gemm-autotune"][0].items():
-        assert options.get_session_config_entry(key) == value
-
-
-def test_unknown_cuda_kernel_choice_is_refused():
-    from ulsexport.runtime.ort import cuda_kernels
-
-    assert cuda_kernels(["flash-decode"]) == ("flash-decode",)
-    with pytest.raises(UserError, match="unknown CUDA kernel choice fast; choose from gemm-autotune"):
-        cuda_kernels(("fast",))
-
-
 def test_fixed_width_buffers_per_batch_and_capacity(shared_export):
     _, onnx_dir = shared_export
     decoder = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)
@@ -204,12 +179,18 @@ def test_fixed_width_buffers_per_batch_and_capacity(shared_export):
         decoder.greedy(ids, np.ones_like(ids), new)
     assert sorted(decoder._step_buffers) == [(1, CAPACITY_STEP), (1, 2 * CAPACITY_STEP), (2, CAPACITY_STEP),
                                              (4, CAPACITY_STEP)]  # batches 3 and 4 share one
-    # two phases each (one reads the ids and mask the other writes), each its own graph
+    # a step at a time (the CPU's default): two phases each (one reads the ids and mask the other
+    # writes), each its own graph
     assert sorted(g for b in decoder._step_buffers.values() for g in b.graph_ids) == list(range(1, 9))
     assert [decoder.rows_for(b) for b in (1, 2, 3, 5, 8, 9, 32, 33)] == [1, 2, 4, 8, 8, 16, 32, 64]
     assert decoder.capacity_for(CAPACITY_STEP + 1) == 2 * CAPACITY_STEP
     assert decoder.capacity_for(10_000) == 512  # never past the export's positions
     assert decoder.run_options(1) is None  # no capture on the CPU: no graph ids passed
+    decoder.cuda_graph = True  # the options a captured step would run with, made once per (graph, wait)
+    waits, launches = decoder.run_options(3), decoder.run_options(3, wait=False)
+    assert decoder.run_options(3) is waits and waits is not launches
+    assert [(o.get_run_config_entry("gpu_graph_id"), o.get_run_config_entry("disable_synchronize_execution_providers"))
+            for o in (waits, launches)] == [("3", "0"), ("3", "1")]
 
 
 def test_cuda_graph_needs_cuda_and_the_shared_cache(shared_export):

@@ -33,9 +33,6 @@ one waits) and reads their ids together: the GPU runs step after step while the 
 next, instead of idling while the host reads each step's ids and calls onnxruntime again. Each queued
 step writes its ids and mask into buffers of its own (one phase each, a captured graph each), so that
 none is overwritten before it is read.
-
-`kernels` picks among onnxruntime's CUDA kernels where its defaults are not the fastest for decoding
-(CUDA_KERNEL_CHOICES, measured in benchmarks/cuda_graph_decode.py).
 """
 from __future__ import annotations
 
@@ -58,18 +55,6 @@ NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 CAPACITY_STEP = 256  # fixed-width cache buffers are rounded up to this, so that calls share captured graphs
 QUEUED_STEPS = 8  # captured decode steps queued before their ids are read: the host's time per step / 8
 
-# name -> (session config entries, environment variables while the session is made: onnxruntime reads its
-# attention switches when it makes each GroupQueryAttention kernel)
-CUDA_KERNEL_CHOICES = {
-    # MatMul tries its small-row kernels (tinygemm2, a small-N GEMV) against cuBLAS per shape, in the
-    # uncaptured runs before a capture, and keeps the fastest
-    "gemm-autotune": ({"ep.cuda.enable_gemm_auto_tune": "1"}, {}),
-    # decode attention by flash attention's split-KV kernel, rotary and cache append inside it, instead
-    # of XQA after a separate rotary-and-append kernel (cuDNN's SDPA, next in line, off too)
-    "flash-decode": ({}, {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}),
-}
-DEFAULT_CUDA_KERNELS: tuple[str, ...] = ()
-
 
 def position_ids_for(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
     """Positions of the last `seq_len` columns of a left-padded batch (Hugging Face's rule)."""
@@ -85,16 +70,15 @@ class OnnxDecoder(Runtime):
     (default: where capturing) runs the fixed-width decode loop without capturing, as on the CPU;
     `device_argmax` False leaves the fixed-width step's argmax to the host; `queued_steps` (default
     QUEUED_STEPS where steps are captured and choose their own ids, else 1) bounds the steps `decode`
-    queues; `kernels` names CUDA_KERNEL_CHOICES (CUDA only). A factory gets the model as a path or, with
-    the argmax added, as bytes (their options name the folder of the external weights).
+    queues. A factory gets the model as a path or, with the argmax added, as bytes (their options name
+    the folder of the external weights).
     """
 
     name = "ort"
 
     def __init__(self, folder: str | Path, provider: str = "cpu", io_binding: bool | None = None, session=None,
                  cuda_graph: bool | None = None, fixed_width: bool | None = None, graph: str | None = None,
-                 device_argmax: bool = True, queued_steps: int | None = None,
-                 kernels: tuple[str, ...] | None = None):
+                 device_argmax: bool = True, queued_steps: int | None = None):
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -115,7 +99,6 @@ class OnnxDecoder(Runtime):
         self.cuda_graph_off = None  # why capture was asked for and is not used
         self.device_argmax_off = None  # why the graph does not choose the ids where it could
         self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
-        self.kernels = cuda_kernels(DEFAULT_CUDA_KERNELS if kernels is None else kernels) if provider == "cuda" else ()
         path = str(folder / self.onnx["file"])
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
@@ -125,12 +108,10 @@ class OnnxDecoder(Runtime):
                     model = graph_with_next_inputs(path)
                 except ImportError:  # a lean environment (a Triton stub's, say) without the onnx package
                     self.device_argmax_off = "the onnx package is not installed: the host takes the argmax"
-            with kernel_environment(self.kernels):
-                session = self._captured_session(make, model, folder) if self.cuda_graph else None
-                if session is None and self.fixed_width and fixed_width is None:  # capture refused: the plain loop
-                    self.fixed_width, model = False, path
-                session = session or make(model, session_options(model, folder, kernels=self.kernels),
-                                          providers=PROVIDERS[provider])
+            session = self._captured_session(make, model, folder) if self.cuda_graph else None
+            if session is None and self.fixed_width and fixed_width is None:  # capture refused: the plain loop
+                self.fixed_width, model = False, path
+            session = session or make(model, session_options(model, folder), providers=PROVIDERS[provider])
         if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             # onnxruntime falls back to the CPU, with a warning only, when the CUDA libraries fail to load
             raise UserError(f"onnxruntime could not start its CUDA provider for {path} (it runs on "
@@ -185,7 +166,7 @@ class OnnxDecoder(Runtime):
         """A session that can capture CUDA graphs, or None (and `cuda_graph_off` says why)."""
         providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
         try:
-            return make(model, session_options(model, folder, kernels=self.kernels), providers=providers)
+            return make(model, session_options(model, folder), providers=providers)
         except Exception as exc:  # onnxruntime refuses capture when a node is not on the CUDA provider
             off_cuda = nodes_off_cuda(model, folder)
             self.cuda_graph_off = (f"not on the CUDA provider: {', '.join(off_cuda)}" if off_cuda
@@ -322,42 +303,15 @@ def graph_with_next_inputs(path: str) -> bytes:
     return model.SerializeToString()
 
 
-def session_options(model: str | bytes, folder: Path, severity: int = 3, kernels: tuple[str, ...] = ()):
-    """Options of a session over `model`, a path or a graph in memory whose external weights are in `folder`,
-    with the session config entries of the CUDA_KERNEL_CHOICES named in `kernels`."""
+def session_options(model: str | bytes, folder: Path, severity: int = 3):
+    """Options of a session over `model`, a path or a graph in memory whose external weights are in `folder`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = severity  # 3, errors only: the exporter's shape annotations draw warnings
     if isinstance(model, bytes):
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    for kernel in kernels:
-        for key, value in CUDA_KERNEL_CHOICES[kernel][0].items():
-            options.add_session_config_entry(key, value)
     return options
-
-
-def cuda_kernels(names) -> tuple[str, ...]:
-    """`names` of CUDA_KERNEL_CHOICES, checked."""
-    if unknown := [k for k in names if k not in CUDA_KERNEL_CHOICES]:
-        raise UserError(f"unknown CUDA kernel choice {', '.join(unknown)}; choose from {', '.join(CUDA_KERNEL_CHOICES)}")
-    return tuple(names)
-
-
-@contextlib.contextmanager
-def kernel_environment(kernels: tuple[str, ...]):
-    """The environment variables of the CUDA_KERNEL_CHOICES named in `kernels`, set meanwhile, then restored."""
-    settings = {k: v for kernel in kernels for k, v in CUDA_KERNEL_CHOICES[kernel][1].items()}
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def nodes_off_cuda(model: str | bytes, folder: Path) -> list[str]:
