@@ -84,35 +84,32 @@ def parity(runtimes: dict, batches, args, vocab: int) -> dict:
     from ulsexport.precision import TOLERANCES
     from ulsexport.validate.parity import compare_runs
 
+    if "ours-graph" not in runtimes:
+        return {}
     out = {}
     for batch in batches:
         ids, mask = prompt(batch, args.prompt_len, vocab, seed=batch)
         eager = runtimes["ours-eager"].greedy(ids, mask, args.parity_steps, keep_logits=True)
-        for name, runtime in runtimes.items():
-            if not name.startswith("ours-graph") or name == "ours-graph-stepwise":
-                continue
-            graph = runtime.greedy(ids, mask, args.parity_steps, keep_logits=True)
-            result = compare_runs(eager, graph, TOLERANCES["fp16"])
-            result.pop("per_step")
-            result["tokens_equal_fraction"] = float((eager.tokens == graph.tokens).mean())
-            result["queued_tokens_equal"] = bool((runtime.greedy(ids, mask, args.parity_steps).tokens
-                                                  == graph.tokens).all())
-            out.setdefault(name, {})[str(batch)] = result
+        graph = runtimes["ours-graph"].greedy(ids, mask, args.parity_steps, keep_logits=True)
+        result = compare_runs(eager, graph, TOLERANCES["fp16"])
+        result.pop("per_step")
+        result["tokens_equal_fraction"] = float((eager.tokens == graph.tokens).mean())
+        queued = runtimes["ours-graph"].greedy(ids, mask, args.parity_steps)  # no logits kept: steps queued
+        result["queued_tokens_equal"] = bool((queued.tokens == graph.tokens).all())
+        out.setdefault("ours-graph", {})[str(batch)] = result
     return out
 
 
 def kernels(runtimes: dict, args, vocab: int, steps: int = 9) -> dict:
-    """runtime -> the top kernels (name, us per launch, launches per step) of `steps` decode steps, batch 1."""
-    from ulsexport.testing import kernel_totals
+    """runtime -> the top kernels (name, us per launch, launches per step) of `steps` decode steps at
+    batch 1, the prefill's subtracted (testing.decode_kernel_time)."""
+    from ulsexport.testing import decode_kernel_time
 
     out = {}
-    ids, mask = prompt(1, args.prompt_len, vocab)
-    for name, runtime in runtimes.items():
-        if name.startswith("ours-graph") and name != "ours-graph-stepwise":
-            runtime.greedy(ids, mask, steps + 1)  # captures made before the profile
-            totals = kernel_totals(lambda: runtime.greedy(ids, mask, steps + 1))
-            top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:14]
-            out[name] = [(k[:90], round(us / n, 2), round(n / steps, 2)) for k, (us, n) in top]
+    if "ours-graph" in runtimes:
+        report = decode_kernel_time(runtimes["ours-graph"], 1, args.prompt_len, steps, vocab, top=14)
+        out["ours-graph"] = [(k["name"][:90], round(1000 * k["ms_per_step"] / k["per_step"], 2), round(k["per_step"], 2))
+                             for k in report["top_kernels"] if k["per_step"] > 0]
     return out
 
 

@@ -148,20 +148,25 @@ def test_queued_steps_give_the_tokens_of_the_step_by_step_loop(shared_export):
     stepwise = OnnxDecoder(onnx_dir, "cpu", fixed_width=True)
     queued = OnnxDecoder(onnx_dir, "cpu", fixed_width=True, queued_steps=3)
     assert stepwise.queued_steps == 1 and queued.queued_steps == 3
-    uploads = []
-    for seed in (2, 3):  # the second call starts the ring at the phase where the first one stopped
+    for seed in (2, 3):  # the second call reuses the first call's buffers and captures
         ids, mask = _left_padded(seed)
         expected = OnnxDecoder(onnx_dir, "cpu").greedy(ids, mask, 12)
         for decoder in (stepwise, queued):
             np.testing.assert_array_equal(decoder.greedy(ids, mask, 12).tokens, expected.tokens)
-        if seed == 2:
-            for value in (v for b in queued._step_buffers.values() for v in b.ids + b.mask):
-                update = value.update_inplace
-                value.update_inplace = lambda array, update=update: (uploads.append(array), update(array))
-    uploads.clear()
+    uploads, launches = [], []
+    for value in (v for b in queued._step_buffers.values() for v in b.ids + b.mask):
+        update = value.update_inplace
+        value.update_inplace = lambda array, update=update: (uploads.append(array), update(array))
+    run_options = queued.run_options
+    queued.run_options = lambda graph_id, wait=True: (launches.append((graph_id, wait)), run_options(graph_id, wait))[1]
     run = queued.greedy(ids, mask, 12)
-    # the prefill, then 11 steps in calls of 3, 3, 3 and 2; only the first step's ids and mask went up
+    np.testing.assert_array_equal(run.tokens, expected.tokens)
+    # the prefill, then 11 steps in calls of 3, 3, 3 and 2, each call's last step waiting; the ring's
+    # phases (graphs 1 to 4) taken in turn; only the first step's ids and mask went up
     assert len(run.step_seconds) == 5 and len(uploads) == 2
+    assert [wait for _, wait in launches[1:]] == [False, False, True] * 3 + [False, True]
+    assert [graph for graph, _ in launches[1:]] == [1, 2, 3, 4] * 2 + [1, 2, 3]
+    assert launches[0] == (-1, True)  # the prompt, uncaptured
     buffers = queued._step_buffers[(4, CAPACITY_STEP)]
     assert len(buffers.ids) == 4 and buffers.graph_ids == [1, 2, 3, 4]
     state, logits = queued.prefill(ids, mask, 8)
@@ -169,6 +174,25 @@ def test_queued_steps_give_the_tokens_of_the_step_by_step_loop(shared_export):
         queued.decode(state, queued.next_tokens(logits), 4)
     with pytest.raises(UserError, match="queued decode steps need"):
         OnnxDecoder(onnx_dir, "cpu", queued_steps=2)
+    with pytest.raises(UserError, match="at least 1"):
+        OnnxDecoder(onnx_dir, "cpu", fixed_width=True, queued_steps=0)
+
+
+def test_ids_the_caller_changes_in_place_are_uploaded(shared_export):
+    """Ids fed back as the graph chose them are not uploaded again; the same array changed in place (a
+    token forced, say) must be, by either path."""
+    _, onnx_dir = shared_export
+    ids, mask = _left_padded(4)
+    plain = OnnxDecoder(onnx_dir, "cpu")
+    for queued_steps in (1, 3):
+        decoder = OnnxDecoder(onnx_dir, "cpu", fixed_width=True, queued_steps=queued_steps)
+        runs = {}
+        for name, runtime in (("plain", plain), ("fixed", decoder)):
+            state, logits = runtime.prefill(ids, mask, 8)
+            chosen = runtime.decode(state, runtime.next_tokens(logits), queued_steps)
+            chosen[-1][:] = 5  # the caller forces token 5 on every row
+            runs[name] = np.stack(runtime.decode(state, chosen[-1], queued_steps), axis=1)
+        np.testing.assert_array_equal(runs["fixed"], runs["plain"])
 
 
 def test_fixed_width_buffers_per_batch_and_capacity(shared_export):

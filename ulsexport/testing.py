@@ -231,8 +231,8 @@ def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: 
     runtime.greedy(ids, mask, steps + 1)  # warm-up: kernel selection, allocations
     timed = None
     if folder is not None and isinstance(runtime, OnnxDecoder) and runtime.io_binding:
-        timed = OnnxDecoder(folder, runtime.device, session=TimedSession(runtime.session),
-                            cuda_graph=runtime.cuda_graph, fixed_width=runtime.fixed_width)
+        timed = OnnxDecoder(folder, runtime.device, session=TimedSession(runtime.session),  # each run waits
+                            cuda_graph=runtime.cuda_graph, fixed_width=runtime.fixed_width, queued_steps=1)
     wall = (timed or runtime).greedy(ids, mask, steps + 1).decode_seconds / steps
     run_ms = 1000 * sum(timed.session.seconds[1:]) / steps if timed else None  # the runs after the prefill
     prefill = kernel_totals(lambda: runtime.greedy(ids, mask, 1))

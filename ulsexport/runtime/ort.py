@@ -122,6 +122,8 @@ class OnnxDecoder(Runtime):
         self.device_argmax = self.fixed_width and NEXT_TOKEN in {o.name for o in session.get_outputs()}
         if queued_steps is None:
             queued_steps = QUEUED_STEPS if self.device_argmax and self.cuda_graph else 1
+        if queued_steps < 1:
+            raise UserError(f"queued_steps must be at least 1 (got {queued_steps})")
         if queued_steps > 1 and not self.device_argmax:
             raise UserError("queued decode steps need the fixed-width step that chooses its own ids")
         self.queued_steps = queued_steps
@@ -488,7 +490,7 @@ class SharedCacheStream:
             self._launch(next_ids if step == 0 else None, wait=step == steps - 1)
         chosen = [self.buffers.ids[(first + 1 + step) % phases].numpy()[:self.rows, 0].copy()
                   for step in range(steps)]
-        self.chosen = chosen[-1]
+        self.chosen = chosen[-1].copy()  # not the caller's array, which the caller may change
         return chosen
 
     def _launch(self, next_ids: np.ndarray | None, wait: bool = True) -> None:
@@ -517,7 +519,7 @@ class StepLogits(DeviceLogits):
 
     def tokens(self) -> np.ndarray:
         ids = self.chosen.numpy()[:self.stream.rows, 0].copy()  # on the CPU the value wraps the buffer
-        self.stream.chosen = ids
+        self.stream.chosen = ids.copy()  # not the caller's array, which the caller may change
         return ids
 
     def host(self) -> np.ndarray:
@@ -613,6 +615,7 @@ class MultiDepthDecoder(Runtime):
         self.onnx = self.decoders[self.default].onnx
         self.depths = list(self.decoders)
         self.kept = {g["tag"]: g["kept"] for g in manifest["graphs"]}
+        self.queued_steps = min(d.queued_steps for d in self.decoders.values())  # every depth can queue as many
 
     def decoder(self, depth: str | None = None) -> OnnxDecoder:
         depth = depth or self.default
@@ -646,7 +649,3 @@ class MultiDepthDecoder(Runtime):
 
     def decode(self, state: DepthState, next_ids, steps: int):
         return state.decoder.decode(state.inner, next_ids, steps)
-
-    @property
-    def queued_steps(self) -> int:
-        return min(d.queued_steps for d in self.decoders.values())

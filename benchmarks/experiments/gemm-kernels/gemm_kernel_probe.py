@@ -7,7 +7,9 @@ environment held from the session's making through its first captures, in case a
 lists each one's top kernels over a few decode steps at batch 1 (CUPTI), times decode ms per step in
 interleaved rounds at batch 1 and 8, and checks its greedy tokens against the default's. Then it times
 how long onnxruntime's run takes to return for a replayed step with `disable_synchronize_execution_providers`
-0 and 1, against the GPU time of the step.
+0 (the run waits for the GPU) and 1 (it returns at the launch). Its kernel lists include the prefill's
+kernels (divided by the 9 decode steps); the decode step's own are those launched a whole number of
+times per step.
 
     python benchmarks/experiments/gemm-kernels/gemm_kernel_probe.py /root/w/uls2-genai --json OUT/probe.json
 """
@@ -38,7 +40,7 @@ def prompt(batch: int, length: int, vocab: int, seed: int = 0):
 def run_return_times(decoder, vocab: int, prompt_len: int, steps: int = 20) -> dict:
     """Microseconds until run_with_iobinding returns for a replayed batch-1 step, waiting or not."""
     ids, mask = prompt(1, prompt_len, vocab)
-    state, logits = decoder.prefill(ids, mask, steps * 3)
+    state, logits = decoder.prefill(ids, mask, 4 * steps + 1)  # the steps below: 1 + 2 per timed one
     decoder.step(state, decoder.next_tokens(logits)).tokens()
     out = {}
     for wait in (True, False):

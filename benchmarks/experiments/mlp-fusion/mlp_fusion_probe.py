@@ -7,7 +7,7 @@ and the clamp, alpha and beta of its SwiGLU set to Llama's (no clamp, alpha 1, b
 MLP (gate and up columns interleaved, `swiglu_fusion=1`, the one layout its CPU kernel takes). This builds one graph per form, each with --layers MLPs of the 7B shape (own random fp16 weights,
 so that no layer is served from L2; every MLP reads the same input, their outputs summed once), captures
 it as a CUDA graph, and reports per MLP: CUPTI kernel time and kernel count of a replay, wall time of a
-replay, and the output's relative error against the separate form (fp16 tolerance 1e-2).
+replay, and the output's relative error against an fp32 numpy reference (fp16 tolerance 1e-2).
 
     python benchmarks/experiments/mlp-fusion/mlp_fusion_probe.py --json OUT/mlp-fusion.json
     python benchmarks/experiments/mlp-fusion/mlp_fusion_probe.py --device cpu --hidden 64 --inter 96 --json /tmp/m.json
