@@ -49,14 +49,16 @@ def weights_for(form: str, name: str, gate, up, down, moe_layout: str):
     """The array of weight `name` (gate, up: [hidden, inter]; down: [inter, hidden]) in `form`'s layout."""
     if name.startswith("gate_up"):
         # [hidden, 2 inter]: MatMul's gate then up; the MoE's interleaved (gate, up) column pairs
-        packed = np.stack([gate, up], axis=2).reshape(len(gate), -1) if form == "moe" else np.concatenate(
+        array = np.stack([gate, up], axis=2).reshape(len(gate), -1) if form == "moe" else np.concatenate(
             [gate, up], axis=1)
-        return packed[None].transpose(0, 2, 1).copy() if form == "moe" and moe_layout == "nk" else (
-            packed[None] if form == "moe" else packed)
-    if name.startswith("down"):
-        return down[None].transpose(0, 2, 1).copy() if form == "moe" and moe_layout == "nk" else (
-            down[None] if form == "moe" else down)
-    return gate if name.startswith("gate") else up
+    elif name.startswith("down"):
+        array = down
+    else:
+        return gate if name.startswith("gate") else up
+    if form != "moe":
+        return array
+    # the MoE's experts axis first; "nk" stores each expert's weight transposed ([out, in])
+    return np.ascontiguousarray(array.T[None]) if moe_layout == "nk" else array[None]
 
 
 WEIGHTS: dict = {}
