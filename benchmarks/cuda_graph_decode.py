@@ -8,10 +8,12 @@ Graphs: onnxruntime-genai's builder at every depth, and our torch builder's shar
   greedy ids chosen in the graph (only they come back), steps queued `QUEUED_STEPS` at a time;
 - ours-graph-stepwise: the same decoder, each step's ids read before the next step is launched;
 - ours-eager: the same loop uncaptured;
+- ours-kernels (--decode-kernels): ours-graph with the MatMuls by weights on ulsexport's DecodeMatMul kernel
+  (`ulsexport/runtime/kernels`), the session's own copy of the graph;
 - genai-graph: onnxruntime-genai's loop with its `enable_cuda_graph` (batch 1: it refuses capture above);
 - genai-eager: onnxruntime-genai's loop uncaptured.
 
-Parity: ours-graph against ours-eager, greedy tokens over --parity-steps and fp16 logits (step by step,
+Parity: ours-graph and ours-kernels against ours-eager, greedy tokens over --parity-steps and fp16 logits (step by step,
 logits kept), and the queued run's tokens. Kernels: CUPTI totals of a few steps of ours-graph at batch 1.
 Speed: decode ms
 per step (the prompt excluded), each round running every runtime once per (graph, batch); ratios are taken
@@ -54,16 +56,28 @@ def build_artifacts(args) -> dict[str, Path]:
     return artifacts
 
 
-def runtimes_for(folder: Path, builder: str, device: str) -> dict:
+GRAPH_RUNTIMES = ("ours-graph", "ours-kernels")  # each checked against ours-eager
+
+
+def runtimes_for(folder: Path, builder: str, device: str, decode_kernels: bool = False, load_seconds=None) -> dict:
     import copy
 
     from ulsexport.runtime.ort import OnnxDecoder
 
-    out = {"ours-eager": OnnxDecoder(folder, device, cuda_graph=False)}
+    def timed(name, **options):
+        start = time.perf_counter()
+        out[name] = OnnxDecoder(folder, device, **options)
+        if load_seconds is not None:
+            load_seconds[name] = time.perf_counter() - start
+
+    out = {}
+    timed("ours-eager", cuda_graph=False)
     if device == "cuda":
-        out["ours-graph"] = OnnxDecoder(folder, device, cuda_graph=True)
+        timed("ours-graph", cuda_graph=True)
         out["ours-graph-stepwise"] = copy.copy(out["ours-graph"])  # the same session and buffers
         out["ours-graph-stepwise"].queued_steps = 1
+        if decode_kernels:
+            timed("ours-kernels", cuda_graph=True, decode_kernels=True)
     try:
         from ulsexport.runtime.genai import GenaiRuntime
 
@@ -84,19 +98,20 @@ def parity(runtimes: dict, batches, args, vocab: int) -> dict:
     from ulsexport.precision import TOLERANCES
     from ulsexport.validate.parity import compare_runs
 
-    if "ours-graph" not in runtimes:
-        return {}
     out = {}
+    if not any(name in runtimes for name in GRAPH_RUNTIMES):
+        return out
     for batch in batches:
         ids, mask = prompt(batch, args.prompt_len, vocab, seed=batch)
         eager = runtimes["ours-eager"].greedy(ids, mask, args.parity_steps, keep_logits=True)
-        graph = runtimes["ours-graph"].greedy(ids, mask, args.parity_steps, keep_logits=True)
-        result = compare_runs(eager, graph, TOLERANCES["fp16"])
-        result.pop("per_step")
-        result["tokens_equal_fraction"] = float((eager.tokens == graph.tokens).mean())
-        queued = runtimes["ours-graph"].greedy(ids, mask, args.parity_steps)  # no logits kept: steps queued
-        result["queued_tokens_equal"] = bool((queued.tokens == graph.tokens).all())
-        out.setdefault("ours-graph", {})[str(batch)] = result
+        for name in (n for n in GRAPH_RUNTIMES if n in runtimes):
+            graph = runtimes[name].greedy(ids, mask, args.parity_steps, keep_logits=True)
+            result = compare_runs(eager, graph, TOLERANCES["fp16"])
+            result.pop("per_step")
+            result["tokens_equal_fraction"] = float((eager.tokens == graph.tokens).mean())
+            queued = runtimes[name].greedy(ids, mask, args.parity_steps)  # no logits kept: steps queued
+            result["queued_tokens_equal"] = bool((queued.tokens == graph.tokens).all())
+            out.setdefault(name, {})[str(batch)] = result
     return out
 
 
@@ -106,10 +121,10 @@ def kernels(runtimes: dict, args, vocab: int, steps: int = 9) -> dict:
     from ulsexport.testing import decode_kernel_time
 
     out = {}
-    if "ours-graph" in runtimes:
-        report = decode_kernel_time(runtimes["ours-graph"], 1, args.prompt_len, steps, vocab, top=14)
-        out["ours-graph"] = [(k["name"][:90], round(1000 * k["ms_per_step"] / k["per_step"], 2), round(k["per_step"], 2))
-                             for k in report["top_kernels"] if k["per_step"] > 0]
+    for name in (n for n in GRAPH_RUNTIMES if n in runtimes):
+        report = decode_kernel_time(runtimes[name], 1, args.prompt_len, steps, vocab, top=14)
+        out[name] = [(k["name"][:90], round(1000 * k["ms_per_step"] / k["per_step"], 2), round(k["per_step"], 2))
+                     for k in report["top_kernels"] if k["per_step"] > 0]
     return out
 
 
@@ -154,6 +169,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--parity-steps", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--decode-kernels", action="store_true", help="add ours-kernels (needs nvcc, or "
+                    "ULSEXPORT_KERNELS_LIBRARY)")
     args = ap.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -169,9 +186,11 @@ def main():
         group = {name: folder for name, folder in artifacts.items() if name.rsplit("-", 1)[0] == depth}
         runtimes = {}
         for name, folder in group.items():
-            runtimes[name] = runtimes_for(folder, name.rsplit("-", 1)[1], args.device)
+            load_seconds = {}
+            runtimes[name] = runtimes_for(folder, name.rsplit("-", 1)[1], args.device, args.decode_kernels,
+                                          load_seconds)
             graph = report["graphs"][name] = {
-                "weight_bytes": weight_bytes(folder),
+                "weight_bytes": weight_bytes(folder), "load_seconds": load_seconds,
                 "cuda_graph_off": getattr(runtimes[name].get("ours-graph"), "cuda_graph_off", None),
                 "genai_error": runtimes[name].pop("genai-error", None)}
             graph["parity"] = parity(runtimes[name], [b for b in batches if b <= 8], args, vocab)
@@ -193,7 +212,8 @@ def main():
 def summarize(times: dict, report: dict, batches, args) -> dict:
     """Medians, per-round ratios against genai's best setting, depth speedups and the floor."""
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"median_ms": med, "vs_genai_best": {}, "speedup_over_full": {}, "floor": {}, "vs_stepwise": {}}
+    out = {"median_ms": med, "vs_genai_best": {}, "speedup_over_full": {}, "floor": {}, "vs_stepwise": {},
+           "kernels_vs_graph": {}}
     for key in times:
         name, runtime, batch = key.split("|")
         if not runtime.startswith("ours"):
@@ -201,6 +221,9 @@ def summarize(times: dict, report: dict, batches, args) -> dict:
         stepwise = f"{name}|ours-graph-stepwise|{batch}"
         if runtime.startswith("ours-graph") and key != stepwise and stepwise in times:
             out["vs_stepwise"][key] = statistics.median(s / d for d, s in zip(times[key], times[stepwise]))
+        graph_key = f"{name}|ours-graph|{batch}"
+        if runtime == "ours-kernels" and graph_key in times:
+            out["kernels_vs_graph"][key] = statistics.median(g / k for k, g in zip(times[key], times[graph_key]))
         genai_graph = name.replace("-torch", "-genai")
         best = f"{genai_graph}|genai-graph|{batch}" if int(batch) == 1 else f"{genai_graph}|genai-eager|{batch}"
         if best in times:
@@ -245,11 +268,18 @@ def markdown(report: dict, batches) -> str:
               "per-round ratio)", "", "| graph, runtime, batch | ratio |", "|---|---|"]
     for key, v in sorted(summary["vs_stepwise"].items()):
         lines.append(f"| {key} | {v:.3f} |")
+    lines += ["", "## ours-kernels against ours-graph (ours-graph ms over ours-kernels ms, median per-round ratio)", "",
+              "| graph, runtime, batch | ratio |", "|---|---|"]
+    for key, v in sorted(summary["kernels_vs_graph"].items()):
+        lines.append(f"| {key} | {v:.3f} |")
+    lines += ["", "Session load seconds: " + "; ".join(
+        f"{name} " + ", ".join(f"{r} {s:.1f}" for r, s in g.get("load_seconds", {}).items())
+        for name, g in report["graphs"].items())]
     lines += ["", "## Weight-bytes floor, batch 1", "", "| graph, runtime | floor ms | measured ms | fraction |",
               "|---|---|---|---|"]
     for key, f in sorted(summary["floor"].items()):
         lines.append(f"| {key} | {f['floor_ms']:.3f} | {summary['median_ms'][key]:.3f} | {f['fraction_of_floor']:.2%} |")
-    lines += ["", "## Parity: ours-graph against ours-eager (fp16 tolerance 1e-2)", "",
+    lines += ["", "## Parity: ours-graph and ours-kernels against ours-eager (fp16 tolerance 1e-2)", "",
               "| graph | runtime | batch | tokens equal | first divergence | max relative logit error | "
               "queued run's tokens equal |", "|---|---|---|---|---|---|---|"]
     for name, graph in report["graphs"].items():

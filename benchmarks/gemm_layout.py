@@ -34,6 +34,42 @@ PRODUCTS = {  # layout name -> (weights stored as [K, N]?, the product of x [row
 }
 
 
+def decode_product(library_path: Path):
+    """x @ W^T over an [N, K] weight through the kernel library's own entry point (rows <= 8)."""
+    import ctypes
+
+    import torch
+
+    lib = ctypes.CDLL(str(library_path))
+    lib.ulsexport_decode_matmul.restype = ctypes.c_int
+    lib.ulsexport_decode_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+
+    def product(x, w, poison: bool = False):
+        y = torch.empty(x.shape[0], w.shape[0], device="cuda", dtype=torch.float16)
+        if poison:
+            y.fill_(float("nan"))
+        code = lib.ulsexport_decode_matmul(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], w.shape[0],
+                                           w.shape[1], torch.cuda.current_stream().cuda_stream)
+        if code != 0:
+            raise RuntimeError(f"ulsexport_decode_matmul returned {code}")
+        return y
+
+    return product
+
+
+def relative_error(product, x, w, kn: bool, **options) -> float:
+    """||product(x, w) - x @ W|| / ||x @ W||, the reference in float64; NaN where an element is not finite."""
+    import torch
+
+    reference = x.double() @ (w.double() if kn else w.double().t())
+    out = product(x, w, **options)
+    out = out.t() if out.shape != reference.shape else out  # the swapped product's y^T
+    torch.cuda.synchronize()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out.double() - reference).norm() / reference.norm())
+
+
 def time_calls(weights, x, product, replays: int = 20) -> float:
     """Microseconds per call of product(x, W) over `weights` in turn, replayed from one CUDA graph."""
     import torch
@@ -64,9 +100,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--json", type=Path, required=True, help="results (a .md beside it)")
+    parser.add_argument("--kernels", action="store_true", help="time ulsexport's DecodeMatMul kernel too")
     args = parser.parse_args()
 
     import torch
+
+    products = dict(PRODUCTS)
+    if args.kernels:
+        from ulsexport.runtime.kernels import library
+
+        products["decode"] = (False, decode_product(library(arch="90")))
 
     bandwidth = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -80,7 +123,12 @@ def main() -> None:
         for rows in args.rows:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             row = {"gemm": name, "k": k, "n": n, "rows": rows, "floor_us": 1e6 * nbytes / bandwidth}
-            for layout, (kn, product) in PRODUCTS.items():
+            for layout, (kn, product) in products.items():
+                if layout == "decode" and rows > 8:
+                    continue
+                if args.kernels:
+                    poison = {"poison": True} if layout == "decode" else {}  # every element must be written
+                    row[f"{layout}_error"] = relative_error(product, torch.randn_like(x), stored[kn][0], kn, **poison)
                 us = time_calls(stored[kn], x, product)
                 row[f"{layout}_us"], row[f"{layout}_fraction"] = us, row["floor_us"] / us
             results["rows"].append(row)
@@ -92,11 +140,15 @@ def main() -> None:
              "kn: x @ W, weights [K, N] (onnxruntime MatMul's); nk: x @ W^T, weights [N, K] (transB, a torch "
              "Linear's); swapped: W @ x^T over [N, K]. Microseconds per call from CUDA-graph replay; "
              "floor = weight bytes / copy bandwidth.", "",
-             "| gemm | K x N | rows | floor us | " + " | ".join(f"{p} us (of floor)" for p in PRODUCTS) + " |",
-             "|---|---|---|---|" + "---|" * len(PRODUCTS)]
+             "| gemm | K x N | rows | floor us | " + " | ".join(f"{p} us (of floor)" for p in products) + " |",
+             "|---|---|---|---|" + "---|" * len(products)]
     for r in results["rows"]:
         lines.append(f"| {r['gemm']} | {r['k']} x {r['n']} | {r['rows']} | {r['floor_us']:.1f} | " + " | ".join(
-            f"{r[f'{p}_us']:.1f} ({r[f'{p}_fraction']:.0%})" for p in PRODUCTS) + " |")
+            f"{r[f'{p}_us']:.1f} ({r[f'{p}_fraction']:.0%})" if f"{p}_us" in r else "-" for p in products) + " |")
+    if args.kernels:
+        lines += ["", "Relative error against float64 (fp16 operands): " + "; ".join(
+            f"{r['gemm']} x{r['rows']} " + ", ".join(f"{p} {r[f'{p}_error']:.1e}" for p in products if f"{p}_error" in r)
+            for r in results["rows"])]
     write_results(args.json, results, "\n".join(lines) + "\n")
 
 

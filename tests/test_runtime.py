@@ -124,10 +124,10 @@ def test_a_step_run_again_as_capture_runs_it_gives_the_same_tokens(shared_export
     import onnxruntime as ort
 
     from ulsexport.artifact import read_manifest
-    from ulsexport.runtime.ort import graph_with_next_inputs, session_options
+    from ulsexport.runtime.ort import session_graph, session_options
 
     _, onnx_dir = shared_export
-    model = graph_with_next_inputs(str(onnx_dir / read_manifest(onnx_dir)["onnx"]["file"]))
+    model = session_graph(str(onnx_dir / read_manifest(onnx_dir)["onnx"]["file"]), next_inputs=True)
     session = ort.InferenceSession(model, session_options(model, onnx_dir), providers=["CPUExecutionProvider"])
     rerun = OnnxDecoder(onnx_dir, "cpu", fixed_width=True, session=RerunSession(session))
     assert rerun.device_argmax

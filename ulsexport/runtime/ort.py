@@ -21,7 +21,7 @@ two and capacities to CAPACITY_STEP, so that few graphs serve all calls; the ext
 each) are run and dropped. A graph with a node that is not on the CUDA provider cannot be captured:
 the decoder then runs uncaptured and says which nodes (`cuda_graph_off`).
 
-The fixed-width session runs the graph with two outputs added (`graph_with_next_inputs`, in memory;
+The fixed-width session runs the graph with two outputs added (`add_next_inputs`, in memory;
 the export's files are not touched): the argmax of the logits and the next step's attention mask,
 written into the buffers the next step reads. So a step's greedy ids are chosen where the logits are,
 only they come back to the host (a step returns a `StepLogits`; its logits are copied only when asked
@@ -48,6 +48,7 @@ import numpy as np
 
 from ..artifact import read_manifest
 from ..errors import UserError, first_line
+from . import kernels
 from .base import DeviceLogits, Runtime, position_ids_from_mask
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -78,7 +79,7 @@ class OnnxDecoder(Runtime):
 
     def __init__(self, folder: str | Path, provider: str = "cpu", io_binding: bool | None = None, session=None,
                  cuda_graph: bool | None = None, fixed_width: bool | None = None, graph: str | None = None,
-                 device_argmax: bool = True, queued_steps: int | None = None):
+                 device_argmax: bool = True, queued_steps: int | None = None, decode_kernels: bool = False):
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -87,6 +88,8 @@ class OnnxDecoder(Runtime):
             raise UserError(f"{folder} has no ONNX export manifest (ulsexport.json of kind 'onnx')")
         if provider not in PROVIDERS:
             raise UserError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
+        if decode_kernels and provider != "cuda":
+            raise UserError("ulsexport's decode kernels run on CUDA only (--device cuda)")
         if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError("CUDAExecutionProvider is not available (install onnxruntime-gpu)")
         self.onnx = graph_section(manifest, graph)
@@ -99,19 +102,22 @@ class OnnxDecoder(Runtime):
         self.cuda_graph_off = None  # why capture was asked for and is not used
         self.device_argmax_off = None  # why the graph does not choose the ids where it could
         self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
+        self.decode_kernels = decode_kernels
+        self.library = kernels.library() if decode_kernels else None
         path = str(folder / self.onnx["file"])
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
-            model = path
-            if self.fixed_width and device_argmax:
-                try:
-                    model = graph_with_next_inputs(path)
-                except ImportError:  # a lean environment (a Triton stub's, say) without the onnx package
-                    self.device_argmax_off = "the onnx package is not installed: the host takes the argmax"
+            try:
+                model = session_graph(path, self.fixed_width and device_argmax, decode_kernels)
+            except ImportError:  # a lean environment (a Triton stub's, say) without the onnx package
+                if decode_kernels:
+                    raise UserError("ulsexport's decode kernels need the onnx package (pip install onnx)") from None
+                self.device_argmax_off = "the onnx package is not installed: the host takes the argmax"
+                model = path
             session = self._captured_session(make, model, folder) if self.cuda_graph else None
             if session is None and self.fixed_width and fixed_width is None:  # capture refused: the plain loop
-                self.fixed_width, model = False, path
-            session = session or make(model, session_options(model, folder), providers=PROVIDERS[provider])
+                self.fixed_width, model = False, session_graph(path, False, decode_kernels)
+            session = session or make(model, self.session_options(model, folder), providers=PROVIDERS[provider])
         if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             # onnxruntime falls back to the CPU, with a warning only, when the CUDA libraries fail to load
             raise UserError(f"onnxruntime could not start its CUDA provider for {path} (it runs on "
@@ -168,13 +174,16 @@ class OnnxDecoder(Runtime):
         """A session that can capture CUDA graphs, or None (and `cuda_graph_off` says why)."""
         providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
         try:
-            return make(model, session_options(model, folder), providers=providers)
+            return make(model, self.session_options(model, folder), providers=providers)
         except Exception as exc:  # onnxruntime refuses capture when a node is not on the CUDA provider
-            off_cuda = nodes_off_cuda(model, folder)
+            off_cuda = nodes_off_cuda(model, folder, self.library)
             self.cuda_graph_off = (f"not on the CUDA provider: {', '.join(off_cuda)}" if off_cuda
                                    else first_line(exc))
             self.cuda_graph = False
             return None
+
+    def session_options(self, model: str | bytes, folder: Path):
+        return session_options(model, folder, library=self.library)
 
     def run_options(self, graph_id: int, wait: bool = True):
         """Run options naming the CUDA graph of a step (-1: run uncaptured), or None without capture;
@@ -273,20 +282,32 @@ NEXT_TOKEN = "ulsexport_next_token"  # outputs the fixed-width session adds: eac
 NEXT_MASK = "ulsexport_next_mask"    # and the attention mask of the next step
 
 
-def graph_with_next_inputs(path: str) -> bytes:
-    """The graph at `path` (weights left in their files) with two more outputs, so that a decode step makes
-    the next one's inputs where it runs and only the chosen ids come back to the host:
+def session_graph(path: str, next_inputs: bool, decode_kernels: bool = False) -> str | bytes:
+    """What a session loads: the graph at `path` as it is, or (weights left in their files, the files
+    untouched) with the next step's inputs made in the graph (`add_next_inputs`) and its MatMuls by fp16
+    weights on ulsexport's decode kernels (`kernels.use_decode_matmul`)."""
+    if not (next_inputs or decode_kernels):
+        return path
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    if next_inputs:
+        add_next_inputs(model.graph)
+    if decode_kernels:
+        kernels.use_decode_matmul(model)
+    return model.SerializeToString()
+
+
+def add_next_inputs(graph) -> None:
+    """Two more outputs of `graph`, so that a decode step makes the next one's inputs where it runs and only
+    the chosen ids come back to the host:
 
     - NEXT_TOKEN, the argmax of the logits over the vocabulary (ArgMax keeps the first of equal maxima, as
       numpy does);
     - NEXT_MASK, the attention mask one column longer per row: rows are right-padded (each row's ones
       first, at least one), so that is the mask shifted right by one behind its own first column, its
       width kept (Slice and Concat: copies of any type on every provider)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(path, load_external_data=False)
-    graph = model.graph
 
     def name(part: str) -> str:
         return f"{NEXT_MASK}.{part}"
@@ -302,26 +323,28 @@ def graph_with_next_inputs(path: str) -> bytes:
                          name=NEXT_MASK)])
     graph.output.extend([helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, None),
                          helper.make_tensor_value_info(NEXT_MASK, TensorProto.INT64, None)])
-    return model.SerializeToString()
 
 
-def session_options(model: str | bytes, folder: Path, severity: int = 3):
-    """Options of a session over `model`, a path or a graph in memory whose external weights are in `folder`."""
+def session_options(model: str | bytes, folder: Path, severity: int = 3, library: Path | None = None):
+    """Options of a session over `model`, a path or a graph in memory whose external weights are in `folder`;
+    `library`, a custom-op library to register (ulsexport's kernels)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = severity  # 3, errors only: the exporter's shape annotations draw warnings
     if isinstance(model, bytes):
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    if library is not None:
+        options.register_custom_ops_library(str(library))
     return options
 
 
-def nodes_off_cuda(model: str | bytes, folder: Path) -> list[str]:
+def nodes_off_cuda(model: str | bytes, folder: Path, library: Path | None = None) -> list[str]:
     """'OpType (node name)' of each node onnxruntime places on another provider than CUDA, read from
     its verbose placement log (written to the process's stderr, so fd 2 is redirected meanwhile)."""
     import onnxruntime as ort
 
-    options = session_options(model, folder, severity=0)  # the placements are logged at VERBOSE
+    options = session_options(model, folder, severity=0, library=library)  # the placements are logged at VERBOSE
     with tempfile.TemporaryFile(mode="w+") as log:
         saved = os.dup(2)
         try:

@@ -1,0 +1,157 @@
+"""ulsexport's CUDA kernels for onnxruntime (`ulsexport.runtime.kernels`): the graph rewrite and the build
+on the CPU; the kernel itself on a GPU (skipped without one, or without nvcc and onnxruntime's headers)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from ulsexport.errors import UserError  # noqa: E402
+from ulsexport.runtime import kernels  # noqa: E402
+
+
+def matmul_graph(k: int, n: int, extra: bool = False):
+    """x [rows, K] fp16 @ W [K, N] fp16 -> y; with `extra`, also W used again, an fp32 weight and a product of
+    two activations, which stay MatMuls."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")]
+    inits = [numpy_helper.from_array(weight, "w")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["rows", n])]
+    if extra:
+        nodes += [helper.make_node("MatMul", ["x", "w"], ["y2"], name="again"),
+                  helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT),
+                  helper.make_node("MatMul", ["x32", "w32"], ["y3"], name="fp32"),
+                  helper.make_node("Transpose", ["y"], ["yt"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["y", "yt"], ["y4"], name="activations")]
+        inits.append(numpy_helper.from_array(weight.astype(np.float32), "w32"))
+        outputs += [helper.make_tensor_value_info(name, elem, shape) for name, elem, shape in
+                    (("y2", TensorProto.FLOAT16, ["rows", n]), ("y3", TensorProto.FLOAT, ["rows", n]),
+                     ("y4", TensorProto.FLOAT16, ["rows", "rows"]))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["rows", k])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model, weight
+
+
+def test_matmuls_by_fp16_weights_become_decode_matmul_over_the_transposed_weight():
+    model, _ = matmul_graph(64, 32, extra=True)
+    assert kernels.use_decode_matmul(model) == 2  # "proj" and "again"; not the fp32 weight nor the activations
+    by_name = {n.name: n for n in model.graph.node}
+    for name in ("proj", "again"):
+        assert (by_name[name].op_type, by_name[name].domain) == ("DecodeMatMul", "com.ulsexport")
+        assert list(by_name[name].input) == ["x", "w" + kernels.TRANSPOSED]
+    assert by_name["fp32"].op_type == by_name["activations"].op_type == "MatMul"
+    transposes = [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] == "w"]
+    assert len(transposes) == 1  # one transposed copy for both uses
+    assert [a.ints for a in transposes[0].attribute if a.name == "perm"] == [[1, 0]]
+    order = [n.name for n in model.graph.node]
+    assert order.index(transposes[0].name) < order.index("proj")  # topologically sorted still
+    assert ("com.ulsexport", 1) in {(o.domain, o.version) for o in model.opset_import}
+    onnx.checker.check_model(model)
+
+
+def test_onnxruntime_folds_the_transpose_into_an_initializer(tmp_path):
+    """What the rewrite relies on: the weight's Transpose is folded when the session is made, so no step
+    transposes anything. Checked on the CPU provider with Einsum "mk,nk->mn" in DecodeMatMul's place: the
+    standard op for its x @ Wt^T, and like it one that onnxruntime cannot move a transpose into (a Gemm
+    would absorb it as transB and keep the weight as it was)."""
+    model, weight = matmul_graph(64, 32)
+    kernels.use_decode_matmul(model)
+    proj = next(n for n in model.graph.node if n.name == "proj")
+    proj.op_type, proj.domain = "Einsum", ""
+    proj.attribute.append(helper.make_attribute("equation", "mk,nk->mn"))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert "Transpose" not in [n.op_type for n in optimized.graph.node]
+    assert [list(t.dims) for t in optimized.graph.initializer] == [[32, 64]]  # the weight, transposed
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float16)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0].astype(np.float32),
+                               x.astype(np.float32) @ weight.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_build_says_what_is_missing(monkeypatch, tmp_path):
+    found = {"nvcc": None, "onnxruntime_cxx_api.h": None, "cublas_v2.h": tmp_path}
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kernels, "_first_with", lambda candidates, name: found[name])
+    with pytest.raises(UserError, match="needs nvcc"):
+        kernels.build_command(tmp_path / "lib.so")
+    found["nvcc"] = tmp_path
+    with pytest.raises(UserError, match="onnxruntime's C/C\\+\\+ headers"):
+        kernels.build_command(tmp_path / "lib.so")
+
+
+def test_a_named_library_must_exist(monkeypatch, tmp_path):
+    monkeypatch.setenv(kernels.LIBRARY_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(UserError, match="no such file"):
+        kernels.library()
+    (tmp_path / "lib.so").write_bytes(b"")
+    monkeypatch.setenv(kernels.LIBRARY_ENV, str(tmp_path / "lib.so"))
+    assert kernels.library() == tmp_path / "lib.so"
+
+
+def test_the_decoder_refuses_decode_kernels_off_cuda(tmp_path):
+    import json
+
+    from ulsexport.runtime.ort import OnnxDecoder
+
+    (tmp_path / "ulsexport.json").write_text(json.dumps({"kind": "onnx", "onnx": {"file": "model.onnx"}}))
+    with pytest.raises(UserError, match="run on CUDA only"):
+        OnnxDecoder(tmp_path, "cpu", decode_kernels=True)
+
+
+def _cuda_library():
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA device")
+    try:
+        return kernels.library()
+    except UserError as exc:
+        pytest.skip(f"the kernels cannot be built here: {exc}")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # 1-8: the decode kernel; above: cuBLAS in the same op
+def test_decode_matmul_on_cuda_matches_float64(rows):
+    library = _cuda_library()
+    k, n = 4096, 1536
+    model, weight = matmul_graph(k, n)
+    kernels.use_decode_matmul(model)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    assert session.get_providers()[0] == "CUDAExecutionProvider"
+    x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float16)
+    reference = x.astype(np.float64) @ weight.astype(np.float64)
+    y = session.run(None, {"x": x})[0]
+    assert y.shape == (rows, n) and np.isfinite(y).all()
+    assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-3  # fp16 output rounding: ~3e-4
+
+
+def test_decode_matmul_is_captured_and_replayed():
+    library = _cuda_library()
+    k, n = 1024, 512
+    model, weight = matmul_graph(k, n)
+    kernels.use_decode_matmul(model)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
+    rng = np.random.default_rng(2)
+    x = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, k), np.float16), "cuda", 0)
+    y = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, n), np.float16), "cuda", 0)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x", x)
+    binding.bind_ortvalue_output("y", y)
+    for _ in range(4):  # capture, then replays over new inputs in the same buffer
+        values = rng.standard_normal((2, k)).astype(np.float16)
+        x.update_inplace(values)
+        session.run_with_iobinding(binding)
+        reference = values.astype(np.float64) @ weight.astype(np.float64)
+        assert np.linalg.norm(y.numpy() - reference) / np.linalg.norm(reference) < 1e-3

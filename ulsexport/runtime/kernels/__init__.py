@@ -1,0 +1,131 @@
+"""ulsexport's own CUDA kernels for onnxruntime: a custom-op library, built here with nvcc, and the graph
+rewrite that uses it.
+
+`DecodeMatMul` (domain com.ulsexport, `decode_matmul.cu`) is a MatMul by an fp16 weight held transposed
+([N, K]). A decode step's few rows (at most 8) run one kernel that streams each weight row once on the
+tensor cores; cuBLAS's kernels for such shapes cost each product its weight bytes plus 4-6 us, measured
+on the H200. More rows (a prompt) go to cuBLAS.
+
+`use_decode_matmul` rewrites a graph in memory: each MatMul by a 2-D fp16 initializer becomes
+DecodeMatMul over `Transpose(weight)`, which onnxruntime folds into a transposed initializer when the
+session is made (constant folding, on the host), so the export's files and its weights' layout stay as
+they are and no second copy is kept.
+
+The library is built on first use into a cache folder, keyed by the source and the nvcc command, and
+found there after; `ULSEXPORT_KERNELS_LIBRARY` names a library built elsewhere. Building needs nvcc
+(CUDA 12 or newer), cuBLAS's headers and onnxruntime's C/C++ headers, 1.16 or newer (onnxruntime's
+release archives' include/ folder, or Debian's and Ubuntu's libonnxruntime-dev: ORT_INCLUDE_DIR names
+the folder holding onnxruntime_cxx_api.h).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ...errors import UserError, first_line
+
+SOURCE = Path(__file__).with_name("decode_matmul.cu")
+LIBRARY_NAME = "libulsexport_kernels.so"
+LIBRARY_ENV = "ULSEXPORT_KERNELS_LIBRARY"
+DOMAIN = "com.ulsexport"
+DECODE_MATMUL = "DecodeMatMul"
+TRANSPOSED = ".ulsexport_nk"  # suffix of a weight's transposed copy
+K_MULTIPLE, N_MULTIPLE = 32, 16  # shapes the decode kernel takes (others run cuBLAS in the same op)
+FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ulsexport" / "kernels"
+
+
+def _first_with(candidates, name: str) -> Path | None:
+    return next((Path(c) for c in candidates if c and (Path(c) / name).exists()), None)
+
+
+def _nvidia_package_dirs(sub: str) -> list[Path]:
+    """`sub` folders of the nvidia-* pip packages (cuBLAS's headers and library ship there)."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return [Path(p) / part / sub for p in nvidia.__path__ for part in ("cu13", "cu12", "cublas")]
+
+
+def build_command(output: Path, arch: str | None = None) -> list[str]:
+    """The nvcc command that builds the library into `output`, or a UserError saying what is missing."""
+    nvcc = shutil.which("nvcc") or _first_with([os.environ.get("CUDA_HOME", "") + "/bin", "/usr/local/cuda/bin"], "nvcc")
+    if nvcc is None:
+        raise UserError("building ulsexport's CUDA kernels needs nvcc (the CUDA toolkit) on PATH or in CUDA_HOME")
+    nvcc = Path(nvcc) / "nvcc" if Path(nvcc).is_dir() else Path(nvcc)
+    cuda_home = Path(os.environ.get("CUDA_HOME") or Path(nvcc).resolve().parent.parent)
+    ort_include = _first_with([os.environ.get("ORT_INCLUDE_DIR"), "/usr/include/onnxruntime",
+                               "/usr/local/include/onnxruntime"], "onnxruntime_cxx_api.h")
+    if ort_include is None:
+        raise UserError("building ulsexport's CUDA kernels needs onnxruntime's C/C++ headers: set ORT_INCLUDE_DIR "
+                        "to the folder holding onnxruntime_cxx_api.h (onnxruntime's release archive's include/, or "
+                        "/usr/include/onnxruntime from the libonnxruntime-dev package)")
+    cublas_include = _first_with([cuda_home / "include", *_nvidia_package_dirs("include")], "cublas_v2.h")
+    cublas_lib = next((d for d in [cuda_home / "lib64", cuda_home / "lib", *_nvidia_package_dirs("lib")]
+                       if d.is_dir() and any(d.glob("libcublas.so*"))), None)
+    if cublas_include is None or cublas_lib is None:
+        raise UserError("building ulsexport's CUDA kernels needs cuBLAS's headers and library (CUDA_HOME, or the "
+                        "nvidia-cublas pip package)")
+    cublas = sorted(cublas_lib.glob("libcublas.so*"), key=lambda p: len(p.name))[0].name
+    gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}" if arch else "-arch=native"
+    return [str(nvcc), "-O3", "-std=c++17", gencode, "-shared", "-Xcompiler", "-fPIC", "-cudart", "shared",
+            f"-I{ort_include}", f"-I{cublas_include}", f"-L{cublas_lib}", f"-l:{cublas}",
+            "-Xlinker", f"-rpath={cublas_lib}", "-o", str(output), str(SOURCE)]
+
+
+def library(arch: str | None = None) -> Path:
+    """The custom-op library: `ULSEXPORT_KERNELS_LIBRARY`, or this source's build in the cache (built now
+    if missing; written whole or not at all)."""
+    if os.environ.get(LIBRARY_ENV):
+        path = Path(os.environ[LIBRARY_ENV])
+        if not path.is_file():
+            raise UserError(f"{LIBRARY_ENV}={path}: no such file")
+        return path
+    probe = build_command(Path("OUT"), arch)
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(probe).encode()).hexdigest()[:16]
+    path = cache_folder() / key / LIBRARY_NAME
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        partial = Path(tmp) / LIBRARY_NAME
+        done = subprocess.run(build_command(partial, arch), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise UserError(f"nvcc could not build {SOURCE.name}: {first_line(Exception(done.stderr or done.stdout))}")
+        partial.replace(path)
+    return path
+
+
+def use_decode_matmul(model) -> int:
+    """Rewrite `model` (an onnx ModelProto, external weights not loaded) in place: each MatMul by a 2-D
+    fp16 initializer becomes DecodeMatMul(x, Transpose(weight)). How many were rewritten."""
+    from onnx import helper
+
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") else None
+        if weight is not None and weight.data_type == FLOAT16 and len(weight.dims) == 2:
+            transposed = weight.name + TRANSPOSED
+            if transposed not in weights:
+                nodes.append(helper.make_node("Transpose", [weight.name], [transposed], name=transposed, perm=[1, 0]))
+                weights[transposed] = weight
+            node.op_type, node.domain = DECODE_MATMUL, DOMAIN
+            node.input[1] = transposed
+            rewritten += 1
+        nodes.append(node)
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        if DOMAIN not in {o.domain for o in model.opset_import}:
+            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return rewritten
