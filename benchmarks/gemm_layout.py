@@ -34,34 +34,49 @@ PRODUCTS = {  # layout name -> (weights stored as [K, N]?, the product of x [row
 }
 
 
-def decode_product(library_path: Path):
-    """x @ W^T over an [N, K] weight through the kernel library's own entry point (rows <= 8)."""
+DECODE_ROWS = 2  # ulsexport's GEMV takes at most this many rows (more go to cuBLAS in the op)
+
+
+def decode_product(library_path: Path, gated: bool = False):
+    """x @ W^T over an [N, K] weight through the kernel library's GEMV entry point; `gated`: the weight is
+    gate and up stacked ([2F, K]) and the product silu(x @ gate^T) * (x @ up^T), [rows, F]."""
     import ctypes
 
     import torch
 
     lib = ctypes.CDLL(str(library_path))
-    lib.ulsexport_decode_matmul.restype = ctypes.c_int
-    lib.ulsexport_decode_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+    lib.ulsexport_decode_gemv.restype = ctypes.c_int
+    lib.ulsexport_decode_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
 
     def product(x, w, poison: bool = False):
-        y = torch.empty(x.shape[0], w.shape[0], device="cuda", dtype=torch.float16)
+        features = w.shape[0] // 2 if gated else w.shape[0]
+        y = torch.empty(x.shape[0], features, device="cuda", dtype=torch.float16)
         if poison:
             y.fill_(float("nan"))
-        code = lib.ulsexport_decode_matmul(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], w.shape[0],
-                                           w.shape[1], torch.cuda.current_stream().cuda_stream)
+        code = lib.ulsexport_decode_gemv(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], features, w.shape[1],
+                                         int(gated), torch.cuda.current_stream().cuda_stream)
         if code != 0:
-            raise RuntimeError(f"ulsexport_decode_matmul returned {code}")
+            raise RuntimeError(f"ulsexport_decode_gemv returned {code}")
         return y
 
     return product
 
 
-def relative_error(product, x, w, kn: bool, **options) -> float:
-    """||product(x, w) - x @ W|| / ||x @ W||, the reference in float64; NaN where an element is not finite."""
+def swiglu_reference(x, w):
+    """silu(x @ gate^T) * (x @ up^T) in float64, the [2F, K] weight's halves gate and up."""
     import torch
 
-    reference = x.double() @ (w.double() if kn else w.double().t())
+    gate, up = w.double().chunk(2)
+    g = x.double() @ gate.t()
+    return torch.nn.functional.silu(g) * (x.double() @ up.t())
+
+
+def relative_error(product, x, w, kn: bool, reference=None, **options) -> float:
+    """||product(x, w) - x @ W|| / ||x @ W|| (or against `reference(x, w)`), the reference in float64; NaN
+    where an element is not finite."""
+    import torch
+
+    reference = reference(x, w) if reference else x.double() @ (w.double() if kn else w.double().t())
     out = product(x, w, **options)
     out = out.t() if out.shape != reference.shape else out  # the swapped product's y^T
     torch.cuda.synchronize()
@@ -109,7 +124,8 @@ def main() -> None:
     if args.kernels:
         from ulsexport.runtime.kernels import library
 
-        products["decode"] = (False, decode_product(library(arch="90")))
+        path = library(arch="90")
+        products.update({"gemv": (False, decode_product(path)), "gemv-swiglu": (False, decode_product(path, True))})
 
     bandwidth = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -124,11 +140,13 @@ def main() -> None:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             row = {"gemm": name, "k": k, "n": n, "rows": rows, "floor_us": 1e6 * nbytes / bandwidth}
             for layout, (kn, product) in products.items():
-                if layout == "decode" and rows > 8:
+                if layout.startswith("gemv") and (rows > DECODE_ROWS or (layout == "gemv-swiglu") != (name == "gate_up")):
                     continue
                 if args.kernels:
-                    poison = {"poison": True} if layout == "decode" else {}  # every element must be written
-                    row[f"{layout}_error"] = relative_error(product, torch.randn_like(x), stored[kn][0], kn, **poison)
+                    checks = {"poison": True} if layout.startswith("gemv") else {}  # every element must be written
+                    if layout == "gemv-swiglu":
+                        checks["reference"] = swiglu_reference
+                    row[f"{layout}_error"] = relative_error(product, torch.randn_like(x), stored[kn][0], kn, **checks)
                 us = time_calls(stored[kn], x, product)
                 row[f"{layout}_us"], row[f"{layout}_fraction"] = us, row["floor_us"] / us
             results["rows"].append(row)

@@ -39,6 +39,54 @@ def matmul_graph(k: int, n: int, extra: bool = False):
     return model, weight
 
 
+def mlp_graph(k: int, f: int):
+    """A gated MLP as genai's builder writes it: down(silu(h @ gate) * (h @ up)), silu(g) = g * Sigmoid(g)."""
+    rng = np.random.default_rng(3)
+    gate, up, down = ((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float16)
+                      for shape in ((k, f), (k, f), (f, k)))
+    nodes = [helper.make_node("MatMul", ["h", "gate"], ["g"], name="gate_proj"),
+             helper.make_node("MatMul", ["h", "up"], ["u"], name="up_proj"),
+             helper.make_node("Sigmoid", ["g"], ["s"], name="sigmoid"),
+             helper.make_node("Mul", ["g", "s"], ["a"], name="silu"),
+             helper.make_node("Mul", ["a", "u"], ["p"], name="product"),
+             helper.make_node("MatMul", ["p", "down"], ["y"], name="down_proj")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("h", TensorProto.FLOAT16, ["rows", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["rows", k])],
+                              [numpy_helper.from_array(v, n) for n, v in (("gate", gate), ("up", up), ("down", down))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+
+    def reference(h):
+        h = h.astype(np.float64)
+        g = h @ gate.astype(np.float64)
+        return (g / (1 + np.exp(-g)) * (h @ up.astype(np.float64))) @ down.astype(np.float64)
+
+    return model, reference
+
+
+def test_a_gated_mlp_becomes_one_swiglu_decode_matmul_and_the_down_projection():
+    model, _ = mlp_graph(64, 96)
+    assert kernels.use_decode_matmul(model) == 3
+    ops = [(n.op_type, n.domain) for n in model.graph.node]
+    assert ops == [("Transpose", ""), ("Transpose", ""), ("Concat", ""), ("DecodeMatMul", "com.ulsexport"),
+                   ("Transpose", ""), ("DecodeMatMul", "com.ulsexport")]
+    concat, fused, down = model.graph.node[2], model.graph.node[3], model.graph.node[5]
+    assert list(concat.input) == ["gate" + kernels.TRANSPOSED, "up" + kernels.TRANSPOSED]
+    assert [helper.get_attribute_value(a) for a in concat.attribute] == [0]  # gate rows, then up rows
+    assert list(fused.input) == ["h", concat.output[0]] and list(fused.output) == ["p"]
+    assert {a.name: helper.get_attribute_value(a) for a in fused.attribute} == {"swiglu": 1}
+    assert list(down.input) == ["p", "down" + kernels.TRANSPOSED] and not down.attribute
+    onnx.checker.check_model(model)
+
+
+def test_a_gated_mlp_whose_parts_are_read_elsewhere_is_not_fused():
+    model, _ = mlp_graph(64, 96)
+    model.graph.output.append(helper.make_tensor_value_info("g", TensorProto.FLOAT16, ["rows", 96]))
+    assert kernels.use_decode_matmul(model) == 3  # gate, up and down, each on its own
+    assert "Concat" not in [n.op_type for n in model.graph.node]
+    assert [n.op_type for n in model.graph.node].count("Sigmoid") == 1
+
+
 def test_matmuls_by_fp16_weights_become_decode_matmul_over_the_transposed_weight():
     model, _ = matmul_graph(64, 32, extra=True)
     assert kernels.use_decode_matmul(model) == 2  # "proj" and "again"; not the fp32 weight nor the activations
@@ -117,10 +165,11 @@ def _cuda_library():
         pytest.skip(f"the kernels cannot be built here: {exc}")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # 1-8: the decode kernel; above: cuBLAS in the same op
-def test_decode_matmul_on_cuda_matches_float64(rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 40])  # 1-2: the GEMV; above: cuBLAS in the same op
+@pytest.mark.parametrize("n", [1536, 1537])  # an odd count leaves the GEMV's last warp one feature
+def test_decode_matmul_on_cuda_matches_float64(rows, n):
     library = _cuda_library()
-    k, n = 4096, 1536
+    k = 4096
     model, weight = matmul_graph(k, n)
     kernels.use_decode_matmul(model)
     options = ort.SessionOptions()
@@ -155,3 +204,17 @@ def test_decode_matmul_is_captured_and_replayed():
         session.run_with_iobinding(binding)
         reference = values.astype(np.float64) @ weight.astype(np.float64)
         assert np.linalg.norm(y.numpy() - reference) / np.linalg.norm(reference) < 1e-3
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 40])  # 1-2: the GEMVs, the gate's with SwiGLU in it; above: cuBLAS
+def test_a_fused_gated_mlp_on_cuda_matches_float64(rows):
+    library = _cuda_library()
+    model, reference = mlp_graph(1024, 2816)
+    kernels.use_decode_matmul(model)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    h = np.random.default_rng(rows).standard_normal((rows, 1024)).astype(np.float16)
+    y, expected = session.run(None, {"h": h})[0], reference(h)
+    assert y.shape == expected.shape and np.isfinite(y).all()
+    assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 2e-3  # two fp16 roundings (p, then y)

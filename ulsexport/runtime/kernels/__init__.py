@@ -105,27 +105,87 @@ def library(arch: str | None = None) -> Path:
 
 
 def use_decode_matmul(model) -> int:
-    """Rewrite `model` (an onnx ModelProto, external weights not loaded) in place: each MatMul by a 2-D
-    fp16 initializer becomes DecodeMatMul(x, Transpose(weight)). How many were rewritten."""
+    """Rewrite `model` (an onnx ModelProto, external weights not loaded) in place: each gated MLP's
+    gate and up MatMuls with their SiLU and product (`_swiglu_patterns`) become one gated DecodeMatMul
+    over Concat(Transpose(gate), Transpose(up)), and each other MatMul by a 2-D fp16 initializer a
+    DecodeMatMul over Transpose(weight). How many MatMuls were replaced."""
     from onnx import helper
 
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
-    nodes, rewritten = [], 0
-    for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") else None
-        if weight is not None and weight.data_type == FLOAT16 and len(weight.dims) == 2:
-            transposed = weight.name + TRANSPOSED
-            if transposed not in weights:
-                nodes.append(helper.make_node("Transpose", [weight.name], [transposed], name=transposed, perm=[1, 0]))
-                weights[transposed] = weight
+    nodes = list(graph.node)  # held, so that each node's id() stays its own while this runs
+    made: set[str] = set()
+    replace: dict[int, list] = {}   # id of a node -> the nodes in its place (none: removed)
+    replaced = 0
+
+    def transposed(name: str) -> tuple[str, list]:
+        out = name + TRANSPOSED
+        if out in made:
+            return out, []
+        made.add(out)
+        return out, [helper.make_node("Transpose", [name], [out], name=out, perm=[1, 0])]
+
+    for gate, up, sigmoid, act, product in _swiglu_patterns(nodes, [o.name for o in graph.output], weights):
+        (gate_t, first), (up_t, second) = transposed(gate.input[1]), transposed(up.input[1])
+        stacked = gate.input[1] + ".ulsexport_gate_up"
+        fused = helper.make_node(DECODE_MATMUL, [gate.input[0], stacked], [product.output[0]], name=stacked,
+                                 domain=DOMAIN, swiglu=1)
+        replace[id(product)] = [*first, *second, helper.make_node("Concat", [gate_t, up_t], [stacked], name=stacked
+                                                                  + ".concat", axis=0), fused]
+        for node in (gate, up, sigmoid, act):
+            replace[id(node)] = []
+        replaced += 2
+    for node in nodes:
+        if id(node) not in replace and _is_weight_matmul(node, weights):
+            weight_t, transpose = transposed(node.input[1])
             node.op_type, node.domain = DECODE_MATMUL, DOMAIN
-            node.input[1] = transposed
-            rewritten += 1
-        nodes.append(node)
-    if rewritten:
+            node.input[1] = weight_t
+            replace[id(node)] = [*transpose, node]
+            replaced += 1
+    if replaced:
+        rewritten = [new for node in nodes for new in replace.get(id(node), [node])]
         del graph.node[:]
-        graph.node.extend(nodes)
+        graph.node.extend(rewritten)
         if DOMAIN not in {o.domain for o in model.opset_import}:
             model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return rewritten
+    return replaced
+
+
+def _is_weight_matmul(node, weights: dict) -> bool:
+    """A MatMul by a 2-D fp16 initializer."""
+    weight = weights.get(node.input[1]) if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") else None
+    return weight is not None and weight.data_type == FLOAT16 and len(weight.dims) == 2
+
+
+def _swiglu_patterns(nodes: list, graph_outputs: list[str], weights: dict):
+    """(gate, up, sigmoid, act, product) nodes of each gated MLP written as MatMuls by fp16 weights of one
+    shape over one input, silu(g) = g * Sigmoid(g), and the product silu(gate) * up (genai's builder and
+    torch's exporter both write it so), whose intermediate values nothing else reads."""
+    producer = {out: node for node in nodes for out in node.output}
+    readers: dict[str, int] = {}
+    for name in [name for node in nodes for name in node.input] + graph_outputs:
+        readers[name] = readers.get(name, 0) + 1
+
+    def made_by(name: str, op: str):
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
+
+    for product in nodes:
+        if product.op_type != "Mul" or product.domain not in ("", "ai.onnx"):
+            continue
+        for act_out, up_out in (product.input, reversed(product.input)):
+            act, up = made_by(act_out, "Mul"), made_by(up_out, "MatMul")
+            if act is None or up is None or not _is_weight_matmul(up, weights):
+                continue
+            for gate_out, sigmoid_out in (act.input, reversed(act.input)):
+                gate, sigmoid = made_by(gate_out, "MatMul"), made_by(sigmoid_out, "Sigmoid")
+                if (gate is not None and sigmoid is not None and sigmoid.input[0] == gate_out
+                        and _is_weight_matmul(gate, weights) and gate.input[0] == up.input[0]
+                        and list(weights[gate.input[1]].dims) == list(weights[up.input[1]].dims)
+                        and readers[gate_out] == 2 and readers[sigmoid_out] == 1
+                        and readers[act_out] == 1 and readers[up_out] == 1):
+                    yield gate, up, sigmoid, act, product
+                    break
+            else:
+                continue
+            break

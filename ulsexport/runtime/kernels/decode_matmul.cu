@@ -1,14 +1,15 @@
 // onnxruntime custom-op library: com.ulsexport DecodeMatMul on the CUDA provider.
 //
-// DecodeMatMul(X [..., K] fp16, Wt [N, K] fp16) -> Y [..., N] = X @ Wt^T, the weight transposed ("nk").
-// With at most kMaxRows rows in X (a decode step's batch) it runs one kernel made for that shape: a
-// block per 16 output features streams their weight rows once, each warp a share of K, the products
-// on the tensor cores (mma m16n8k16, fp32 accumulation, as cuBLAS accumulates), X's rows as the
-// instruction's 8 columns. Above that (a prompt) it calls cuBLAS, which is then compute bound.
+// DecodeMatMul(X [..., K] fp16, Wt [F, K] fp16) -> Y [..., F] = X @ Wt^T: a MatMul by a weight held
+// transposed. With the attribute swiglu=1, Wt is a gated MLP's gate and up projections stacked
+// ([2F, K]: gate rows, then up rows) and Y [..., F] = silu(X @ gate^T) * (X @ up^T), in fp32 before
+// the one rounding to fp16.
 //
-// The weight rows are read with 16-byte loads, 64 contiguous bytes per row per warp step; the mma's
-// k order is permuted consistently for both operands (any order of a sum over k gives the product),
-// so that each lane's 16 bytes of weight and of X are exactly its fragments of two k16 steps.
+// A decode step's few rows (at most kGemvRows) run `gemv_kernel`: a warp per two weight rows (two
+// features, or a feature's gate and up), each lane reading 16 bytes of each per step, so that a warp
+// reads 512 contiguous bytes of a row at a time; fp32 accumulation, as cuBLAS accumulates. More rows
+// (a prompt, a larger batch) run cuBLAS, which is then as fast or compute bound, and a SwiGLU kernel
+// after it where gated.
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,11 +25,10 @@
 
 namespace {
 
-constexpr int kMaxRows = 8;        // X rows one mma column block holds
-constexpr int kFeaturesPerBlock = 16;
-constexpr int kWarps = 8;          // per block, splitting K
-constexpr int kUnroll = 4;         // k32 steps each warp has in flight
-constexpr int kStep = 32;          // k per warp step: 4 lanes x 8 halves
+constexpr int kGemvRows = 2;     // X rows up to which the GEMV beats cuBLAS (measured on the H200)
+constexpr int kWarpsPerBlock = 4;
+constexpr int kUnroll = 4;       // 16-byte loads of each weight row a lane has in flight
+constexpr int kKMultiple = 8;    // K in whole 16-byte chunks
 constexpr size_t kCublasWorkspace = 32u << 20;
 
 __device__ __forceinline__ uint4 load_once(const half* p) {  // weights: read once, not kept in L1
@@ -38,67 +38,99 @@ __device__ __forceinline__ uint4 load_once(const half* p) {  // weights: read on
   return v;
 }
 
-__device__ __forceinline__ void mma_m16n8k16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+__device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
-// Y[m, n] = sum_k X[m, k] Wt[n, k] for m < rows <= 8; K % 32 == 0, N % 16 == 0.
-// Lane (g, t) = (lane / 4, lane % 4) holds features g and g + 8 of its block and X row g.
-__global__ void __launch_bounds__(kWarps * 32) decode_matmul_kernel(const half* __restrict__ x,
+// Y[m, f] for m < M: warp `f / 2` of the grid (plain: features f and f + 1, rows f and f + 1 of Wt;
+// gated: feature f alone, its gate row f and up row f + features).
+template <int M, bool kGated>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const half* __restrict__ x,
                                                                     const half* __restrict__ w,
-                                                                    half* __restrict__ y, int rows, int n, int k) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int feature = blockIdx.x * kFeaturesPerBlock + g;
-  const half* w_lo = w + static_cast<size_t>(feature) * k + 8 * t;
-  const half* w_hi = w_lo + static_cast<size_t>(8) * k;
-  const bool has_row = g < rows;
-  const half* x_row = x + static_cast<size_t>(has_row ? g : 0) * k + 8 * t;
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  float c[4] = {0.f, 0.f, 0.f, 0.f};
-  const int steps = k / kStep;
-  for (int first = warp; first < steps; first += kWarps * kUnroll) {
-    uint4 lo[kUnroll], hi[kUnroll], xv[kUnroll];
+                                                                    half* __restrict__ y, int features, int k) {
+  const int lane = threadIdx.x & 31;
+  const int pair = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int feature = kGated ? pair : 2 * pair;
+  if (feature >= features) return;
+  const half* rows[2] = {w + static_cast<size_t>(feature) * k,
+                         w + static_cast<size_t>(kGated ? feature + features : feature + 1) * k};
+  const int chunks = k / kKMultiple;
+  float acc[M][2];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = 0.f;
+  for (int first = lane; first < chunks; first += 32 * kUnroll) {
+    uint4 wv[kUnroll][2];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int s = first + u * kWarps;
-      const bool in = s < steps;
-      lo[u] = in ? load_once(w_lo + kStep * s) : zero;
-      hi[u] = in ? load_once(w_hi + kStep * s) : zero;
-      xv[u] = in && has_row ? __ldg(reinterpret_cast<const uint4*>(x_row + kStep * s)) : zero;
+      const int c = first + 32 * u;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) wv[u][r] = c < chunks ? load_once(rows[r] + kKMultiple * c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      mma_m16n8k16(c, lo[u].x, hi[u].x, lo[u].y, hi[u].y, xv[u].x, xv[u].y);
-      mma_m16n8k16(c, lo[u].z, hi[u].z, lo[u].w, hi[u].w, xv[u].z, xv[u].w);
+      const int c = first + 32 * u;
+      if (c >= chunks) break;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * k + kKMultiple * c));
+        const half2* xh = reinterpret_cast<const half2*>(&xv);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const half2* wh = reinterpret_cast<const half2*>(&wv[u][r]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 xf = __half22float2(xh[j]), wf = __half22float2(wh[j]);
+            acc[m][r] = fmaf(xf.x, wf.x, fmaf(xf.y, wf.y, acc[m][r]));
+          }
+        }
+      }
     }
   }
-  __shared__ float partial[kWarps][32][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = c[i];
-  __syncthreads();
-  if (warp != 0) return;
+  for (int m = 0; m < M; ++m) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float sum = 0.f;
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-    for (int other = 0; other < kWarps; ++other) sum += partial[other][lane][i];
-    c[i] = sum;
-  }
-  // c0, c1: feature g, rows 2t and 2t + 1; c2, c3: feature g + 8, the same rows
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = 2 * t + (i & 1);
-    if (row < rows) y[static_cast<size_t>(row) * n + feature + (i >> 1) * 8] = __float2half_rn(c[i]);
+      for (int offset = 16; offset > 0; offset >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], offset);
+    if (lane != 0) continue;
+    half* out = y + static_cast<size_t>(m) * features + feature;
+    if (kGated) {
+      out[0] = __float2half_rn(silu(acc[m][0]) * acc[m][1]);
+    } else {
+      out[0] = __float2half_rn(acc[m][0]);
+      if (feature + 1 < features) out[1] = __float2half_rn(acc[m][1]);
+    }
   }
 }
 
-std::string cuda_error(cudaError_t status, const char* what) {
-  return std::string("ulsexport DecodeMatMul: ") + what + ": " + cudaGetErrorString(status);
+// y[m, f] = silu(gu[m, f]) * gu[m, features + f]: the gate and up halves of cuBLAS's [rows, 2F] product
+__global__ void swiglu_kernel(const half* __restrict__ gu, half* __restrict__ y, int64_t rows, int features) {
+  const int64_t total = rows * features;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / features, f = i % features;
+    const half* row = gu + m * 2 * features;
+    y[i] = __float2half_rn(silu(__half2float(row[f])) * __half2float(row[features + f]));
+  }
+}
+
+template <bool kGated>
+void launch_gemv(const half* x, const half* w, half* y, int rows, int features, int k, cudaStream_t stream) {
+  const int pairs = kGated ? features : (features + 1) / 2;
+  const unsigned blocks = static_cast<unsigned>((pairs + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  if (rows == 1)
+    gemv_kernel<1, kGated><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(x, w, y, features, k);
+  else
+    gemv_kernel<2, kGated><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(x, w, y, features, k);
+}
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    throw Ort::Exception(std::string("ulsexport DecodeMatMul: ") + what + ": " + cudaGetErrorString(status), ORT_FAIL);
+}
+
+void check(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS)
+    throw Ort::Exception(std::string("ulsexport DecodeMatMul: ") + what + " failed (cuBLAS status " +
+                             std::to_string(static_cast<int>(status)) + ")", ORT_FAIL);
 }
 
 // one cuBLAS handle per thread and device, with a workspace of its own (so that capture allocates nothing)
@@ -111,16 +143,35 @@ cublasHandle_t cublas_for(int device) {
   if (static_cast<int>(handles.size()) <= device) handles.resize(device + 1);
   Handle& h = handles[device];
   if (h.handle == nullptr) {
-    if (cublasCreate(&h.handle) != CUBLAS_STATUS_SUCCESS) throw Ort::Exception("cublasCreate failed", ORT_FAIL);
-    cudaError_t status = cudaMalloc(&h.workspace, kCublasWorkspace);
-    if (status != cudaSuccess) throw Ort::Exception(cuda_error(status, "cuBLAS workspace"), ORT_FAIL);
-    cublasSetWorkspace(h.handle, h.workspace, kCublasWorkspace);
+    check(cublasCreate(&h.handle), "cublasCreate");
+    check(cudaMalloc(&h.workspace, kCublasWorkspace), "cuBLAS workspace");
+    check(cublasSetWorkspace(h.handle, h.workspace, kCublasWorkspace), "cublasSetWorkspace");
   }
   return h.handle;
 }
 
+// out [rows, n] = x [rows, k] @ w [n, k]^T; column-major, that is out^T [n, rows] = w^T x^T
+void cublas_product(const half* x, const half* w, half* out, int64_t rows, int64_t n, int64_t k, cudaStream_t stream) {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  cublasHandle_t handle = cublas_for(device);
+  check(cublasSetStream(handle, stream), "cublasSetStream");
+  const float one = 1.f, zero = 0.f;
+  check(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(rows), static_cast<int>(k),
+                     &one, w, CUDA_R_16F, static_cast<int>(k), x, CUDA_R_16F, static_cast<int>(k), &zero, out,
+                     CUDA_R_16F, static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmEx");
+}
+
 struct DecodeMatMulKernel {
-  DecodeMatMulKernel(const OrtApi&, const OrtKernelInfo*) {}
+  bool gated = false;
+
+  DecodeMatMulKernel(const OrtApi& api, const OrtKernelInfo* info) {
+    int64_t swiglu = 0;
+    OrtStatus* missing = api.KernelInfoGetAttribute_int64(info, "swiglu", &swiglu);
+    if (missing != nullptr) api.ReleaseStatus(missing);  // absent: a plain product
+    gated = missing == nullptr && swiglu != 0;
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -138,38 +189,40 @@ struct DecodeMatMulKernel {
     Ort::ConstValue x = ctx.GetInput(0), w = ctx.GetInput(1);
     std::vector<int64_t> x_shape = x.GetTensorTypeAndShapeInfo().GetShape();
     std::vector<int64_t> w_shape = w.GetTensorTypeAndShapeInfo().GetShape();
-    if (x_shape.empty() || w_shape.size() != 2 || w_shape[1] != x_shape.back())
-      throw Ort::Exception("ulsexport DecodeMatMul: X [..., K] and Wt [N, K] do not match", ORT_INVALID_ARGUMENT);
-    const int64_t k = x_shape.back(), n = w_shape[0];
+    if (x_shape.empty() || w_shape.size() != 2 || w_shape[1] != x_shape.back() || (gated && w_shape[0] % 2))
+      throw Ort::Exception("ulsexport DecodeMatMul: X [..., K] and Wt [F, K] (gated: [2F, K]) do not match",
+                           ORT_INVALID_ARGUMENT);
+    const int64_t k = x_shape.back(), weight_rows = w_shape[0], features = gated ? weight_rows / 2 : weight_rows;
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < x_shape.size(); ++i) rows *= x_shape[i];
     std::vector<int64_t> y_shape = x_shape;
-    y_shape.back() = n;
+    y_shape.back() = features;
     Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
     if (rows == 0) return;
     auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
-    auto x_data = reinterpret_cast<const half*>(x.GetTensorRawData());
-    auto w_data = reinterpret_cast<const half*>(w.GetTensorRawData());
-    auto y_data = reinterpret_cast<half*>(y.GetTensorMutableRawData());
-    if (rows <= kMaxRows && k % kStep == 0 && n % kFeaturesPerBlock == 0) {
-      decode_matmul_kernel<<<static_cast<unsigned>(n / kFeaturesPerBlock), kWarps * 32, 0, stream>>>(
-          x_data, w_data, y_data, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
-      cudaError_t status = cudaGetLastError();
-      if (status != cudaSuccess) throw Ort::Exception(cuda_error(status, "launch"), ORT_FAIL);
+    auto x_data = static_cast<const half*>(x.GetTensorRawData());
+    auto w_data = static_cast<const half*>(w.GetTensorRawData());
+    auto y_data = static_cast<half*>(y.GetTensorMutableRawData());
+    if (rows <= kGemvRows && k % kKMultiple == 0) {
+      (gated ? launch_gemv<true> : launch_gemv<false>)(x_data, w_data, y_data, static_cast<int>(rows),
+                                                        static_cast<int>(features), static_cast<int>(k), stream);
+      check(cudaGetLastError(), "GEMV launch");
+      return;
+    }
+    if (!gated) {
+      cublas_product(x_data, w_data, y_data, rows, weight_rows, k, stream);
       return;
     }
     int device = 0;
-    cudaGetDevice(&device);
-    cublasHandle_t handle = cublas_for(device);
-    cublasSetStream(handle, stream);
-    const float one = 1.f, zero = 0.f;
-    // column-major: Y^T [N, rows] = Wt [K, N]^T X^T [K, rows]
-    cublasStatus_t status = cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(rows),
-                                         static_cast<int>(k), &one, w_data, CUDA_R_16F, static_cast<int>(k), x_data,
-                                         CUDA_R_16F, static_cast<int>(k), &zero, y_data, CUDA_R_16F,
-                                         static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    if (status != CUBLAS_STATUS_SUCCESS)
-      throw Ort::Exception("ulsexport DecodeMatMul: cublasGemmEx failed (" + std::to_string(status) + ")", ORT_FAIL);
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    Ort::MemoryInfo memory("Cuda", OrtDeviceAllocator, device, OrtMemTypeDefault);
+    OrtAllocator* allocator = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(memory));
+    auto gate_up = static_cast<half*>(allocator->Alloc(allocator, sizeof(half) * rows * weight_rows));
+    cublas_product(x_data, w_data, gate_up, rows, weight_rows, k, stream);
+    swiglu_kernel<<<1024, 256, 0, stream>>>(gate_up, y_data, rows, static_cast<int>(features));
+    cudaError_t status = cudaGetLastError();
+    allocator->Free(allocator, gate_up);  // stream-ordered: the arena hands it out again only after these kernels
+    check(status, "SwiGLU launch");
   }
 };
 
@@ -211,12 +264,13 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   return nullptr;
 }
 
-// for a benchmark outside onnxruntime: the decode kernel on its own (rows <= 8, K % 32 == 0, N % 16 == 0)
-int ulsexport_decode_matmul(const void* x, const void* w, void* y, int rows, int n, int k, void* stream) {
-  if (rows < 1 || rows > kMaxRows || k % kStep != 0 || n % kFeaturesPerBlock != 0) return -1;
-  decode_matmul_kernel<<<static_cast<unsigned>(n / kFeaturesPerBlock), kWarps * 32, 0,
-                         static_cast<cudaStream_t>(stream)>>>(static_cast<const half*>(x), static_cast<const half*>(w),
-                                                              static_cast<half*>(y), rows, n, k);
+// for a benchmark outside onnxruntime: the GEMV on its own (rows <= kGemvRows, K % 8 == 0); 0 or a CUDA error
+int ulsexport_decode_gemv(const void* x, const void* w, void* y, int rows, int features, int k, int gated,
+                          void* stream) {
+  if (rows < 1 || rows > kGemvRows || k % kKMultiple != 0) return -1;
+  (gated ? launch_gemv<true> : launch_gemv<false>)(static_cast<const half*>(x), static_cast<const half*>(w),
+                                                    static_cast<half*>(y), rows, features, k,
+                                                    static_cast<cudaStream_t>(stream));
   return static_cast<int>(cudaGetLastError());
 }
 
