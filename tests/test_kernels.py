@@ -218,3 +218,13 @@ def test_a_fused_gated_mlp_on_cuda_matches_float64(rows):
     y, expected = session.run(None, {"h": h})[0], reference(h)
     assert y.shape == expected.shape and np.isfinite(y).all()
     assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 2e-3  # two fp16 roundings (p, then y)
+
+
+def test_multi_depth_exports_refuse_decode_kernels(tmp_path):
+    import json
+
+    from ulsexport.runtime.ort import MultiDepthDecoder
+
+    (tmp_path / "ulsexport.json").write_text(json.dumps({"kind": "onnx", "multi_depth": True}))
+    with pytest.raises(UserError, match="do not run multi-depth exports"):
+        MultiDepthDecoder(tmp_path, "cuda", decode_kernels=True)

@@ -112,6 +112,7 @@ def test_planted_mismatch_in_onnx_graph_fails(pruned, tmp_path):
     (("--runtime", "bogus"), "unknown runtime"),
     (("--dtype", "fp8"), "unknown dtype"),
     (("--no-cuda-graph",), "applies to --runtime ort"),
+    (("--decode-kernels",), "applies to --runtime ort"),
 ])
 def test_bad_input(pruned, args, message):
     src, out = pruned

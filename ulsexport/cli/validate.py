@@ -35,11 +35,14 @@ from .options import quiet_option
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write the PNG plot here.")
 @click.option("--no-cuda-graph", is_flag=True,
               help="--runtime ort on CUDA: decode without capturing each step as a CUDA graph (captured by default).")
+@click.option("--decode-kernels", is_flag=True,
+              help="--runtime ort on CUDA: run the fp16 products on ulsexport's own CUDA kernels (built with nvcc on "
+                   "first use; needs onnxruntime's C/C++ headers, ORT_INCLUDE_DIR), full model and candidate alike.")
 @quiet_option
 @click.pass_context
 def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
              no_speed, parity_steps, tolerance, text, tasks, reference_artifact, json_path, report_path, plot_path,
-             no_cuda_graph):
+             no_cuda_graph, decode_kernels):
     """Check an artifact's output parity and measure its speedup over the full model.
 
     Parity: the candidate's greedy run against the pruned checkpoint in PyTorch fp32, step by step.
@@ -60,7 +63,8 @@ def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_
     for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
         check_writable_file(path, option)  # before the work, not after it
     result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance, text,
-                            tasks, reference_artifact, quiet=ctx.obj["quiet"], cuda_graph=False if no_cuda_graph else None)
+                            tasks, reference_artifact, quiet=ctx.obj["quiet"], cuda_graph=False if no_cuda_graph else None,
+                            decode_kernels=decode_kernels)
     write_reports(result, json_path, report_path, plot_path)
     click.echo(markdown(result))
     if not result["parity"]["passed"]:

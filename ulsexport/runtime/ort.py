@@ -71,7 +71,9 @@ class OnnxDecoder(Runtime):
     (default: where capturing) runs the fixed-width decode loop without capturing, as on the CPU;
     `device_argmax` False leaves the fixed-width step's argmax to the host; `queued_steps` (default
     QUEUED_STEPS where steps are captured and choose their own ids, else 1) bounds the steps `decode`
-    queues. A factory gets the model as a path or, with the argmax added, as bytes (their options name
+    queues; `decode_kernels` (CUDA) runs the graph's products by fp16 weights on ulsexport's own kernels
+    (`kernels.use_decode_matmul`; the session then folds a transposed copy of those weights on the host
+    at load, instead of the file's layout). A factory gets the model as a path or, with the argmax added, as bytes (their options name
     the folder of the external weights).
     """
 
@@ -630,6 +632,9 @@ class MultiDepthDecoder(Runtime):
         manifest = read_manifest(folder) or {}
         if not manifest.get("multi_depth"):
             raise UserError(f"{folder} is not a multi-depth export (ulsexport onnx --speedups ...)")
+        if decoder_options.get("decode_kernels"):  # each depth's session would fold a transposed copy of its own
+            raise UserError("ulsexport's decode kernels do not run multi-depth exports: their weights are held once, "
+                            "and each depth would keep its own transposed copy")
         self.weights = SharedWeights(folder, manifest, provider)
         self.default = manifest["default_graph"]
         self.decoders = {g["tag"]: OnnxDecoder(folder, provider, graph=g["tag"],

@@ -63,9 +63,11 @@ def check_settings(speed: SpeedSettings | None, parity_steps: int, tolerance: fl
 
 def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", dtype: str | None = None,
              speed: SpeedSettings | None = SpeedSettings(), parity_steps: int = 32, tolerance: float | None = None,
-             text=None, tasks=None, reference_artifact=None, quiet: bool = False, cuda_graph: bool | None = None) -> dict:
+             text=None, tasks=None, reference_artifact=None, quiet: bool = False, cuda_graph: bool | None = None,
+             decode_kernels: bool = False) -> dict:
     """Validate artifact `candidate` against the original checkpoint `reference`; returns the report.
-    `cuda_graph=False` runs `--runtime ort` on CUDA without capturing decode steps (None: where it can)."""
+    `cuda_graph=False` runs `--runtime ort` on CUDA without capturing decode steps (None: where it can);
+    `decode_kernels` runs its products on ulsexport's CUDA kernels (`runtime.kernels`), full model too."""
     from ..checkpoint import load_model_info
     from ..progress import progress_bar
 
@@ -92,8 +94,12 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
     }
     if cuda_graph is not None and runtime != "ort":
         raise UserError("--no-cuda-graph applies to --runtime ort (onnxruntime's CUDA graph capture)")
+    if decode_kernels and runtime != "ort":
+        raise UserError("--decode-kernels applies to --runtime ort (a custom-op library for onnxruntime)")
     options = {} if cuda_graph is None else {"cuda_graph": cuda_graph}
-    report["cuda_graph"] = cuda_graph
+    if decode_kernels:
+        options["decode_kernels"] = True
+    report["cuda_graph"], report["decode_kernels"] = cuda_graph, decode_kernels
     candidate_runtime = open_runtime(candidate, runtime, dtype, device, **options)
     with tempfile.TemporaryDirectory() as tmp:
         expected = parity_reference(reference_dir, candidate, lineage["kept"], Path(tmp))
