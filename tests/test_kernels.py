@@ -228,3 +228,16 @@ def test_multi_depth_exports_refuse_decode_kernels(tmp_path):
     (tmp_path / "ulsexport.json").write_text(json.dumps({"kind": "onnx", "multi_depth": True}))
     with pytest.raises(UserError, match="do not run multi-depth exports"):
         MultiDepthDecoder(tmp_path, "cuda", decode_kernels=True)
+
+
+def test_the_gpu_arch_comes_from_nvidia_smi(monkeypatch):
+    import subprocess
+
+    def smi(stdout: str, returncode: int = 0):
+        return lambda *args, **kwargs: subprocess.CompletedProcess(args, returncode, stdout, "")
+
+    monkeypatch.setattr(kernels.subprocess, "run", smi("9.0\n9.0\n"))
+    assert kernels.gpu_arch() == "90"
+    monkeypatch.setattr(kernels.subprocess, "run", smi("", returncode=9))
+    with pytest.raises(UserError, match="compute capability"):
+        kernels.gpu_arch()

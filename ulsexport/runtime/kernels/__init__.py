@@ -55,8 +55,22 @@ def _nvidia_package_dirs(sub: str) -> list[Path]:
     return [Path(p) / part / sub for p in nvidia.__path__ for part in ("cu13", "cu12", "cublas")]
 
 
+def gpu_arch() -> str:
+    """The compute capability of the first GPU, as nvcc's architecture number ("90" for an H100 or H200)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        done = None
+    if done is None or done.returncode != 0 or not done.stdout.strip():
+        raise UserError("building ulsexport's CUDA kernels needs the GPU's compute capability: nvidia-smi did not "
+                        "give it (no GPU or no driver here)")
+    return done.stdout.split()[0].replace(".", "")
+
+
 def build_command(output: Path, arch: str | None = None) -> list[str]:
-    """The nvcc command that builds the library into `output`, or a UserError saying what is missing."""
+    """The nvcc command that builds the library into `output` for `arch` (default: this machine's GPU), or a
+    UserError saying what is missing."""
     nvcc = shutil.which("nvcc") or _first_with([os.environ.get("CUDA_HOME", "") + "/bin", "/usr/local/cuda/bin"], "nvcc")
     if nvcc is None:
         raise UserError("building ulsexport's CUDA kernels needs nvcc (the CUDA toolkit) on PATH or in CUDA_HOME")
@@ -75,7 +89,8 @@ def build_command(output: Path, arch: str | None = None) -> list[str]:
         raise UserError("building ulsexport's CUDA kernels needs cuBLAS's headers and library (CUDA_HOME, or the "
                         "nvidia-cublas pip package)")
     cublas = sorted(cublas_lib.glob("libcublas.so*"), key=lambda p: len(p.name))[0].name
-    gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}" if arch else "-arch=native"
+    arch = arch or gpu_arch()
+    gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
     return [str(nvcc), "-O3", "-std=c++17", gencode, "-shared", "-Xcompiler", "-fPIC", "-cudart", "shared",
             f"-I{ort_include}", f"-I{cublas_include}", f"-L{cublas_lib}", f"-l:{cublas}",
             "-Xlinker", f"-rpath={cublas_lib}", "-o", str(output), str(SOURCE)]
@@ -89,6 +104,7 @@ def library(arch: str | None = None) -> Path:
         if not path.is_file():
             raise UserError(f"{LIBRARY_ENV}={path}: no such file")
         return path
+    arch = arch or gpu_arch()
     probe = build_command(Path("OUT"), arch)
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(probe).encode()).hexdigest()[:16]
     path = cache_folder() / key / LIBRARY_NAME
