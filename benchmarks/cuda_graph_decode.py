@@ -107,12 +107,13 @@ def parity(runtimes: dict, batches, args, vocab: int) -> dict:
         ids, mask = prompt(batch, args.prompt_len, vocab, seed=batch)
         runs = {name: runtimes[name].greedy(ids, mask, args.parity_steps, keep_logits=True)
                 for name in dict.fromkeys(n for pair in pairs for n in pair)}
+        queued = {name: runtimes[name].greedy(ids, mask, args.parity_steps)  # no logits kept: steps queued
+                  for name in dict.fromkeys(name for name, _ in pairs)}
         for name, reference in pairs:
             result = compare_runs(runs[reference], runs[name], TOLERANCES["fp16"])
             result.pop("per_step")
             result["tokens_equal_fraction"] = float((runs[reference].tokens == runs[name].tokens).mean())
-            queued = runtimes[name].greedy(ids, mask, args.parity_steps)  # no logits kept: steps queued
-            result["queued_tokens_equal"] = bool((queued.tokens == runs[name].tokens).all())
+            result["queued_tokens_equal"] = bool((queued[name].tokens == runs[name].tokens).all())
             out.setdefault(f"{name} vs {reference}", {})[str(batch)] = result
     return out
 

@@ -124,7 +124,7 @@ def main() -> None:
     if args.kernels:
         from ulsexport.runtime.kernels import library
 
-        path = library(arch="90")
+        path = library()
         products.update({"gemv": (False, decode_product(path)), "gemv-swiglu": (False, decode_product(path, True))})
 
     bandwidth = copy_bandwidth()

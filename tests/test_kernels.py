@@ -68,15 +68,39 @@ def test_a_gated_mlp_becomes_one_swiglu_decode_matmul_and_the_down_projection():
     model, _ = mlp_graph(64, 96)
     assert kernels.use_decode_matmul(model) == 3
     ops = [(n.op_type, n.domain) for n in model.graph.node]
-    assert ops == [("Transpose", ""), ("Transpose", ""), ("Concat", ""), ("DecodeMatMul", "com.ulsexport"),
-                   ("Transpose", ""), ("DecodeMatMul", "com.ulsexport")]
-    concat, fused, down = model.graph.node[2], model.graph.node[3], model.graph.node[5]
+    assert ops == [("Transpose", ""), ("Transpose", ""), ("Concat", ""), ("Transpose", ""),
+                   ("DecodeMatMul", "com.ulsexport"), ("DecodeMatMul", "com.ulsexport")]
+    concat, fused, down = model.graph.node[2], model.graph.node[4], model.graph.node[5]
     assert list(concat.input) == ["gate" + kernels.TRANSPOSED, "up" + kernels.TRANSPOSED]
     assert [helper.get_attribute_value(a) for a in concat.attribute] == [0]  # gate rows, then up rows
     assert list(fused.input) == ["h", concat.output[0]] and list(fused.output) == ["p"]
     assert {a.name: helper.get_attribute_value(a) for a in fused.attribute} == {"swiglu": 1}
     assert list(down.input) == ["p", "down" + kernels.TRANSPOSED] and not down.attribute
     onnx.checker.check_model(model)
+
+
+def test_shared_weights_and_taken_names_still_make_a_valid_graph():
+    """Two MLPs over the same gate and up weights, the gate weight read by a plain MatMul before them, and a
+    value already named as the rewrite would name a transposed weight."""
+    model, _ = mlp_graph(64, 96)
+    graph = model.graph
+    second = [helper.make_node(n.op_type, [f"{i}2" if i in {"g", "s", "a", "u"} else i for i in n.input],
+                               [f"{o}2" for o in n.output], name=n.name + "2") for n in list(graph.node)[:5]]
+    earlier = helper.make_node("MatMul", ["h", "gate"], ["early"], name="early")
+    taken = helper.make_node("Identity", ["h"], ["down" + kernels.TRANSPOSED], name="taken")
+    nodes = [earlier, taken, *graph.node, *second]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT16, ["rows", d]) for n, d in
+                         (("p2", 96), ("early", 96), ("down" + kernels.TRANSPOSED, 64))])
+    assert kernels.use_decode_matmul(model) == 6  # two fused MLPs (2 each), "early" and the down projection
+    onnx.checker.check_model(model)  # topologically sorted, every value defined once
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Concat") == 1 and ops.count("Transpose") == 3  # gate, up, down: once each
+    fused = [n for n in model.graph.node if n.domain == kernels.DOMAIN and n.attribute]
+    assert len(fused) == 2 and fused[0].input[1] == fused[1].input[1]
+    down = next(n for n in model.graph.node if n.name == "down_proj")
+    assert down.input[1] == "down" + kernels.TRANSPOSED + ".1"
 
 
 def test_a_gated_mlp_whose_parts_are_read_elsewhere_is_not_fused():
@@ -142,8 +166,21 @@ def test_a_named_library_must_exist(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="no such file"):
         kernels.library()
     (tmp_path / "lib.so").write_bytes(b"")
-    monkeypatch.setenv(kernels.LIBRARY_ENV, str(tmp_path / "lib.so"))
-    assert kernels.library() == tmp_path / "lib.so"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(kernels.LIBRARY_ENV, "lib.so")  # relative: made absolute, or dlopen would search elsewhere
+    assert kernels.library() == (tmp_path / "lib.so").resolve()
+
+
+def test_a_failed_build_names_its_error_and_leaves_no_library(monkeypatch, tmp_path):
+    import subprocess
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "build_command", lambda output, arch=None: ["nvcc", "-o", str(output)])
+    monkeypatch.setattr(kernels.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 1, "", "warning: something\nkernel.cu(3): error: identifier \"x\" is undefined\n"))
+    with pytest.raises(UserError, match='kernel.cu\\(3\\): error: identifier "x" is undefined'):
+        kernels.library(arch="90")
+    assert not list(tmp_path.rglob(kernels.LIBRARY_NAME)) and list(tmp_path.rglob("build.log"))
 
 
 def test_the_decoder_refuses_decode_kernels_off_cuda(tmp_path):
@@ -156,68 +193,107 @@ def test_the_decoder_refuses_decode_kernels_off_cuda(tmp_path):
         OnnxDecoder(tmp_path, "cpu", decode_kernels=True)
 
 
+def test_a_graph_without_fp16_products_is_refused(tmp_path):
+    from ulsexport.runtime.ort import session_graph
+
+    model, _ = matmul_graph(64, 32, extra=True)
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] == "w":
+            node.input[1] = "w32"
+            node.input[0] = "x32"
+    onnx.save(model, tmp_path / "model.onnx")
+    with pytest.raises(UserError, match="no MatMul by an fp16 weight"):
+        session_graph(str(tmp_path / "model.onnx"), next_inputs=False, decode_kernels=True)
+
+
+def test_a_library_onnxruntime_cannot_load_is_one_line(tmp_path):
+    from ulsexport.runtime.ort import session_options
+
+    (tmp_path / "bad.so").write_bytes(b"not a library")
+    with pytest.raises(UserError, match="could not load the kernels library"):
+        session_options(str(tmp_path / "m.onnx"), tmp_path, library=tmp_path / "bad.so")
+
+
 def _cuda_library():
+    """The built library; a skip where there is no CUDA device or no toolchain, a failure where it does not
+    compile."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu and a CUDA device")
     try:
         return kernels.library()
     except UserError as exc:
+        if "could not build" in str(exc):
+            raise
         pytest.skip(f"the kernels cannot be built here: {exc}")
 
 
+def _session(model, **cuda_options):
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(_cuda_library()))
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=[("CUDAExecutionProvider", cuda_options)])
+
+
+def _relative_error(y, reference) -> float:
+    assert y.shape == reference.shape and np.isfinite(y).all()
+    return float(np.linalg.norm(y - reference) / np.linalg.norm(reference))
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 40])  # 1-2: the GEMV; above: cuBLAS in the same op
-@pytest.mark.parametrize("n", [1536, 1537])  # an odd count leaves the GEMV's last warp one feature
-def test_decode_matmul_on_cuda_matches_float64(rows, n):
-    library = _cuda_library()
-    k = 4096
+@pytest.mark.parametrize("k,n", [(4096, 1536), (4096, 1537),  # an odd count leaves the GEMV's last warp one row
+                                 (4104, 1536),   # K not a multiple of the GEMV's stride (1024): its tail
+                                 (4100, 1536)])  # K not a multiple of 8: cuBLAS at every row count
+def test_decode_matmul_on_cuda_matches_float64(rows, k, n):
     model, weight = matmul_graph(k, n)
     kernels.use_decode_matmul(model)
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    session = _session(model)
     assert session.get_providers()[0] == "CUDAExecutionProvider"
     x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float16)
-    reference = x.astype(np.float64) @ weight.astype(np.float64)
     y = session.run(None, {"x": x})[0]
-    assert y.shape == (rows, n) and np.isfinite(y).all()
-    assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-3  # fp16 output rounding: ~3e-4
+    assert _relative_error(y, x.astype(np.float64) @ weight.astype(np.float64)) < 1e-3  # fp16 rounding: ~3e-4
+
+
+def _captured_replays(session, inputs: str, output: str, shape: tuple, features: int, reference, replays: int = 4):
+    """Run `session` captured over new inputs in one bound buffer (capture, then replays); each run's
+    relative error against `reference`."""
+    rng = np.random.default_rng(2)
+    x = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float16), "cuda", 0)
+    y = ort.OrtValue.ortvalue_from_numpy(np.zeros((shape[0], features), np.float16), "cuda", 0)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(inputs, x)
+    binding.bind_ortvalue_output(output, y)
+    errors = []
+    for _ in range(replays):
+        values = rng.standard_normal(shape).astype(np.float16)
+        x.update_inplace(values)
+        session.run_with_iobinding(binding)
+        errors.append(_relative_error(y.numpy(), reference(values)))
+    return errors
 
 
 def test_decode_matmul_is_captured_and_replayed():
-    library = _cuda_library()
-    k, n = 1024, 512
-    model, weight = matmul_graph(k, n)
+    model, weight = matmul_graph(1024, 512)
     kernels.use_decode_matmul(model)
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
-    rng = np.random.default_rng(2)
-    x = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, k), np.float16), "cuda", 0)
-    y = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, n), np.float16), "cuda", 0)
-    binding = session.io_binding()
-    binding.bind_ortvalue_input("x", x)
-    binding.bind_ortvalue_output("y", y)
-    for _ in range(4):  # capture, then replays over new inputs in the same buffer
-        values = rng.standard_normal((2, k)).astype(np.float16)
-        x.update_inplace(values)
-        session.run_with_iobinding(binding)
-        reference = values.astype(np.float64) @ weight.astype(np.float64)
-        assert np.linalg.norm(y.numpy() - reference) / np.linalg.norm(reference) < 1e-3
+    session = _session(model, enable_cuda_graph="1")
+    errors = _captured_replays(session, "x", "y", (2, 1024), 512, lambda v: v.astype(np.float64) @ weight)
+    assert max(errors) < 1e-3
+
+
+def test_a_fused_mlp_through_cublas_is_captured_and_replayed():
+    """8 rows: cuBLAS, a scratch buffer from onnxruntime's allocator and the SwiGLU kernel, under capture."""
+    model, reference = mlp_graph(1024, 2816)
+    kernels.use_decode_matmul(model)
+    session = _session(model, enable_cuda_graph="1")
+    assert max(_captured_replays(session, "h", "y", (8, 1024), 1024, reference)) < 2e-3
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 40])  # 1-2: the GEMVs, the gate's with SwiGLU in it; above: cuBLAS
 def test_a_fused_gated_mlp_on_cuda_matches_float64(rows):
-    library = _cuda_library()
     model, reference = mlp_graph(1024, 2816)
     kernels.use_decode_matmul(model)
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
     h = np.random.default_rng(rows).standard_normal((rows, 1024)).astype(np.float16)
-    y, expected = session.run(None, {"h": h})[0], reference(h)
-    assert y.shape == expected.shape and np.isfinite(y).all()
-    assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 2e-3  # two fp16 roundings (p, then y)
+    y = _session(model).run(None, {"h": h})[0]
+    assert _relative_error(y, reference(h)) < 2e-3  # two fp16 roundings (p, then y)
 
 
 def test_multi_depth_exports_refuse_decode_kernels(tmp_path):

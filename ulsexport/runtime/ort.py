@@ -295,8 +295,9 @@ def session_graph(path: str, next_inputs: bool, decode_kernels: bool = False) ->
     model = onnx.load(path, load_external_data=False)
     if next_inputs:
         add_next_inputs(model.graph)
-    if decode_kernels:
-        kernels.use_decode_matmul(model)
+    if decode_kernels and not kernels.use_decode_matmul(model):
+        raise UserError(f"{path} has no MatMul by an fp16 weight for ulsexport's decode kernels to run "
+                        "(they take fp16 exports)")
     return model.SerializeToString()
 
 
@@ -337,7 +338,10 @@ def session_options(model: str | bytes, folder: Path, severity: int = 3, library
     if isinstance(model, bytes):
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     if library is not None:
-        options.register_custom_ops_library(str(library))
+        try:
+            options.register_custom_ops_library(str(library))
+        except Exception as exc:  # not a library, built for another onnxruntime, a CUDA library missing
+            raise UserError(f"onnxruntime could not load the kernels library {library}: {first_line(exc)}") from None
     return options
 
 

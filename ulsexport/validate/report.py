@@ -19,7 +19,8 @@ def markdown(report: dict) -> str:
         f"- reference: `{report['reference']}` ({report['num_layers_original']} layers)",
         f"- candidate: `{report['candidate']}` ({report['candidate_kind']}, {len(kept)} layers kept: "
         f"{','.join(map(str, kept))})",
-        f"- runtime: {report['runtime']} on {report['device']} ({report['device_name']}), dtype {report['dtype']}",
+        f"- runtime: {report['runtime']} on {report['device']} ({report['device_name']}), dtype {report['dtype']}"
+        + (", products on ulsexport's decode kernels" if report.get("decode_kernels") else ""),
         "",
         "## Parity (candidate vs the pruned checkpoint in PyTorch fp32)",
         "",

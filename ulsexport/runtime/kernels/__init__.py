@@ -2,20 +2,23 @@
 rewrite that uses it.
 
 `DecodeMatMul` (domain com.ulsexport, `decode_matmul.cu`) is a MatMul by an fp16 weight held transposed
-([N, K]). A decode step's few rows (at most 8) run one kernel that streams each weight row once on the
-tensor cores; cuBLAS's kernels for such shapes cost each product its weight bytes plus 4-6 us, measured
-on the H200. More rows (a prompt) go to cuBLAS.
+([F, K]); with swiglu=1 a gated MLP's gate and up stacked ([2F, K]), the SiLU and product included. A
+decode step's one or two rows run a GEMV that streams each weight row once (cuBLAS's kernels for such
+shapes cost each product its weight bytes plus 4-6 us, measured on the H200); more rows (a prompt, a
+larger batch) go to cuBLAS.
 
 `use_decode_matmul` rewrites a graph in memory: each MatMul by a 2-D fp16 initializer becomes
-DecodeMatMul over `Transpose(weight)`, which onnxruntime folds into a transposed initializer when the
-session is made (constant folding, on the host), so the export's files and its weights' layout stay as
-they are and no second copy is kept.
+DecodeMatMul over `Transpose(weight)`, and each gated MLP one DecodeMatMul over the Concat of its two
+transposed weights. onnxruntime folds those into initializers when the session is made (constant
+folding, on the host), so the export's files and their layout stay as they are and no second copy is
+kept.
 
-The library is built on first use into a cache folder, keyed by the source and the nvcc command, and
-found there after; `ULSEXPORT_KERNELS_LIBRARY` names a library built elsewhere. Building needs nvcc
-(CUDA 12 or newer), cuBLAS's headers and onnxruntime's C/C++ headers, 1.16 or newer (onnxruntime's
-release archives' include/ folder, or Debian's and Ubuntu's libonnxruntime-dev: ORT_INCLUDE_DIR names
-the folder holding onnxruntime_cxx_api.h).
+The library is built on first use for the GPU's architecture into a cache folder, keyed by the source
+and the architecture, and found there after (then nothing but nvidia-smi is needed);
+`ULSEXPORT_KERNELS_LIBRARY` names a library built elsewhere. Building needs nvcc (CUDA 12 or newer),
+cuBLAS's headers and library, and onnxruntime's C/C++ headers, 1.21 or newer (onnxruntime's release
+archives' include/ folder, or Debian's and Ubuntu's libonnxruntime-dev: ORT_INCLUDE_DIR names the folder
+holding onnxruntime_cxx_api.h); the library then loads in any onnxruntime of that API version or newer.
 """
 from __future__ import annotations
 
@@ -26,15 +29,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ...errors import UserError, first_line
+from ...errors import UserError
 
 SOURCE = Path(__file__).with_name("decode_matmul.cu")
 LIBRARY_NAME = "libulsexport_kernels.so"
 LIBRARY_ENV = "ULSEXPORT_KERNELS_LIBRARY"
 DOMAIN = "com.ulsexport"
 DECODE_MATMUL = "DecodeMatMul"
-TRANSPOSED = ".ulsexport_nk"  # suffix of a weight's transposed copy
-K_MULTIPLE, N_MULTIPLE = 32, 16  # shapes the decode kernel takes (others run cuBLAS in the same op)
+TRANSPOSED = ".ulsexport_nk"     # suffix of a weight's transposed copy
+STACKED = ".ulsexport_gate_up"   # suffix of a gated MLP's stacked gate and up
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 
 
@@ -56,9 +59,11 @@ def _nvidia_package_dirs(sub: str) -> list[Path]:
 
 
 def gpu_arch() -> str:
-    """The compute capability of the first GPU, as nvcc's architecture number ("90" for an H100 or H200)."""
+    """The compute capability of the GPU CUDA numbers 0 (the first of CUDA_VISIBLE_DEVICES, which nvidia-smi
+    does not read), as nvcc's architecture number ("90" for an H100 or H200)."""
+    first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+        done = subprocess.run(["nvidia-smi", "-i", first or "0", "--query-gpu=compute_cap", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         done = None
@@ -90,33 +95,40 @@ def build_command(output: Path, arch: str | None = None) -> list[str]:
                         "nvidia-cublas pip package)")
     cublas = sorted(cublas_lib.glob("libcublas.so*"), key=lambda p: len(p.name))[0].name
     arch = arch or gpu_arch()
-    gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
+    gencode = f"-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"  # and PTX, for newer GPUs
     return [str(nvcc), "-O3", "-std=c++17", gencode, "-shared", "-Xcompiler", "-fPIC", "-cudart", "shared",
             f"-I{ort_include}", f"-I{cublas_include}", f"-L{cublas_lib}", f"-l:{cublas}",
             "-Xlinker", f"-rpath={cublas_lib}", "-o", str(output), str(SOURCE)]
 
 
 def library(arch: str | None = None) -> Path:
-    """The custom-op library: `ULSEXPORT_KERNELS_LIBRARY`, or this source's build in the cache (built now
-    if missing; written whole or not at all)."""
+    """The custom-op library: `ULSEXPORT_KERNELS_LIBRARY`, or this source's build for `arch` (default: this
+    machine's GPU) in the cache, built now if missing (written whole or not at all)."""
     if os.environ.get(LIBRARY_ENV):
-        path = Path(os.environ[LIBRARY_ENV])
+        path = Path(os.environ[LIBRARY_ENV]).resolve()  # dlopen would search the system's folders for a bare name
         if not path.is_file():
-            raise UserError(f"{LIBRARY_ENV}={path}: no such file")
+            raise UserError(f"{LIBRARY_ENV}={os.environ[LIBRARY_ENV]}: no such file")
         return path
     arch = arch or gpu_arch()
-    probe = build_command(Path("OUT"), arch)
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(probe).encode()).hexdigest()[:16]
-    path = cache_folder() / key / LIBRARY_NAME
+    key = hashlib.sha256(SOURCE.read_bytes() + arch.encode()).hexdigest()[:16]
+    path = cache_folder() / f"{key}-sm{arch}" / LIBRARY_NAME
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        partial = Path(tmp) / LIBRARY_NAME
-        done = subprocess.run(build_command(partial, arch), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise UserError(f"nvcc could not build {SOURCE.name}: {first_line(Exception(done.stderr or done.stdout))}")
-        partial.replace(path)
+    command = build_command(path, arch)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            partial = Path(tmp) / LIBRARY_NAME
+            done = subprocess.run(build_command(partial, arch), capture_output=True, text=True)
+            if done.returncode != 0:
+                log = path.parent / "build.log"
+                log.write_text(" ".join(command) + "\n\n" + done.stdout + done.stderr)
+                lines = (done.stderr or done.stdout).splitlines()
+                error = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "no output")
+                raise UserError(f"nvcc could not build {SOURCE.name}: {error.strip()} (the whole log: {log})")
+            partial.replace(path)
+    except OSError as exc:
+        raise UserError(f"could not build ulsexport's CUDA kernels into {path.parent}: {exc}") from None
     return path
 
 
@@ -124,42 +136,55 @@ def use_decode_matmul(model) -> int:
     """Rewrite `model` (an onnx ModelProto, external weights not loaded) in place: each gated MLP's
     gate and up MatMuls with their SiLU and product (`_swiglu_patterns`) become one gated DecodeMatMul
     over Concat(Transpose(gate), Transpose(up)), and each other MatMul by a 2-D fp16 initializer a
-    DecodeMatMul over Transpose(weight). How many MatMuls were replaced."""
+    DecodeMatMul over Transpose(weight). The Transposes and Concats (of initializers only) go first in
+    the graph, one per weight or pair however many nodes read it, under names no value has. How many
+    MatMuls were replaced."""
     from onnx import helper
 
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     nodes = list(graph.node)  # held, so that each node's id() stays its own while this runs
-    made: set[str] = set()
+    taken = {n for node in nodes for n in (*node.input, *node.output, node.name)} | set(weights) | {
+        v.name for v in (*graph.input, *graph.output)}
+    made: dict[tuple, str] = {}     # (op, weights) -> the value made of them
+    first: list = []                # the nodes that make them
     replace: dict[int, list] = {}   # id of a node -> the nodes in its place (none: removed)
+
+    def unique(name: str) -> str:
+        out, n = name, 1
+        while out in taken:
+            out, n = f"{name}.{n}", n + 1
+        taken.add(out)
+        return out
+
+    def transposed(weight: str) -> str:
+        if ("t", weight) not in made:
+            out = made["t", weight] = unique(weight + TRANSPOSED)
+            first.append(helper.make_node("Transpose", [weight], [out], name=out, perm=[1, 0]))
+        return made["t", weight]
+
+    def stacked(gate: str, up: str) -> str:
+        if ("gu", gate, up) not in made:
+            parts = [transposed(gate), transposed(up)]
+            out = made["gu", gate, up] = unique(gate + STACKED)
+            first.append(helper.make_node("Concat", parts, [out], name=out, axis=0))  # gate rows, then up rows
+        return made["gu", gate, up]
+
     replaced = 0
-
-    def transposed(name: str) -> tuple[str, list]:
-        out = name + TRANSPOSED
-        if out in made:
-            return out, []
-        made.add(out)
-        return out, [helper.make_node("Transpose", [name], [out], name=out, perm=[1, 0])]
-
     for gate, up, sigmoid, act, product in _swiglu_patterns(nodes, [o.name for o in graph.output], weights):
-        (gate_t, first), (up_t, second) = transposed(gate.input[1]), transposed(up.input[1])
-        stacked = gate.input[1] + ".ulsexport_gate_up"
-        fused = helper.make_node(DECODE_MATMUL, [gate.input[0], stacked], [product.output[0]], name=stacked,
-                                 domain=DOMAIN, swiglu=1)
-        replace[id(product)] = [*first, *second, helper.make_node("Concat", [gate_t, up_t], [stacked], name=stacked
-                                                                  + ".concat", axis=0), fused]
+        weight = stacked(gate.input[1], up.input[1])
+        replace[id(product)] = [helper.make_node(DECODE_MATMUL, [gate.input[0], weight], [product.output[0]],
+                                                 name=product.name or unique(weight), domain=DOMAIN, swiglu=1)]
         for node in (gate, up, sigmoid, act):
             replace[id(node)] = []
         replaced += 2
     for node in nodes:
         if id(node) not in replace and _is_weight_matmul(node, weights):
-            weight_t, transpose = transposed(node.input[1])
+            node.input[1] = transposed(node.input[1])
             node.op_type, node.domain = DECODE_MATMUL, DOMAIN
-            node.input[1] = weight_t
-            replace[id(node)] = [*transpose, node]
             replaced += 1
     if replaced:
-        rewritten = [new for node in nodes for new in replace.get(id(node), [node])]
+        rewritten = first + [new for node in nodes for new in replace.get(id(node), [node])]
         del graph.node[:]
         graph.node.extend(rewritten)
         if DOMAIN not in {o.domain for o in model.opset_import}:

@@ -2,19 +2,20 @@
 //
 // DecodeMatMul(X [..., K] fp16, Wt [F, K] fp16) -> Y [..., F] = X @ Wt^T: a MatMul by a weight held
 // transposed. With the attribute swiglu=1, Wt is a gated MLP's gate and up projections stacked
-// ([2F, K]: gate rows, then up rows) and Y [..., F] = silu(X @ gate^T) * (X @ up^T), in fp32 before
-// the one rounding to fp16.
+// ([2F, K]: gate rows, then up rows) and Y [..., F] = silu(X @ gate^T) * (X @ up^T).
 //
-// A decode step's few rows (at most kGemvRows) run `gemv_kernel`: a warp per two weight rows (two
-// features, or a feature's gate and up), each lane reading 16 bytes of each per step, so that a warp
-// reads 512 contiguous bytes of a row at a time; fp32 accumulation, as cuBLAS accumulates. More rows
-// (a prompt, a larger batch) run cuBLAS, which is then as fast or compute bound, and a SwiGLU kernel
-// after it where gated.
+// A decode step's few rows (at most kGemvRows; K a multiple of 8, X and Wt 16-byte aligned) run
+// `gemv_kernel`: a warp per two weight rows (two features, or a feature's gate and up), each lane
+// reading 16 bytes of each per step, so that a warp reads 512 contiguous bytes of a row at a time; fp32
+// accumulation, as cuBLAS accumulates, and gated, the SiLU and product in fp32 before the one rounding.
+// Other shapes (a prompt, a larger batch) run cuBLAS, which is then as fast or compute bound, and where
+// gated a SwiGLU kernel after it over cuBLAS's fp16 gate and up.
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -50,6 +51,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const half* _
   const int pair = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
   const int feature = kGated ? pair : 2 * pair;
   if (feature >= features) return;
+  const bool second = kGated || feature + 1 < features;  // an odd count leaves the last warp one row
   const half* rows[2] = {w + static_cast<size_t>(feature) * k,
                          w + static_cast<size_t>(kGated ? feature + features : feature + 1) * k};
   const int chunks = k / kKMultiple;
@@ -62,7 +64,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const half* _
     for (int u = 0; u < kUnroll; ++u) {
       const int c = first + 32 * u;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) wv[u][r] = c < chunks ? load_once(rows[r] + kKMultiple * c) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < 2; ++r)
+        wv[u][r] = c < chunks && (r == 0 || second) ? load_once(rows[r] + kKMultiple * c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -96,7 +99,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const half* _
       out[0] = __float2half_rn(silu(acc[m][0]) * acc[m][1]);
     } else {
       out[0] = __float2half_rn(acc[m][0]);
-      if (feature + 1 < features) out[1] = __float2half_rn(acc[m][1]);
+      if (second) out[1] = __float2half_rn(acc[m][1]);
     }
   }
 }
@@ -133,14 +136,19 @@ void check(cublasStatus_t status, const char* what) {
                              std::to_string(static_cast<int>(status)) + ")", ORT_FAIL);
 }
 
-// one cuBLAS handle per thread and device, with a workspace of its own (so that capture allocates nothing)
+// one cuBLAS handle per thread and device, with a workspace of its own, so that cuBLAS allocates nothing
+// when a run is captured (the handle is made at a thread's first product on the device: in onnxruntime's
+// decoding that is the prompt's, which runs uncaptured); freed when the thread ends
 cublasHandle_t cublas_for(int device) {
   struct Handle {
     cublasHandle_t handle = nullptr;
     void* workspace = nullptr;
+    ~Handle() {
+      if (handle != nullptr) cublasDestroy(handle);
+      if (workspace != nullptr) cudaFree(workspace);
+    }
   };
-  static thread_local std::vector<Handle> handles;
-  if (static_cast<int>(handles.size()) <= device) handles.resize(device + 1);
+  static thread_local std::map<int, Handle> handles;  // a map's entries stay where they are made
   Handle& h = handles[device];
   if (h.handle == nullptr) {
     check(cublasCreate(&h.handle), "cublasCreate");
@@ -162,6 +170,35 @@ void cublas_product(const half* x, const half* w, half* out, int64_t rows, int64
                      CUDA_R_16F, static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         "cublasGemmEx");
 }
+
+// a scratch buffer from onnxruntime's allocator for the device, freed and the allocator released when it goes
+// out of scope, once the kernels that use it are queued: as onnxruntime's own kernels free their scratch
+// (the arena hands it out again to work queued after them on the same stream)
+class Scratch {
+ public:
+  Scratch(Ort::KernelContext& ctx, int device, size_t bytes) {
+    Ort::MemoryInfo memory("Cuda", OrtDeviceAllocator, device, OrtMemTypeDefault);
+    allocator_ = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(memory));
+    data_ = allocator_->Alloc(allocator_, bytes);
+    if (data_ == nullptr) {
+      Ort::GetApi().ReleaseAllocator(allocator_);
+      throw Ort::Exception("ulsexport DecodeMatMul: no device memory for the gate and up product", ORT_FAIL);
+    }
+  }
+  ~Scratch() {
+    allocator_->Free(allocator_, data_);
+    Ort::GetApi().ReleaseAllocator(allocator_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  half* data() const { return static_cast<half*>(data_); }
+
+ private:
+  OrtAllocator* allocator_ = nullptr;
+  void* data_ = nullptr;
+};
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 struct DecodeMatMulKernel {
   bool gated = false;
@@ -198,12 +235,16 @@ struct DecodeMatMulKernel {
     std::vector<int64_t> y_shape = x_shape;
     y_shape.back() = features;
     Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
-    if (rows == 0) return;
+    if (rows == 0 || features == 0) return;
     auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
     auto x_data = static_cast<const half*>(x.GetTensorRawData());
     auto w_data = static_cast<const half*>(w.GetTensorRawData());
     auto y_data = static_cast<half*>(y.GetTensorMutableRawData());
-    if (rows <= kGemvRows && k % kKMultiple == 0) {
+    if (k == 0) {  // an empty sum
+      check(cudaMemsetAsync(y_data, 0, sizeof(half) * rows * features, stream), "cudaMemsetAsync");
+      return;
+    }
+    if (rows <= kGemvRows && k % kKMultiple == 0 && aligned16(x_data) && aligned16(w_data)) {
       (gated ? launch_gemv<true> : launch_gemv<false>)(x_data, w_data, y_data, static_cast<int>(rows),
                                                         static_cast<int>(features), static_cast<int>(k), stream);
       check(cudaGetLastError(), "GEMV launch");
@@ -215,14 +256,10 @@ struct DecodeMatMulKernel {
     }
     int device = 0;
     check(cudaGetDevice(&device), "cudaGetDevice");
-    Ort::MemoryInfo memory("Cuda", OrtDeviceAllocator, device, OrtMemTypeDefault);
-    OrtAllocator* allocator = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(memory));
-    auto gate_up = static_cast<half*>(allocator->Alloc(allocator, sizeof(half) * rows * weight_rows));
-    cublas_product(x_data, w_data, gate_up, rows, weight_rows, k, stream);
-    swiglu_kernel<<<1024, 256, 0, stream>>>(gate_up, y_data, rows, static_cast<int>(features));
-    cudaError_t status = cudaGetLastError();
-    allocator->Free(allocator, gate_up);  // stream-ordered: the arena hands it out again only after these kernels
-    check(status, "SwiGLU launch");
+    Scratch gate_up(ctx, device, sizeof(half) * rows * weight_rows);
+    cublas_product(x_data, w_data, gate_up.data(), rows, weight_rows, k, stream);
+    swiglu_kernel<<<1024, 256, 0, stream>>>(gate_up.data(), y_data, rows, static_cast<int>(features));
+    check(cudaGetLastError(), "SwiGLU launch");
   }
 };
 
@@ -249,7 +286,10 @@ extern "C" {
 // the entry point onnxruntime's register_custom_ops_library calls
 OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) return nullptr;  // an onnxruntime older than these headers: the graph's ops stay unknown
+  if (api == nullptr)  // an onnxruntime older than the headers built against; CreateStatus is in every version
+    return api_base->GetApi(1)->CreateStatus(
+        ORT_FAIL, ("ulsexport's kernels were built for onnxruntime API " + std::to_string(ORT_API_VERSION) +
+                   " or newer; this onnxruntime is " + api_base->GetVersionString()).c_str());
   Ort::InitApi(api);
   static DecodeMatMulOp decode_matmul;
   try {
@@ -260,6 +300,8 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
     domains.push_back(std::move(domain));
   } catch (const Ort::Exception& e) {
     return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
   }
   return nullptr;
 }
