@@ -51,9 +51,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const half* _
   const int pair = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
   const int feature = kGated ? pair : 2 * pair;
   if (feature >= features) return;
-  const bool second = kGated || feature + 1 < features;  // an odd count leaves the last warp one row
+  // an odd count leaves the last warp one row: it reads that row twice (no branch in the loop) and writes once
+  const bool second = kGated || feature + 1 < features;
   const half* rows[2] = {w + static_cast<size_t>(feature) * k,
-                         w + static_cast<size_t>(kGated ? feature + features : feature + 1) * k};
+                         w + static_cast<size_t>(kGated ? feature + features : feature + second) * k};
   const int chunks = k / kKMultiple;
   float acc[M][2];
 #pragma unroll
@@ -64,8 +65,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemv_kernel(const half* _
     for (int u = 0; u < kUnroll; ++u) {
       const int c = first + 32 * u;
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
-        wv[u][r] = c < chunks && (r == 0 || second) ? load_once(rows[r] + kKMultiple * c) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < 2; ++r) wv[u][r] = c < chunks ? load_once(rows[r] + kKMultiple * c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
