@@ -263,18 +263,12 @@ def markdown(report: dict, batches) -> str:
               "| ours | against | ratio (min..max) |", "|---|---|---|"]
     for key, r in sorted(summary["vs_genai_best"].items()):
         lines.append(f"| {key} | {r['against']} | {r['median_ratio']:.3f} ({r['min']:.3f}..{r['max']:.3f}) |")
-    lines += ["", "## Speedup of the pruned graphs over the full graph, same runtime (median per-round ratio)", "",
-              "| graph, runtime, batch | speedup |", "|---|---|"]
-    for key, v in sorted(summary["speedup_over_full"].items()):
-        lines.append(f"| {key} | {v:.3f}x |")
-    lines += ["", "## Queued steps against the step-by-step captured loop (stepwise ms over queued ms, median "
-              "per-round ratio)", "", "| graph, runtime, batch | ratio |", "|---|---|"]
-    for key, v in sorted(summary["vs_stepwise"].items()):
-        lines.append(f"| {key} | {v:.3f} |")
-    lines += ["", "## ours-kernels against ours-graph (ours-graph ms over ours-kernels ms, median per-round ratio)", "",
-              "| graph, runtime, batch | ratio |", "|---|---|"]
-    for key, v in sorted(summary["kernels_vs_graph"].items()):
-        lines.append(f"| {key} | {v:.3f} |")
+    lines += ratio_table("Speedup of the pruned graphs over the full graph, same runtime (median per-round ratio)",
+                         summary["speedup_over_full"], "speedup", "x")
+    lines += ratio_table("Queued steps against the step-by-step captured loop (stepwise ms over queued ms, median "
+                         "per-round ratio)", summary["vs_stepwise"])
+    lines += ratio_table("ours-kernels against ours-graph (ours-graph ms over ours-kernels ms, median per-round "
+                         "ratio)", summary["kernels_vs_graph"])
     lines += ["", "Session load seconds: " + "; ".join(
         f"{name} " + ", ".join(f"{r} {s:.1f}" for r, s in g.get("load_seconds", {}).items())
         for name, g in report["graphs"].items())]
@@ -300,6 +294,12 @@ def markdown(report: dict, batches) -> str:
         for runtime, top in graph.get("kernels_b1", {}).items():
             lines.append(f"- {name} {runtime}: " + "; ".join(f"{k} {us} us x{n}" for k, us, n in top))
     return "\n".join(lines) + "\n"
+
+
+def ratio_table(title: str, ratios: dict, column: str = "ratio", unit: str = "") -> list[str]:
+    """A markdown section: one row per (graph, runtime, batch) key and its ratio."""
+    return ["", f"## {title}", "", f"| graph, runtime, batch | {column} |", "|---|---|",
+            *(f"| {key} | {v:.3f}{unit} |" for key, v in sorted(ratios.items()))]
 
 
 def _device(device: str) -> str:

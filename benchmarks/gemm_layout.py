@@ -140,10 +140,11 @@ def main() -> None:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             row = {"gemm": name, "k": k, "n": n, "rows": rows, "floor_us": 1e6 * nbytes / bandwidth}
             for layout, (kn, product) in products.items():
-                if layout.startswith("gemv") and (rows > DECODE_ROWS or (layout == "gemv-swiglu") != (name == "gate_up")):
+                gemv = layout.startswith("gemv")
+                if gemv and (rows > DECODE_ROWS or (layout == "gemv-swiglu") != (name == "gate_up")):
                     continue
                 if args.kernels:
-                    checks = {"poison": True} if layout.startswith("gemv") else {}  # every element must be written
+                    checks = {"poison": True} if gemv else {}  # every element must be written
                     if layout == "gemv-swiglu":
                         checks["reference"] = swiglu_reference
                     row[f"{layout}_error"] = relative_error(product, torch.randn_like(x), stored[kn][0], kn, **checks)
@@ -165,7 +166,8 @@ def main() -> None:
             f"{r[f'{p}_us']:.1f} ({r[f'{p}_fraction']:.0%})" if f"{p}_us" in r else "-" for p in products) + " |")
     if args.kernels:
         lines += ["", "Relative error against float64 (fp16 operands): " + "; ".join(
-            f"{r['gemm']} x{r['rows']} " + ", ".join(f"{p} {r[f'{p}_error']:.1e}" for p in products if f"{p}_error" in r)
+            f"{r['gemm']} x{r['rows']} "
+            + ", ".join(f"{p} {r[f'{p}_error']:.1e}" for p in products if f"{p}_error" in r)
             for r in results["rows"])]
     write_results(args.json, results, "\n".join(lines) + "\n")
 

@@ -63,8 +63,8 @@ def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_
     for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
         check_writable_file(path, option)  # before the work, not after it
     result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance, text,
-                            tasks, reference_artifact, quiet=ctx.obj["quiet"], cuda_graph=False if no_cuda_graph else None,
-                            decode_kernels=decode_kernels)
+                            tasks, reference_artifact, quiet=ctx.obj["quiet"],
+                            cuda_graph=False if no_cuda_graph else None, decode_kernels=decode_kernels)
     write_reports(result, json_path, report_path, plot_path)
     click.echo(markdown(result))
     if not result["parity"]["passed"]:

@@ -73,8 +73,8 @@ class OnnxDecoder(Runtime):
     QUEUED_STEPS where steps are captured and choose their own ids, else 1) bounds the steps `decode`
     queues; `decode_kernels` (CUDA) runs the graph's products by fp16 weights on ulsexport's own kernels
     (`kernels.use_decode_matmul`; the session then folds a transposed copy of those weights on the host
-    at load, instead of the file's layout). A factory gets the model as a path or, with the argmax added, as bytes (their options name
-    the folder of the external weights).
+    at load, instead of the file's layout). A factory gets the model as a path or, with the argmax added,
+    as bytes (their options name the folder of the external weights).
     """
 
     name = "ort"
@@ -104,8 +104,7 @@ class OnnxDecoder(Runtime):
         self.cuda_graph_off = None  # why capture was asked for and is not used
         self.device_argmax_off = None  # why the graph does not choose the ids where it could
         self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
-        self.decode_kernels = decode_kernels
-        self.library = kernels.library() if decode_kernels else None
+        self.library = kernels.library() if decode_kernels else None  # the custom-op library each session registers
         path = str(folder / self.onnx["file"])
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession

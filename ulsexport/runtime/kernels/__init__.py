@@ -76,7 +76,8 @@ def gpu_arch() -> str:
 def build_command(output: Path, arch: str | None = None) -> list[str]:
     """The nvcc command that builds the library into `output` for `arch` (default: this machine's GPU), or a
     UserError saying what is missing."""
-    nvcc = shutil.which("nvcc") or _first_with([os.environ.get("CUDA_HOME", "") + "/bin", "/usr/local/cuda/bin"], "nvcc")
+    nvcc = shutil.which("nvcc") or _first_with([os.environ.get("CUDA_HOME", "") + "/bin", "/usr/local/cuda/bin"],
+                                                "nvcc")
     if nvcc is None:
         raise UserError("building ulsexport's CUDA kernels needs nvcc (the CUDA toolkit) on PATH or in CUDA_HOME")
     nvcc = Path(nvcc) / "nvcc" if Path(nvcc).is_dir() else Path(nvcc)
