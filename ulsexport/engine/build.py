@@ -11,12 +11,14 @@ lineage (cache_to_original_layer, kept, plan) and the engine's facts. It appears
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 
 from ..artifact import BuildResult, graph_entry, read_manifest, write_manifest
 from ..errors import UserError, first_line
-from ..outputs import atomic_output_dir
+from ..outputs import atomic_output_dir, io_error, resolve_path
 from .library import load_library
 from .ops import standard_ops_check
 from .profiles import DEFAULT_MAX_SEQ, engine_profiles, parse_batch, resolve_precision
@@ -108,7 +110,7 @@ def build_engine(model, out, precision: str | None = None, batch: str | tuple[in
     profiles = engine_profiles(onnx, batches, max_seq)
     lib, trt = load_library(library, trt_module)
     mode = resolve_precision(onnx["dtype"], precision, lib.weak_precision_flags(trt))
-    cache_in = Path(timing_cache) if timing_cache else None
+    cache_in = check_timing_cache(timing_cache, model, out) if timing_cache else None
     with atomic_output_dir(out, force, protect=(model,)) as tmp:
         plan, facts = _build(trt, lib, model / onnx["file"], profiles, mode, workspace_gb, cache_in, quiet)
         with open(tmp / ENGINE_FILE, "wb") as f:
@@ -120,11 +122,8 @@ def build_engine(model, out, precision: str | None = None, batch: str | tuple[in
             (tmp / TIMING_CACHE_FILE).write_bytes(blob)
             saved = None
             if cache_in:
-                cache_in.parent.mkdir(parents=True, exist_ok=True)
-                partial = cache_in.with_name(f".{cache_in.name}.tmp")
-                partial.write_bytes(blob)
-                partial.replace(cache_in)
-                saved = str(cache_in.absolute())
+                write_file_atomically(cache_in, blob)
+                saved = str(cache_in)
             cache_facts = {"file": TIMING_CACHE_FILE, "bytes": len(blob), "loaded_from": facts["timing_cache_loaded"],
                            "saved_to": saved}
         copy_side_files(model, tmp)
@@ -149,6 +148,37 @@ def build_engine(model, out, precision: str | None = None, batch: str | tuple[in
                                         library=lib.name)]
         write_manifest(tmp, result)
     return BuildResult(out, read_manifest(out), time.perf_counter() - start)
+
+
+def check_timing_cache(path, model: Path, out: Path) -> Path:
+    """The resolved --timing-cache, refused where writing it back would replace an input or land
+    in --out (which the build replaces whole)."""
+    cache = resolve_path(path)
+    for folder, what in ((model, "the --model export"), (out, "--out")):
+        folder = resolve_path(folder)
+        if cache == folder or folder in cache.parents:
+            raise UserError(f"--timing-cache {path} lies inside {what} ({folder}); the build writes the cache "
+                            "back there: give a file outside every input and --out")
+    if cache.is_dir():
+        raise UserError(f"--timing-cache {path} is a directory; give a file name")
+    return cache
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """`path` holding `data`, whole or not at all: written beside it under a temporary name, then renamed."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise io_error(exc, f"writing the timing cache {path}") from None
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
 
 
 def copy_side_files(model: Path, dst: Path) -> None:

@@ -1,0 +1,73 @@
+"""The README's guarantees for the newer stages (issue 33): `engine`'s timing cache, `run`'s unchanged
+stages, `validate` on CUDA-less machines and over multi-depth exports, `open_runtime` over broken
+multi-depth exports, and recipe values checked before the first stage runs."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from ulsexport.errors import UserError
+
+
+def one_line_exit_2(result, says: str = "") -> None:
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.output and says in result.stderr, result.stderr
+
+
+# --- engine --timing-cache (item 4) ---
+
+@pytest.fixture(scope="module")
+def trt_export(tmp_path_factory):
+    """A tiny 4-layer llama pruned to 2 layers and exported for TensorRT."""
+    from ulsexport.engine.onnx_target import export_standard_onnx
+    from ulsexport.prune import plan_for_model, prune_checkpoint
+    from ulsexport.testing import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("trt")
+    src = make_tiny_checkpoint("llama", root / "full", num_layers=4)
+    prune_checkpoint(src, root / "hf", plan_for_model(src, 2), quiet=True)
+    return export_standard_onnx(root / "hf", root / "onnx-trt", quiet=True).out_dir
+
+
+@pytest.mark.parametrize("inside", ["model.onnx", "ulsexport.json", "new.cache", "."])
+def test_a_timing_cache_inside_the_export_is_refused_and_the_export_untouched(trt_export, tmp_path, inside):
+    from test_engine import FakeTensorRT
+    from ulsexport.engine import build_engine
+
+    before = {p.name: p.read_bytes() for p in trt_export.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="--timing-cache .* lies inside the --model export"):
+        build_engine(trt_export, tmp_path / "trt", batch="1", max_seq=32, timing_cache=trt_export / inside,
+                     library="tensorrt", quiet=True, trt_module=FakeTensorRT())
+    assert {p.name: p.read_bytes() for p in trt_export.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "trt").exists()
+
+
+def test_a_timing_cache_inside_out_or_a_folder_is_refused(trt_export, tmp_path):
+    from test_engine import FakeTensorRT
+    from ulsexport.engine import build_engine
+
+    (tmp_path / "folder").mkdir()
+    for cache, says in ((tmp_path / "trt" / "t.cache", "lies inside --out"), (tmp_path / "folder", "is a directory")):
+        with pytest.raises(UserError, match=says):
+            build_engine(trt_export, tmp_path / "trt", batch="1", max_seq=32, timing_cache=cache,
+                         library="tensorrt", quiet=True, trt_module=FakeTensorRT())
+    assert not (tmp_path / "trt").exists()
+
+
+def test_the_timing_cache_is_written_whole_through_a_rename(trt_export, tmp_path, monkeypatch):
+    import os
+
+    from test_engine import FakeTensorRT
+    from ulsexport.engine import build_engine
+
+    cache = tmp_path / "caches" / "trt.cache"
+    cache.parent.mkdir()
+    cache.write_bytes(b"old")
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((str(a), str(b))), real_replace(a, b))[1])
+    build_engine(trt_export, tmp_path / "trt", batch="1", max_seq=32, timing_cache=cache, library="tensorrt",
+                 quiet=True, trt_module=FakeTensorRT())
+    assert cache.read_bytes() == b"fake-timing-cache:old"
+    assert [b for _, b in replaced] == [str(cache)] and sorted(p.name for p in cache.parent.iterdir()) == ["trt.cache"]
