@@ -71,3 +71,27 @@ def test_the_timing_cache_is_written_whole_through_a_rename(trt_export, tmp_path
                  quiet=True, trt_module=FakeTensorRT())
     assert cache.read_bytes() == b"fake-timing-cache:old"
     assert [b for _, b in replaced] == [str(cache)] and sorted(p.name for p in cache.parent.iterdir()) == ["trt.cache"]
+
+
+# --- run: a stage is unchanged only if its outputs are (item 10) ---
+
+def test_run_redoes_a_stage_whose_output_was_damaged(tmp_path):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "recipes" / "stories260k-demo.yaml"
+    fast = ["--set", f"artifacts={tmp_path}", "--set", "validate.batches=[1]", "--set", "validate.prompt_len=8",
+            "--set", "validate.new_tokens=2", "--set", "validate.runs=1", "--set", "validate.parity_steps=4",
+            "--set", "validate.text=null"]
+    first = run_cli("run", demo, *fast)
+    assert first.exit_code == 0, first.output
+    graph = tmp_path / "stories260k-uls-2x" / "onnx" / "model.onnx"
+    whole = graph.read_bytes()
+    graph.write_bytes(whole[:len(whole) // 3])
+    again = run_cli("run", demo, *fast)
+    assert again.exit_code == 0, again.output
+    assert "prune: skipped (unchanged)" in again.stderr
+    assert "onnx: ran (its outputs had changed since it wrote them)" in again.stderr
+    assert graph.read_bytes() == whole  # the export is rebuilt byte for byte: the report validated it
+    assert "parity: PASS" in again.stdout
+    third = run_cli("run", demo, *fast)
+    assert third.exit_code == 0 and third.stderr.count("skipped (unchanged)") == 3, third.output

@@ -3,8 +3,9 @@
 A recipe names a model, a plan and, optionally, healing, an ONNX export, a validation and a Triton model
 repository; `run_recipe` writes everything under `artifacts/<name>/`: `hf/`, `healed/`, `onnx/`, `report/`
 (report.md, report.json, report.png), `triton/`, and returns a short summary of what the run measured.
-A stage whose inputs (its recipe section and the stage before it) have not changed since the last run
-is skipped, and says so; `force=True` redoes every stage. `--set key=value` overrides any field,
+A stage whose inputs (its recipe section and the stage before it) have not changed since the last run,
+and whose outputs are still those it wrote (their contents fingerprinted when written), is skipped, and
+says so; `force=True` redoes every stage. `--set key=value` overrides any field,
 dotted for nested ones (`--set plan.speedup=3`).
 """
 from __future__ import annotations
@@ -231,21 +232,28 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
     report = None
 
     def stage(name: str, inputs: dict, target: Path, work: Callable[[], None]) -> str:
+        """Run `work` unless the stage's inputs and its outputs (`target`, as fingerprinted when it was
+        written) are both unchanged; returns what later stages are keyed by: inputs and outputs."""
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
-        if stamps.get(name) == key and target.exists():
+        written = target.parent if target.name == "report.json" else target  # the whole report folder
+        recorded = stamps.get(name) if isinstance(stamps.get(name), dict) else {}
+        outputs = model_fingerprint(str(written)) if recorded.get("inputs") == key and target.exists() else None
+        if outputs is not None and recorded.get("outputs") == outputs:
             stages[name] = "skipped (unchanged)"
         else:
             if target.name != "report.json" and os.path.lexists(target) and not (target / "ulsexport.json").is_file():
                 raise UserError(f"{target} exists and was not written by ulsexport (no ulsexport.json); "
                                 "`run` replaces only its own outputs: move it away")
             echo(f"[{recipe['name']}] {name} ...")
+            changed = outputs is not None  # the same inputs, but the outputs are not those written
             work()
-            stamps[name] = key
+            outputs = model_fingerprint(str(written))
+            stamps[name] = {"inputs": key, "outputs": outputs}
             out.mkdir(parents=True, exist_ok=True)
-            stamps_path.write_text(json.dumps(stamps, indent=2) + "\n")
-            stages[name] = "ran"
+            _write_stamps(stamps_path, stamps)
+            stages[name] = "ran (its outputs had changed since it wrote them)" if changed else "ran"
         echo(f"[{recipe['name']}] {name}: {stages[name]}")
-        return key
+        return f"{key}:{outputs}"
 
     plan_section = recipe["plan"]
     plan = _plan_up_front(recipe, quiet)  # a bad plan is refused before any stage starts
@@ -312,6 +320,13 @@ def _read_stamps(path: Path) -> dict:
     except (OSError, ValueError):
         return {}  # unreadable: every stage runs again
     return stamps if isinstance(stamps, dict) else {}
+
+
+def _write_stamps(path: Path, stamps: dict) -> None:
+    """The stamps file, whole or not at all (a partial one would make every stage look changed, or worse)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stamps, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def model_fingerprint(model: str) -> str | None:
