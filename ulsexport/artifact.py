@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,21 @@ def read_manifest(directory: Path) -> dict | None:
     if not isinstance(data, dict):
         raise UserError(f"{path} is not an ulsexport manifest (not a JSON object)")
     return data
+
+
+def artifact_path(folder, relative, what: str = "a file") -> Path:
+    """`folder/relative` for a path read from `folder`'s manifest, resolved (symlinks too) and checked to lie
+    inside `folder`: a manifest is input, never trusted to name an absolute path or one out of its folder."""
+    where = f"{Path(folder) / MANIFEST_NAME}: {what}"
+    if not isinstance(relative, str) or not relative.strip() or "\0" in relative:
+        raise UserError(f"{where} must be a path relative to its folder (a non-empty string), not {relative!r}")
+    if os.path.isabs(relative):
+        raise UserError(f"{where} is an absolute path ({relative}); it must lie inside {folder}")
+    base = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(base, relative))
+    if not path.startswith(base.rstrip(os.sep) + os.sep):
+        raise UserError(f"{where} ({relative}) lies outside {folder}; a manifest may name only files inside it")
+    return Path(path)
 
 
 def finite_json(data, path: str = "", replaced: list | None = None):

@@ -295,6 +295,10 @@ def atomic_output_dir(out: Path, force: bool = False, protect: tuple[Path, ...] 
             raise io_error(exc, f"writing into {out.parent}") from None
         try:
             yield tmp
+        except shutil.Error as exc:  # copytree's list of (src, dst, why): the first says what the disk refused
+            errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+            why = errors[0][2] if errors and len(errors[0]) == 3 else str(exc)
+            raise UserError(f"writing {out} failed: {why}") from None
         except OSError as exc:
             if exc.errno in IO_ERRNOS:
                 raise io_error(exc, f"writing {out}") from None

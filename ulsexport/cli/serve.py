@@ -98,20 +98,29 @@ def serve(ctx, repository, host, http_port, grpc_port, metrics_port, log_file, r
       ulsexport serve artifacts/llama-2x/triton --http-port 9000 --grpc-port 9001 --metrics-port 9002
       ulsexport serve artifacts/llama-2x/triton --python /opt/serve-env/bin/python
     """
-    from ..serve.server import TritonServer, available
+    from ..cli import Terminated
     from ..errors import UserError
+    from ..serve.server import TritonServer, available
 
     why = available()
     if why:
         raise UserError(why)
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, log_file=log_file, python=python)
+    if host not in LOOPBACK and not host.startswith("127."):
+        click.echo(f"warning: --host {host} makes every endpoint (HTTP and gRPC inference, metrics) reachable from "
+                   "the network, unauthenticated: anyone who can reach this machine can run the models; use "
+                   "127.0.0.1 (the default) unless a firewall or proxy guards it", err=True)
+    signalled = []
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
+    def on_signal(signum, frame):
+        if signalled:  # stopping already: a second Ctrl-C or SIGTERM waits for the cleanup
+            return
+        signalled.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     # SIGINT too: a shell that starts us in the background leaves SIGINT ignored
-    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         start = time.monotonic()
         server.start()
@@ -132,12 +141,20 @@ def serve(ctx, repository, host, http_port, grpc_port, metrics_port, log_file, r
         click.echo("Ctrl-C stops the server.")
         while server.poll() is None:
             time.sleep(0.5)
-        raise UserError(f"tritonserver exited (code {server.poll()}); last lines of its log:\n{server.log_tail()}")
-    except KeyboardInterrupt:
+        error = server.failure(f"tritonserver exited (code {server.poll()})")
+        server.stop(keep_log=True)
+        raise error
+    except KeyboardInterrupt:  # Terminated too: the group exits 130 or 143 once the server is stopped
+        signalled.append(None)  # from here on, further signals wait for the cleanup
         click.echo("stopping tritonserver ...", err=True)
         code = server.stop()
         click.echo(f"stopped (exit code {code})", err=True)
+        raise
     finally:
+        signalled.append(None)
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+LOOPBACK = ("localhost", "::1", "ip6-localhost")

@@ -32,10 +32,21 @@ def plan_step_config(name: str, manifest: dict) -> str:
 
 def write_step_model(artifact: Path, folder: Path, name: str, manifest: dict) -> Path:
     """folder/name/config.pbtxt and folder/name/1/model.plan (a hard link where the filesystem allows)."""
+    from ..artifact import artifact_path
+    from ..errors import UserError
+
+    engine = manifest.get("engine")
+    if not isinstance(engine, dict) or not isinstance(manifest.get("onnx"), dict):
+        raise UserError(f"{artifact}'s manifest has no `engine` or `onnx` section; build the engine again")
+    src = artifact_path(artifact, engine.get("file"), "engine.file")
+    if Path(engine["file"]).name != engine["file"]:  # config.pbtxt names it as the model folder's own file
+        raise UserError(f"{artifact}'s manifest: engine.file must be a file of the folder itself, not {engine['file']}")
+    if not src.is_file():
+        raise UserError(f"{artifact}: the engine file {engine['file']} is missing; build the engine again")
     model = Path(folder) / name
     (model / "1").mkdir(parents=True, exist_ok=True)
     (model / "config.pbtxt").write_text(plan_step_config(name, manifest))
-    src, dst = Path(artifact) / manifest["engine"]["file"], model / "1" / manifest["engine"]["file"]
+    dst = model / "1" / src.name
     try:
         os.link(src, dst)
     except OSError:

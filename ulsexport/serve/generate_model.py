@@ -53,6 +53,7 @@ class Prompt:
     done: bool = False
     text_sent: str = ""          # streamed so far (incremental detokenization)
     depth: str = DEFAULT_DEPTH   # the depth tag it is decoded at (resolved: never the alias over a multi-depth export)
+    cancelled: bool = False      # its client went away (a stream): no more tokens, no response
 
 
 def _eos_ids(folder: Path, tokenizer) -> set[int]:
@@ -74,11 +75,19 @@ def model_limits(folder: Path) -> tuple[int | None, int | None]:
     max_sequence_length where the export has one (shared cache)."""
     from ..artifact import read_manifest
 
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    config = config.get("text_config", config)
+    try:
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        from ..errors import UserError
+        raise UserError(f"{folder / 'config.json'} is not valid JSON") from None
+    config = config if isinstance(config, dict) else {}
+    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     vocab = config.get("vocab_size")
+    vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
+    onnx = (read_manifest(folder) or {}).get("onnx")
     positions = [p for p in (config.get("max_position_embeddings"),
-                             ((read_manifest(folder) or {}).get("onnx") or {}).get("max_sequence_length")) if p]
+                             onnx.get("max_sequence_length") if isinstance(onnx, dict) else None)
+                 if isinstance(p, int) and not isinstance(p, bool) and p > 0]
     return vocab, (min(positions) if positions else None)
 
 
@@ -168,7 +177,10 @@ class Generator:
         if max_tokens is None:
             n = self.default_max_tokens
         else:
-            n = int(np.asarray(max_tokens).reshape(-1)[0])
+            value = np.asarray(max_tokens)
+            if value.size != 1 or value.dtype.kind not in "iu":  # never cast a float or a string
+                raise RequestError(f"max_tokens must be one whole number (got {value.reshape(-1)[:3].tolist()})")
+            n = int(value.reshape(-1)[0])  # a Python int: no wrapping from here on
             if n < 1:
                 raise RequestError(f"max_tokens must be at least 1 (got {n})")
             if n > self.max_tokens:
@@ -341,8 +353,11 @@ class TritonPythonModel:
 
             def on_token(row, p, token, members=members):
                 if self.decoupled and p.stream:
-                    senders[rows[members[row]]].send(self._response([token], self.generator.piece(p)),
-                                                     flags=final if p.done else 0)
+                    sender = senders[rows[members[row]]]
+                    if sender.is_cancelled():  # the client went away: stop decoding its row
+                        p.done = p.cancelled = True
+                        return
+                    sender.send(self._response([token], self.generator.piece(p)), flags=final if p.done else 0)
             try:
                 steps += self.generator.decode(group, on_token)
             except Exception as exc:  # a runtime failure fails this batch, not the server
@@ -355,6 +370,8 @@ class TritonPythonModel:
                         responses[rows[m]] = self._error(message)
                 continue
             for m, p in zip(members, group):
+                if p.cancelled:
+                    continue
                 if self.decoupled and not p.stream:
                     senders[rows[m]].send(self._response(p.new_ids, self.generator.text(p)), flags=final)
                 elif not self.decoupled:

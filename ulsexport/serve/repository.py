@@ -32,14 +32,17 @@ import shutil
 import time
 from pathlib import Path
 
-from ..artifact import BuildResult, artifact_kind, read_manifest, write_manifest
+from ..artifact import BuildResult, artifact_kind, artifact_path, read_manifest, write_manifest
 from ..errors import UserError
-from ..outputs import atomic_output_dir
+from ..outputs import atomic_output_dir, resolve_path
 from .generate_model import DEFAULT_DEPTH, DEFAULT_MAX_TOKENS, model_limits
 
 SERVED = "models"           # REPO/models: the repository that is served
 STEP_REPOSITORY = "onnxruntime"
 KIND = "triton-repository"
+# Bounds of the settings (Triton accepts larger ones and then cannot load the model, or runs out of memory)
+MAX_BATCH, MAX_INSTANCES, MAX_QUEUE_DELAY_US, MAX_TOKENS_LIMIT = 4096, 64, 60_000_000, 1_000_000
+SAMPLE_TEXT = "Once upon a time, a little robot said hello to 42 friends."
 
 MODEL_PY = '''\
 # Written by `ulsexport triton`. The implementation lives in the ulsexport package, which must be
@@ -74,7 +77,8 @@ def generate_config(name: str, *, artifact: str, runtime: str, device: str, dtyp
         "input [",
         '  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
         '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true allow_ragged_batch: true },',
-        '  { name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
+        # INT64: Triton casts a JSON number to the input's type, so an INT32 input would wrap 2**32+1 to 1
+        '  { name: "max_tokens" data_type: TYPE_INT64 dims: [ 1 ] optional: true },',
         '  { name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true },',
         '  { name: "depth" data_type: TYPE_STRING dims: [ 1 ] optional: true }',
         "]",
@@ -137,6 +141,84 @@ def _link_or_copy(src, dst):
     return dst
 
 
+def plain_path(path: Path, what: str) -> Path:
+    """Refuse a path tritonserver's Python backend cannot load models from: its stub takes the model's
+    path as a command-line argument split at spaces, and fails on non-ASCII characters."""
+    text = str(resolve_path(path))
+    if re.search(r"[^\x21-\x7e]", text):
+        raise UserError(f"{what} {text} holds a space or a non-ASCII character; tritonserver's Python backend "
+                        "cannot load models from such a path (its stub splits the path at spaces): choose a plain path")
+    return path
+
+
+def _graph_complete(artifact: Path, file, what: str) -> None:
+    """The ONNX graph `file` of `artifact` parses, and each external tensor lies inside its data file."""
+    import onnx
+
+    path = artifact_path(artifact, file, what)
+    if not path.is_file():
+        raise UserError(f"{artifact}: {what} {file} is missing; re-export the artifact")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: a truncated or foreign file
+        raise UserError(f"{artifact}: {what} {file} is not a complete ONNX graph ({type(exc).__name__}); "
+                        "re-export the artifact") from None
+    if not proto.graph.node or not proto.graph.output:
+        raise UserError(f"{artifact}: {what} {file} holds no graph (truncated?); re-export the artifact")
+    sizes: dict[str, int] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location")
+        if location not in sizes:
+            data = artifact_path(artifact, location, f"the weights file of {file}")
+            sizes[location] = data.stat().st_size if data.is_file() else -1
+        end = int(info.get("offset") or 0) + int(info.get("length") or 0)
+        if sizes[location] < 0:
+            raise UserError(f"{artifact}: the weights file {location} of {file} is missing; re-export the artifact")
+        if end > sizes[location]:
+            raise UserError(f"{artifact}: the weights file {location} of {file} holds {sizes[location]} bytes, "
+                            f"short of the {end} its tensor {tensor.name} needs (truncated?); re-export the artifact")
+
+
+def check_artifact(artifact: Path, kind: str, source: dict) -> None:
+    """Refuse, in one line, an artifact that would not load in the server: every graph (each depth's)
+    and its weights present, inside the folder and complete, and a tokenizer that round-trips text."""
+    from ..tokenizer import load_tokenizer
+
+    if kind == "onnx":
+        if source.get("multi_depth"):
+            weights = source.get("weights")
+            if not isinstance(weights, dict):
+                raise UserError(f"{artifact}'s manifest has no `weights` section; re-export it")
+            path = artifact_path(artifact, weights.get("file"), "weights.file")
+            size = path.stat().st_size if path.is_file() else None
+            if size != weights.get("bytes"):
+                raise UserError(f"{artifact}: the weights file {weights.get('file')} "
+                                f"{'is missing' if size is None else f'holds {size} bytes'}, not the "
+                                f"{weights.get('bytes')} its manifest records; re-export the artifact")
+            for i, graph in enumerate(source.get("graphs")):
+                if not isinstance(graph.get("onnx"), dict):
+                    raise UserError(f"{artifact}'s manifest: graphs[{i}] has no `onnx` section; re-export it")
+                _graph_complete(artifact, graph.get("file"), f"graphs[{i}].file")
+        else:
+            onnx = source.get("onnx")
+            if not isinstance(onnx, dict):
+                raise UserError(f"{artifact}'s manifest has no `onnx` section; re-export it")
+            _graph_complete(artifact, onnx.get("file"), "onnx.file")
+            if onnx.get("external_data") is not None:
+                artifact_path(artifact, onnx["external_data"], "onnx.external_data")
+    tokenizer = load_tokenizer(artifact)
+    try:
+        back = tokenizer.decode(tokenizer(SAMPLE_TEXT).input_ids, skip_special_tokens=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the server could not tokenize
+        back = f"{type(exc).__name__}: {exc}"
+    if " ".join(str(back).split()) != SAMPLE_TEXT:
+        raise UserError(f"{artifact}'s tokenizer does not round-trip text ({SAMPLE_TEXT!r} came back as "
+                        f"{str(back)[:60]!r}): a tokenizer file is missing or broken")
+
+
 def default_name(artifact: Path) -> str:
     """artifacts/NAME/onnx -> NAME; any other folder -> its own name; made URL-safe."""
     artifact = Path(artifact).resolve()
@@ -169,12 +251,16 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
     _, positions = model_limits(artifact)
     if max_tokens is None:  # 512, or what the model's positions leave room for
         max_tokens = min(512, positions - 1) if positions else 512
-    for flag, value in (("--max-batch", max_batch), ("--instances", instances), ("--max-tokens", max_tokens),
-                        ("--default-max-tokens", default_max_tokens)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1 (got {value})")
-    if queue_delay_us < 0:
-        raise UserError(f"--queue-delay-us must be 0 or more (got {queue_delay_us})")
+    for flag, value, low, high in (("--max-batch", max_batch, 1, MAX_BATCH), ("--instances", instances, 1, MAX_INSTANCES),
+                                   ("--max-tokens", max_tokens, 1, MAX_TOKENS_LIMIT),
+                                   ("--default-max-tokens", default_max_tokens, 1, MAX_TOKENS_LIMIT),
+                                   ("--queue-delay-us", queue_delay_us, 0, MAX_QUEUE_DELAY_US)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{flag} must be a whole number (got {value!r})")
+        if value < low:
+            raise UserError(f"{flag} must be at least {low} (got {value})")
+        if value > high:
+            raise UserError(f"{flag} must be at most {high} (got {value})")
     name = name or default_name(artifact)
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise UserError(f"--name {name!r}: use letters, digits, '_', '-' and '.' (it becomes a URL path)")
@@ -182,13 +268,18 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
         raise UserError(f"{artifact} has no tokenizer files; the server tokenizes text_input with the artifact's own")
     if positions and max_tokens >= positions:
         raise UserError(f"--max-tokens {max_tokens} leaves no room for a prompt in the model's {positions} positions")
+    plain_path(Path(out), "--out")
     source = read_manifest(artifact) or {}
-    onnx = source.get("onnx") or {}  # a multi-depth export's: its default graph's
+    onnx = source.get("onnx") if isinstance(source.get("onnx"), dict) else {}  # multi-depth: the default graph's
     if source.get("multi_depth"):
         if runtime != "ort":
             raise UserError(f"{artifact} is a multi-depth export; --runtime ort serves its depths, not {runtime}")
+        graphs = source.get("graphs")
+        if not isinstance(graphs, list) or not all(isinstance(g, dict) and isinstance(g.get("tag"), str)
+                                                   for g in graphs):
+            raise UserError(f"{artifact}'s manifest: `graphs` must be a list of graphs, each with a tag; re-export it")
         depths = [{"tag": g["tag"], "speedup": g.get("speedup"), "kept": g.get("kept"), "file": g.get("file")}
-                  for g in source.get("graphs") or []]
+                  for g in graphs]
         default_depth = source.get("default_graph")
         if not depths or default_depth not in [d["tag"] for d in depths]:
             raise UserError(f"{artifact}'s manifest lists no graphs or no default_graph among them; re-export it")
@@ -196,6 +287,7 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
         depths = [{"tag": DEFAULT_DEPTH, "speedup": (source.get("plan") or {}).get("speedup_target"),
                    "kept": source.get("kept"), "file": onnx.get("file")}]
         default_depth = DEFAULT_DEPTH
+    check_artifact(artifact, kind, source)
     stream_name = f"{name}_stream"
     common = dict(runtime=runtime, device=device, dtype=dtype, max_batch=max_batch, max_tokens=max_tokens,
                   default_max_tokens=min(default_max_tokens, max_tokens), instances=instances, cuda_graph=cuda_graph,
@@ -208,7 +300,9 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
             where = "1/artifact" if not decoupled else f"../{name}/1/artifact"
             (served / model / "config.pbtxt").write_text(generate_config(model, artifact=where, decoupled=decoupled,
                                                                          **common))
-        shutil.copytree(artifact, served / name / "1" / "artifact", copy_function=_link_or_copy)
+        def inside(src, dst):  # a symlink in the artifact must not bring in a file from outside it
+            return _link_or_copy(artifact_path(artifact, os.path.relpath(src, artifact), "a file of the artifact"), dst)
+        shutil.copytree(artifact, served / name / "1" / "artifact", copy_function=inside)
         models = [{"name": name, "role": "generate", "path": f"{SERVED}/{name}", "served": True},
                   {"name": stream_name, "role": "generate_stream", "path": f"{SERVED}/{stream_name}", "served": True}]
         step = {"written": False}
@@ -218,14 +312,18 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
         elif onnx.get("kv_cache") != "concat":
             step["reason"] = (f"the artifact's KV cache is '{onnx.get('kv_cache')}' (one buffer bound as past and "
                               "present); Triton's implicit state needs the concat layout (ulsexport onnx --kv-cache concat)")
-        elif onnx.get("external_data") and not (artifact / onnx["external_data"]).is_file():
+        elif onnx.get("external_data") and not artifact_path(artifact, onnx["external_data"],
+                                                             "onnx.external_data").is_file():
             step["reason"] = f"the external data file {onnx['external_data']} is missing"
         else:
             folder = tmp / STEP_REPOSITORY / step_name / "1"
             folder.mkdir(parents=True)
-            _link_or_copy(artifact / onnx["file"], folder / "model.onnx")
-            if onnx.get("external_data"):
-                _link_or_copy(artifact / onnx["external_data"], folder / onnx["external_data"])
+            _link_or_copy(artifact_path(artifact, onnx["file"], "onnx.file"), folder / "model.onnx")
+            if onnx.get("external_data"):  # the graph names it as is: it must be a plain file name
+                data = artifact_path(artifact, onnx["external_data"], "onnx.external_data")
+                if data.parent != artifact.resolve() or Path(onnx["external_data"]).name != onnx["external_data"]:
+                    raise UserError(f"{artifact}'s manifest: onnx.external_data must be a file of the folder itself")
+                _link_or_copy(data, folder / data.name)
             (folder.parent / "config.pbtxt").write_text(step_config(step_name, onnx))
             step.update(written=True, depth=default_depth,
                         note="for Triton's full containers (onnxruntime backend); not served by "

@@ -23,8 +23,11 @@ What it takes care of (each seen failing otherwise):
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
+import re
+import socket
 import os
 import shutil
 import signal
@@ -36,10 +39,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifact import MANIFEST_NAME, artifact_path, read_manifest
 from ..errors import UserError
+from ..outputs import check_writable_file, io_error, resolve_path
 
 INSTALL = "pip install --no-deps nvidia-pytriton==0.7.0 && pip install 'tritonclient[http,grpc]' && pip install -U 'protobuf>=7'"
 SHM_DIR = Path("/dev/shm")
@@ -173,14 +179,18 @@ def server_env(python: ModelPython) -> dict:
 def served_models(repository: Path) -> tuple[Path, list[str]]:
     """(the folder to pass as --model-repository, the model names to wait for)."""
     repository = Path(repository)
-    manifest_path = repository / "ulsexport.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(repository)  # not JSON, or not an object: one line
+    if manifest is not None:
         if manifest.get("kind") != "triton-repository":
             raise UserError(f"{repository} is a {manifest.get('kind')} artifact, not a Triton repository; "
                             f"write one with `ulsexport triton --model {repository} --out REPO`")
-        folder = repository / manifest.get("served_repository", "models")
-        names = [m["name"] for m in manifest["models"] if m.get("served")]
+        models = manifest.get("models")
+        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("name"), str)
+                                                   and re.fullmatch(MODEL_NAME, m["name"]) for m in models):
+            raise UserError(f"{repository / MANIFEST_NAME} has no valid `models` list (each a model with a plain "
+                            "name); write the repository again with `ulsexport triton`")
+        folder = artifact_path(repository, manifest.get("served_repository", "models"), "served_repository")
+        names = [m["name"] for m in models if m.get("served")]
     else:
         folder = repository
         names = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()) \
@@ -190,6 +200,98 @@ def served_models(repository: Path) -> tuple[Path, list[str]]:
     return folder, names
 
 
+MODEL_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+TMP_PREFIX = "ulsexport-triton-"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn of the server: SIGTERM when `serve` dies, however it dies (SIGKILL too), so the server
+    stops its stubs and removes their shared memory."""
+    def preexec():
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died before the prctl took hold
+            os._exit(1)
+    return preexec
+
+
+def remove_stale_temp() -> None:
+    """Remove the temporary folders (log, working directory) of `serve` runs that were killed outright."""
+    for path in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
+        match = re.match(rf"{TMP_PREFIX}(\d+)-", path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Refuse a port another process listens on (a second `serve` would otherwise talk to the first)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"{flag} {port} on {host} is not free ({exc.strerror}): another server (another "
+                            f"`ulsexport serve`?) uses it; stop it or choose other ports") from None
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports that process `pid` listens on (Linux /proc)."""
+    inodes = set()
+    try:
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd.path)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+LOG_LINE = re.compile(r"^([IWE])\d{4} [^\]]*\] ?(.*)$")
+BENIGN = ("CudaDriverHelper has not been initialized",)  # logged as an error by every CPU-only start
+# lines that mean a model will not load (the stub of a model that failed to start is waited for minutes)
+LOAD_FAILED = re.compile(r"Failed to preinitialize|failed to load|^terminate called|Stub process .* (unhealthy|not healthy)")
+
+
+def _messages(log: str):
+    for line in log.splitlines():
+        match = LOG_LINE.match(line)
+        level, message = (match.group(1), match.group(2)) if match else (None, line)
+        yield level, message.strip().strip('"').strip()
+
+
+def load_failure(log: str) -> str | None:
+    """The first log line saying that a model cannot load, else None."""
+    return next((m for _, m in _messages(log) if LOAD_FAILED.search(m)), None)
+
+
+def first_error(log: str) -> str | None:
+    """The cause of a failure in tritonserver's log: its first error line (E-lines, the benign ones
+    skipped), else a line saying a model cannot load, else a Python exception line of a stub."""
+    errors = [m for level, m in _messages(log) if level == "E" and m and not m.startswith(BENIGN)]
+    return next(iter(errors), None) or load_failure(log) or next(
+        (m for _, m in _messages(log) if re.match(r"^[A-Za-z_.]*(Error|Exception): ", m)), None)
+
+
 class TritonServer:
     """One tritonserver process over a repository (from `ulsexport triton`, or any folder of models)."""
 
@@ -197,16 +299,41 @@ class TritonServer:
                  grpc_port: int = 8001, metrics_port: int = 8002, log_file: str | Path | None = None,
                  exit_timeout_s: int = 30, log_verbose: int = 0, extra_args: tuple[str, ...] = (),
                  python: str | Path | None = None):
-        self.repository = Path(repository).resolve()
-        self.python = ModelPython.of(python)
+        from .repository import plain_path
+
+        self.repository = plain_path(Path(repository), "the repository").resolve()
         self.model_repository, self.models = served_models(self.repository)
+        self.python = ModelPython.of(python)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
-        self.log_path = Path(log_file) if log_file else None
+        self.ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+        for flag, port in self.ports.items():
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                raise UserError(f"{flag} must be a port number from 1 to 65535 (got {port})")
+        if len(set(self.ports.values())) < 3:
+            raise UserError(f"the HTTP, gRPC and metrics ports must differ (got {http_port}, {grpc_port}, "
+                            f"{metrics_port})")
+        self.log_path = self.check_log_file(log_file) if log_file else None
         self.exit_timeout_s, self.log_verbose, self.extra_args = exit_timeout_s, log_verbose, tuple(extra_args)
         self.shm_prefix = f"ulsexport_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self.process: subprocess.Popen | None = None
         self._log_handle = None
-        self._own_log_dir: Path | None = None
+        self._own_dir: Path | None = None   # working directory of the server (and its log unless given)
+
+    def check_log_file(self, log_file) -> Path:
+        """--log-file, refused where writing it would change a file ulsexport or the user needs: inside the
+        repository or any ulsexport artifact (their files are hard links to the exported artifact's), a file
+        with other hard links; or where it cannot be written (a directory, a read-only folder)."""
+        check_writable_file(log_file, "--log-file")
+        path = resolve_path(log_file)
+        for folder in path.parents:
+            if folder == self.repository or (folder / MANIFEST_NAME).is_file():
+                raise UserError(f"--log-file {log_file} lies inside {'the repository' if folder == self.repository else 'the artifact'} "
+                                f"{folder}; ulsexport never writes into one (its files are hard links to the "
+                                f"exported artifact's): choose a log file outside it")
+        if path.exists() and (not path.is_file() or path.stat().st_nlink > 1):
+            raise UserError(f"--log-file {log_file} is {'not a plain file' if not path.is_file() else 'hard-linked to another file'}; "
+                            f"writing the log would change it: choose a new file")
+        return path
 
     # -- addresses ------------------------------------------------------------------------------
     @property
@@ -251,15 +378,25 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.process is not None:
             raise RuntimeError("server already started")
+        for flag, port in self.ports.items():
+            check_port_free(self.host, port, flag)
         command = self.command()
+        remove_stale_temp()
+        # a folder of our own: the server's working directory (a folder holding `ulsexport/` would shadow the
+        # package in the stubs) and its log unless --log-file names one; the pid in its name lets a later run
+        # remove it if this one is killed outright
+        self._own_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
         if self.log_path is None:
-            self._own_log_dir = Path(tempfile.mkdtemp(prefix="ulsexport-triton-"))
-            self.log_path = self._own_log_dir / "tritonserver.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_handle = open(self.log_path, "wb")
-        # a session of its own: a terminal's Ctrl-C reaches us only, and we forward it once
+            self.log_path = self._own_dir / "tritonserver.log"
+        try:
+            self._log_handle = open(self.log_path, "wb")
+        except OSError as exc:
+            self.stop()
+            raise io_error(exc, f"opening --log-file {self.log_path}") from None
+        # a session of its own (a terminal's Ctrl-C reaches us only, and we forward it once), stopped when we die
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log_handle,
-                                        stderr=subprocess.STDOUT, env=server_env(self.python), start_new_session=True)
+                                        stderr=subprocess.STDOUT, env=server_env(self.python), cwd=self._own_dir,
+                                        start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
         return self
 
     def log_text(self) -> str:
@@ -279,53 +416,63 @@ class TritonServer:
             return False
 
     def ready(self) -> bool:
-        return self._ok("/v2/health/ready") and all(self._ok(f"/v2/models/{m}/ready") for m in self.models)
+        return (self._ok("/v2/health/ready") and all(self._ok(f"/v2/models/{m}/ready") for m in self.models)
+                and self.http_port in listening_ports(self.process.pid))  # ours, not another server's
+
+    def failure(self, what: str) -> UserError:
+        """One line: what happened and the first error in the server's log (the log is kept, and named)."""
+        cause = first_error(self.log_text()) or "no error line in its log"
+        return UserError(f"{what}: {' '.join(cause.split())} (log: {self.log_path})")
 
     def wait_ready(self, timeout_s: float = 180) -> TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                code = self.process.returncode
-                self.stop()
-                raise UserError(f"tritonserver exited (code {code}) before its models were ready; "
-                                f"last lines of {self.log_path}:\n{self.log_tail()}")
+                error = self.failure(f"tritonserver exited (code {self.process.returncode}) before its models "
+                                     "were ready")
+                self.stop(keep_log=True)
+                raise error
             if self.ready():
                 return self
+            if load_failure(self.log_text()):  # at once, not after the whole timeout
+                error = self.failure("tritonserver could not load the models")
+                self.stop(keep_log=True)
+                raise error
             time.sleep(0.2)
-        tail = self.log_tail()
-        self.stop()
-        raise UserError(f"tritonserver was not ready after {timeout_s:.0f} s; last lines of its log:\n{tail}")
+        error = self.failure(f"tritonserver was not ready after {timeout_s:.0f} s")
+        self.stop(keep_log=True)
+        raise error
 
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def stop(self, timeout_s: float | None = None, sig: int = signal.SIGTERM) -> int | None:
-        """Signal the server, wait for it (models unloaded, stubs gone), then kill what is left;
+    def stop(self, timeout_s: float | None = None, sig: int = signal.SIGTERM, keep_log: bool = False) -> int | None:
+        """Signal the server, wait for it (models unloaded, stubs gone), then kill what is left; remove our
+        shared memory and temporary folder (`keep_log`: a temporary log stays, for the user to read);
         returns its exit code. Safe to call twice."""
         process, code = self.process, None
         if process is not None:
             wait = timeout_s if timeout_s is not None else self.exit_timeout_s + 10
             if process.poll() is None:
-                try:
-                    process.send_signal(sig)
-                    code = process.wait(timeout=wait)
-                except subprocess.TimeoutExpired:
-                    try:  # the server and the stubs it started share its session's process group
-                        os.killpg(process.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    code = process.wait()
-            else:
-                code = process.returncode
-                # stubs outlive a server killed hard; they are in its process group
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                process.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=wait)
+            # stubs outlive a server that died or hangs; they are in its session's process group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            code = process.wait()
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
         self.remove_shared_memory()
+        if self._own_dir is not None:
+            if keep_log and self.log_path and self.log_path.parent == self._own_dir:
+                for path in self._own_dir.iterdir():
+                    if path != self.log_path:
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(self._own_dir, ignore_errors=True)
+            self._own_dir = None
         return code
 
     def remove_shared_memory(self) -> list[str]:
