@@ -95,3 +95,66 @@ def test_run_redoes_a_stage_whose_output_was_damaged(tmp_path):
     assert "parity: PASS" in again.stdout
     third = run_cli("run", demo, *fast)
     assert third.exit_code == 0 and third.stderr.count("skipped (unchanged)") == 3, third.output
+
+
+# --- open_runtime over broken multi-depth exports (item 17) ---
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """A 4-layer tiny llama exported at depths full and 2x over one weights file."""
+    from ulsexport.export.multi_depth import export_multi_depth
+    from ulsexport.testing import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("multi")
+    src = make_tiny_checkpoint("llama", root / "hf", num_layers=4)
+    return src, export_multi_depth(src, root / "multi", [1, 2], quiet=True).out_dir
+
+
+def _truncate(path, keep=lambda n: n // 2):
+    path.write_bytes(path.read_bytes()[:keep(path.stat().st_size)])
+
+
+def _edit_manifest(folder, change):
+    import json
+
+    manifest = json.loads((folder / "ulsexport.json").read_text())
+    change(manifest)
+    (folder / "ulsexport.json").write_text(json.dumps(manifest))
+
+
+BROKEN_MULTI_DEPTH = {
+    "weights truncated": (lambda d: _truncate(d / "weights.onnx.data"), "weights.onnx.data holds"),
+    "weights empty": (lambda d: _truncate(d / "weights.onnx.data", lambda n: 0), "weights.onnx.data is empty"),
+    "weights missing": (lambda d: (d / "weights.onnx.data").unlink(), "weights.onnx.data is missing"),
+    "depth graph missing": (lambda d: (d / "2x.onnx").unlink(), "2x.onnx is missing"),
+    "depth graph truncated": (lambda d: _truncate(d / "2x.onnx", lambda n: 200), "could not load it"),
+    "graph that does not exist": (lambda d: _edit_manifest(d, lambda m: m["graphs"][1].update(file="nope.onnx")),
+                                  "nope.onnx is missing"),
+    "graph outside the folder": (lambda d: _edit_manifest(d, lambda m: m["graphs"][1].update(file="../2x.onnx")),
+                                 "outside"),
+    "graph at an absolute path": (lambda d: _edit_manifest(d, lambda m: m["graphs"][1].update(file="/etc/hostname")),
+                                  "absolute path"),
+    "graph without its onnx section": (lambda d: _edit_manifest(d, lambda m: m["graphs"][1].pop("onnx")),
+                                       "graph 2 of its manifest has no onnx"),
+    "default graph not listed": (lambda d: _edit_manifest(d, lambda m: m.update(default_graph="9x")),
+                                 "lack the default graph '9x'"),
+    "weights file outside": (lambda d: _edit_manifest(d, lambda m: m["weights"].update(file="../w.data")), "outside"),
+    "no graphs": (lambda d: _edit_manifest(d, lambda m: m.update(graphs=None)), "lists no graphs"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_MULTI_DEPTH))
+def test_open_runtime_refuses_a_broken_multi_depth_export_in_one_line(multi, tmp_path, case):
+    import shutil
+
+    from ulsexport.runtime import open_runtime
+
+    _, out = multi
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    shutil.copy(out / "2x.onnx", tmp_path / "2x.onnx")  # what "../2x.onnx" would name
+    break_it, says = BROKEN_MULTI_DEPTH[case]
+    break_it(broken)
+    with pytest.raises(UserError) as error:
+        open_runtime(broken, "ort")
+    assert says in str(error.value) and "\n" not in str(error.value)

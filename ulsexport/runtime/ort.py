@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..artifact import read_manifest
+from ..artifact import artifact_path, read_manifest
 from ..errors import UserError, first_line
 from . import kernels
 from .base import DeviceLogits, Runtime, position_ids_from_mask
@@ -105,7 +105,7 @@ class OnnxDecoder(Runtime):
         self.device_argmax_off = None  # why the graph does not choose the ids where it could
         self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
         self.library = kernels.library() if decode_kernels else None  # the custom-op library each session registers
-        path = str(folder / self.onnx["file"])
+        path = str(artifact_path(folder, self.onnx.get("file"), f"the graph file (onnx.file{' of ' + graph if graph else ''})"))
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
             try:
@@ -564,13 +564,13 @@ class SharedWeights:
         import onnx
         from onnx.helper import tensor_dtype_to_np_dtype
 
-        self.file = Path(folder) / manifest["weights"]["file"]
+        self.file, graph_files = multi_depth_files(folder, manifest)
         self.provider = provider
         self.arrays: dict[str, np.ndarray] = {}
         self.names: dict[str, list[str]] = {}      # graph file -> the shared initializers it names
         data = np.memmap(self.file, dtype=np.uint8, mode="r")
         for graph in manifest["graphs"]:
-            proto = onnx.load(str(Path(folder) / graph["file"]), load_external_data=False)
+            proto = onnx.load(str(graph_files[graph["tag"]]), load_external_data=False)
             names = []
             for tensor in proto.graph.initializer:
                 info = {e.key: e.value for e in tensor.external_data}
@@ -578,12 +578,24 @@ class SharedWeights:
                     continue
                 names.append(tensor.name)
                 if tensor.name not in self.arrays:
-                    start, length = int(info["offset"]), int(info["length"])
-                    self.arrays[tensor.name] = data[start:start + length].view(
-                        tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
+                    self.arrays[tensor.name] = self._array(data, tensor, info, graph["file"], tensor_dtype_to_np_dtype)
             self.names[graph["file"]] = names
         self.device_tensors = []
         self.values = {name: self._value(array) for name, array in self.arrays.items()}
+
+    def _array(self, data: np.memmap, tensor, info: dict, graph_file: str, np_dtype) -> np.ndarray:
+        """The tensor's bytes in the weights file, viewed as its dtype and shape; refused in one line
+        where the graph's offsets or sizes do not fit the file (a truncated or foreign weights file)."""
+        try:
+            start, length = int(info.get("offset", 0)), int(info["length"])
+            dtype = np.dtype(np_dtype(tensor.data_type))
+            fits = 0 <= start and start + length <= data.size and length == dtype.itemsize * int(np.prod(tensor.dims))
+        except (KeyError, ValueError, TypeError):
+            fits = False
+        if not fits:
+            raise UserError(f"{graph_file}: the weight {tensor.name} does not fit {self.file.name} ({data.size} bytes; "
+                            "truncated, or from another export); rebuild it with `ulsexport onnx --speedups ...`")
+        return data[start:start + length].view(dtype).reshape(tuple(tensor.dims))
 
     def _value(self, array: np.ndarray):
         import onnxruntime as ort
@@ -617,6 +629,37 @@ class SharedWeights:
             return ort.InferenceSession(model, options, providers=providers)
 
         return make
+
+
+def multi_depth_files(folder: Path, manifest: dict) -> tuple[Path, dict[str, Path]]:
+    """The weights file and each depth's graph file (by tag) of a multi-depth export, checked first: every
+    graph with its tag, file, kept layers and onnx section, the default among them, every file inside the
+    folder, present, and the weights file as long as the manifest says; else one line naming what is wrong."""
+    folder = Path(folder)
+    rebuild = "rebuild it with `ulsexport onnx --speedups ...`"
+    graphs, weights = manifest.get("graphs"), manifest.get("weights")
+    if not isinstance(graphs, list) or not graphs or not isinstance(weights, dict):
+        raise UserError(f"{folder}: its multi-depth manifest lists no graphs or no weights; {rebuild}")
+    for i, graph in enumerate(graphs):
+        missing = [key for key, kind in (("tag", str), ("file", str), ("kept", list), ("onnx", dict))
+                   if not isinstance(graph, dict) or not isinstance(graph.get(key), kind)]
+        if missing:
+            raise UserError(f"{folder}: graph {i + 1} of its manifest has no {' or '.join(missing)}; {rebuild}")
+    tags = [g["tag"] for g in graphs]
+    if len(set(tags)) != len(tags) or manifest.get("default_graph") not in tags:
+        raise UserError(f"{folder}: its manifest's depths {tags} repeat a tag or lack the default graph "
+                        f"{manifest.get('default_graph')!r}; {rebuild}")
+    weights_file = artifact_path(folder, weights.get("file"), "weights.file")
+    files = {g["tag"]: artifact_path(folder, g["file"], f"the graph file of depth {g['tag']}") for g in graphs}
+    for path in (weights_file, *files.values()):
+        if not path.is_file() or path.stat().st_size == 0:
+            raise UserError(f"{folder}: {path.name} is {'empty' if path.is_file() else 'missing'}; the export is "
+                            f"incomplete: {rebuild}")
+    size, expected = weights_file.stat().st_size, weights.get("bytes")
+    if isinstance(expected, int) and size != expected:
+        raise UserError(f"{folder}: {weights_file.name} holds {size} bytes, its manifest says {expected} "
+                        f"(truncated or replaced); {rebuild}")
+    return weights_file, files
 
 
 class DepthState:
