@@ -158,3 +158,23 @@ def test_open_runtime_refuses_a_broken_multi_depth_export_in_one_line(multi, tmp
     with pytest.raises(UserError) as error:
         open_runtime(broken, "ort")
     assert says in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("file", ["../model.onnx", "/etc/hostname"])
+def test_engine_and_ort_refuse_a_graph_path_out_of_the_export(trt_export, tmp_path, file):
+    import shutil
+
+    from test_engine import FakeTensorRT
+    from ulsexport.engine import build_engine
+    from ulsexport.runtime import open_runtime
+
+    export = tmp_path / "export"
+    shutil.copytree(trt_export, export)
+    shutil.copy(trt_export / "model.onnx", tmp_path / "model.onnx")
+    _edit_manifest(export, lambda m: m["onnx"].update(file=file))
+    with pytest.raises(UserError, match="outside|absolute path"):
+        build_engine(export, tmp_path / "trt", batch="1", max_seq=32, library="tensorrt", quiet=True,
+                     trt_module=FakeTensorRT())
+    with pytest.raises(UserError, match="outside|absolute path"):
+        open_runtime(export, "ort")
+    assert not (tmp_path / "trt").exists()

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..artifact import BuildResult, graph_entry, read_manifest, write_manifest
+from ..artifact import BuildResult, artifact_path, graph_entry, read_manifest, write_manifest
 from ..errors import UserError, first_line
 from ..outputs import atomic_output_dir, io_error, resolve_path
 from .library import load_library
@@ -36,10 +36,12 @@ def read_export(model: Path) -> dict:
     if not manifest or manifest.get("kind") != "onnx" or "onnx" not in manifest:
         raise UserError(f"--model {model} is not an ONNX export of `ulsexport onnx` (no ulsexport.json of kind onnx)")
     onnx = manifest["onnx"]
+    if not isinstance(onnx, dict):
+        raise UserError(f"--model {model}: its manifest's onnx section is not a mapping; re-export it")
     if onnx.get("kv_cache", "concat") != "concat":
         raise UserError(f"--model {model} has the '{onnx.get('kv_cache')}' KV cache; TensorRT needs the concat "
                         "layout: ulsexport onnx --target tensorrt")
-    foreign = standard_ops_check(model / onnx["file"])
+    foreign = standard_ops_check(artifact_path(model, onnx.get("file"), "onnx.file"))
     if foreign:
         raise UserError(f"--model {model} has non-standard ops TensorRT cannot parse ({', '.join(foreign)}); "
                         "export with: ulsexport onnx --target tensorrt")
@@ -112,7 +114,8 @@ def build_engine(model, out, precision: str | None = None, batch: str | tuple[in
     mode = resolve_precision(onnx["dtype"], precision, lib.weak_precision_flags(trt))
     cache_in = check_timing_cache(timing_cache, model, out) if timing_cache else None
     with atomic_output_dir(out, force, protect=(model,)) as tmp:
-        plan, facts = _build(trt, lib, model / onnx["file"], profiles, mode, workspace_gb, cache_in, quiet)
+        graph = artifact_path(model, onnx["file"], "onnx.file")
+        plan, facts = _build(trt, lib, graph, profiles, mode, workspace_gb, cache_in, quiet)
         with open(tmp / ENGINE_FILE, "wb") as f:
             f.write(plan)
         del plan

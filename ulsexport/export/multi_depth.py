@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..artifact import BuildResult, write_manifest
+from ..artifact import BuildResult, artifact_path, write_manifest
 from ..errors import UserError
 from ..outputs import atomic_output_dir
 from ..progress import progress_bar
@@ -82,7 +82,7 @@ def merge_depths(depths: list[dict], out: Path, model_dir: Path, config: dict) -
         for depth in depths:
             folder, section = depth["dir"], depth["manifest"]["onnx"]
             layers = {int(k): v for k, v in depth["manifest"]["cache_to_original_layer"].items()}
-            proto = onnx.load(str(folder / section["file"]), load_external_data=False)
+            proto = onnx.load(str(artifact_path(folder, section["file"], "onnx.file")), load_external_data=False)
             renames, duplicates = {}, []
             for tensor in proto.graph.initializer:
                 raw = _tensor_bytes(tensor, folder)
@@ -139,7 +139,7 @@ def _tensor_bytes(tensor, folder: Path) -> bytes:
 
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         info = {e.key: e.value for e in tensor.external_data}
-        with open(folder / info["location"], "rb") as f:
+        with open(artifact_path(folder, info.get("location"), f"the data file of {tensor.name}"), "rb") as f:
             f.seek(int(info.get("offset", 0)))
             return f.read(int(info["length"])) if "length" in info else f.read()
     if tensor.raw_data:

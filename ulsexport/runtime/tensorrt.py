@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import read_manifest
+from ..artifact import artifact_path, read_manifest
 from ..errors import UserError, first_line
 from .base import Runtime
 from .ort import position_ids_for
@@ -75,7 +75,7 @@ class TensorrtRuntime(Runtime):
         lib, trt = load_library(self.engine_facts["library"], trt_module)
         self.trt = trt
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine((folder / self.engine_facts["file"]).read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(artifact_path(folder, self.engine_facts.get("file"), "engine.file").read_bytes())
         if self.engine is None:
             major, minor = torch.cuda.get_device_capability(self.device)
             raise UserError(f"{lib.title} could not load {self.engine_facts['file']} on {torch.cuda.get_device_name()} "
