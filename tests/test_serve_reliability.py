@@ -500,8 +500,12 @@ def test_served_from_a_folder_holding_ulsexport_then_stopped_by_repeated_signals
         assert status >= 400 and "error" in json.loads(text), text
         status, text = served.post("/v2/models/stories/generate", {"text_input": "Once", "max_tokens": 3})
         assert status == 200 and len(json.loads(text)["output_ids"]) == 3, text
-        # 24: generate on the streaming model answers once (its decoupled model streams only for generate_stream)
+        # 24: generate on the streaming model is refused by Triton with a clear reason (it cannot tell the model
+        # which endpoint was called), or answered once with "stream": false
         status, text = served.post("/v2/models/stories_stream/generate", {"text_input": "Once", "max_tokens": 3})
+        assert "use generate stream" in json.loads(text)["error"], text
+        status, text = served.post("/v2/models/stories_stream/generate", {"text_input": "Once", "max_tokens": 3,
+                                                                          "stream": False})
         assert status == 200 and len(json.loads(text)["output_ids"]) == 3, text
         # 25: a stream whose client goes away stops decoding its row (the prompt decodes 90 tokens otherwise)
         prompt = next(p for p in ("Once upon a time", "The cat", "Tom", "A bird", "One day")
@@ -512,7 +516,7 @@ def test_served_from_a_folder_holding_ulsexport_then_stopped_by_repeated_signals
         response = urllib.request.urlopen(request, timeout=60)
         assert response.readline().startswith(b"data: ")
         response.close()  # disconnect after the first token
-        log = Path(re.search(r"log:\s+(\S+)", served.text()).group(1))
+        log = Path(re.search(r"log:\s+(\S+) \(tritonserver pid", served.text()).group(1))
         assert _wait_until(lambda: "stories_stream: execute batch" in log.read_text(errors="replace"), 60)
         steps = [int(s) for s in re.findall(r"stories_stream: execute batch of \d+ requests.*?, (\d+) decode steps",
                                             log.read_text(errors="replace"))]

@@ -370,7 +370,11 @@ class TritonPythonModel:
                         responses[rows[m]] = self._error(message)
                 continue
             for m, p in zip(members, group):
-                if p.cancelled:
+                if p.cancelled:  # no more tokens, but the request must be closed, or the model never unloads
+                    try:
+                        senders[rows[m]].send(flags=final)
+                    except Exception:  # noqa: BLE001 - gone already
+                        pass
                     continue
                 if self.decoupled and not p.stream:
                     senders[rows[m]].send(self._response(p.new_ids, self.generator.text(p)), flags=final)

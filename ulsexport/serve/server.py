@@ -325,11 +325,12 @@ class TritonServer:
         with other hard links; or where it cannot be written (a directory, a read-only folder)."""
         check_writable_file(log_file, "--log-file")
         path = resolve_path(log_file)
-        for folder in path.parents:
-            if folder == self.repository or (folder / MANIFEST_NAME).is_file():
-                raise UserError(f"--log-file {log_file} lies inside {'the repository' if folder == self.repository else 'the artifact'} "
-                                f"{folder}; ulsexport never writes into one (its files are hard links to the "
-                                f"exported artifact's): choose a log file outside it")
+        folder = self.repository if self.repository in path.parents else next(
+            (f for f in path.parents if (f / MANIFEST_NAME).is_file()), None)
+        if folder is not None:
+            raise UserError(f"--log-file {log_file} lies inside {'the repository' if folder == self.repository else 'the artifact'} "
+                            f"{folder}; ulsexport never writes into one (a repository's files are hard links to "
+                            f"the exported artifact's): choose a log file outside it")
         if path.exists() and (not path.is_file() or path.stat().st_nlink > 1):
             raise UserError(f"--log-file {log_file} is {'not a plain file' if not path.is_file() else 'hard-linked to another file'}; "
                             f"writing the log would change it: choose a new file")
