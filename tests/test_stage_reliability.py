@@ -178,3 +178,53 @@ def test_engine_and_ort_refuse_a_graph_path_out_of_the_export(trt_export, tmp_pa
     with pytest.raises(UserError, match="outside|absolute path"):
         open_runtime(export, "ort")
     assert not (tmp_path / "trt").exists()
+
+
+# --- validate --device cuda without CUDA (item 16) ---
+
+@pytest.mark.parametrize("extra", [[], ["--decode-kernels", "--runtime", "ort"], ["--device", "gpu"]])
+def test_validate_on_cuda_without_cuda_is_one_line(trt_export, monkeypatch, extra):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root = trt_export.parent
+    result = run_cli("validate", "--reference", root / "full", "--candidate", root / "hf", "--device", "cuda",
+                     "--no-speed", "--parity-steps", "2", *extra)
+    one_line_exit_2(result, "use --device cpu" if "gpu" not in extra else "--device must be cpu or cuda")
+
+
+# --- validate a multi-depth export (item 21) ---
+
+FAST_VALIDATE = ["--runtime", "ort", "--batch", "1", "--prompt-len", "4", "--new-tokens", "2", "--runs", "1",
+                 "--warmup", "0", "--parity-steps", "4"]
+
+
+def test_validate_checks_every_depth_of_a_multi_depth_export(multi, tmp_path):
+    import json
+
+    src, out = multi
+    result = run_cli("validate", "--reference", src, "--candidate", out, *FAST_VALIDATE, "--json", tmp_path / "r.json",
+                     "--report", tmp_path / "r.md", "--plot", tmp_path / "r.png")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert list(report["depths"]) == ["full", "2x"] and report["parity"]["passed"]
+    assert report["depths"]["full"]["kept"] == [0, 1, 2, 3] and len(report["depths"]["2x"]["kept"]) == 2
+    for depth in report["depths"].values():
+        assert depth["parity"]["passed"] and depth["parity"]["steps_compared"] == 4
+        assert set(depth["speedup"]["measured"]) == {"1"}
+    assert "depth full" in result.stdout and "depth 2x" in result.stdout
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_validate_one_depth_or_refuse_an_unknown_one(multi, tmp_path):
+    import json
+
+    src, out = multi
+    result = run_cli("validate", "--reference", src, "--candidate", out, "--depth", "2x", *FAST_VALIDATE, "--no-speed",
+                     "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert list(json.loads((tmp_path / "r.json").read_text())["depths"]) == ["2x"]
+    one_line_exit_2(run_cli("validate", "--reference", src, "--candidate", out, "--depth", "9x", *FAST_VALIDATE),
+                    "no depth '9x' in this export; it has: full, 2x")
+    one_line_exit_2(run_cli("validate", "--reference", src, "--candidate", out, "--no-speed"),
+                    "is a multi-depth export; --runtime ort runs its depths")

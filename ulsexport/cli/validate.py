@@ -13,7 +13,9 @@ from .options import quiet_option
 @click.command()
 @click.option("--reference", "-r", required=True, help="The ORIGINAL (full-depth) checkpoint.")
 @click.option("--candidate", "-c", required=True, type=click.Path(path_type=Path),
-              help="The artifact: a pruned checkpoint or an ONNX export (its ulsexport.json names the kept layers).")
+              help="The artifact: a pruned checkpoint or an ONNX export (its ulsexport.json names the kept layers); "
+                   "each depth of a multi-depth export (onnx --speedups, --runtime ort).")
+@click.option("--depth", help="A multi-depth export: validate this depth only (full, 2x, ...) [default: every depth].")
 @click.option("--runtime", default="torch", show_default=True,
               help=", ".join(f"{r.name} ({r.summary})" for r in RUNTIMES.values()) + ".")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -40,7 +42,7 @@ from .options import quiet_option
                    "first use; needs onnxruntime's C/C++ headers, ORT_INCLUDE_DIR), full model and candidate alike.")
 @quiet_option
 @click.pass_context
-def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
+def validate(ctx, reference, candidate, depth, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
              no_speed, parity_steps, tolerance, text, tasks, reference_artifact, json_path, report_path, plot_path,
              no_cuda_graph, decode_kernels):
     """Check an artifact's output parity and measure its speedup over the full model.
@@ -56,15 +58,16 @@ def validate(ctx, reference, candidate, runtime, device, dtype, batches, prompt_
     """
     from ..outputs import check_writable_file
     from ..validate.report import markdown, write_reports
-    from ..validate import SpeedSettings, check_settings, validate as run_validation
+    from ..validate import SpeedSettings, check_device, check_settings, validate as run_validation
 
     speed = None if no_speed else SpeedSettings(parse_batches(batches), prompt_len, new_tokens, runs, warmup)
     check_settings(speed, parity_steps, tolerance)
+    check_device(device)
     for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
         check_writable_file(path, option)  # before the work, not after it
     result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance, text,
                             tasks, reference_artifact, quiet=ctx.obj["quiet"],
-                            cuda_graph=False if no_cuda_graph else None, decode_kernels=decode_kernels)
+                            cuda_graph=False if no_cuda_graph else None, decode_kernels=decode_kernels, depth=depth)
     write_reports(result, json_path, report_path, plot_path)
     click.echo(markdown(result))
     if not result["parity"]["passed"]:

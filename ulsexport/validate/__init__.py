@@ -14,8 +14,9 @@ from pathlib import Path
 from ..artifact import artifact_kind, file_sha256, read_manifest
 from ..errors import UserError
 from ..precision import tolerance_for
+from ..progress import progress_bar
 from ..runtime import open_runtime
-from .parity import check_parity, compare_runs, parity_reference
+from .parity import check_parity, compare_runs, parity_reference, pruned_reference
 from .speed import SpeedSettings, full_depth_artifact, measure_speed, speedups
 
 
@@ -61,71 +62,146 @@ def check_settings(speed: SpeedSettings | None, parity_steps: int, tolerance: fl
             raise UserError(message)
 
 
+def check_device(device: str) -> None:
+    """Refuse a device that is not cpu, cuda or cuda:N, or CUDA where PyTorch sees none, in one line."""
+    import re
+
+    if device == "cpu":
+        return
+    if not isinstance(device, str) or not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UserError(f"--device must be cpu or cuda (or cuda:N), not {device!r}")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        why = "PyTorch was built without CUDA" if torch.version.cuda is None else "PyTorch sees no CUDA GPU"
+        raise UserError(f"--device {device}: {why} on this machine; use --device cpu")
+    if ":" in device and int(device.split(":")[1]) >= count:
+        raise UserError(f"--device {device}: this machine has {count} CUDA device(s), numbered from 0")
+
+
 def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", dtype: str | None = None,
              speed: SpeedSettings | None = SpeedSettings(), parity_steps: int = 32, tolerance: float | None = None,
              text=None, tasks=None, reference_artifact=None, quiet: bool = False, cuda_graph: bool | None = None,
-             decode_kernels: bool = False) -> dict:
+             decode_kernels: bool = False, depth: str | None = None) -> dict:
     """Validate artifact `candidate` against the original checkpoint `reference`; returns the report.
     `cuda_graph=False` runs `--runtime ort` on CUDA without capturing decode steps (None: where it can);
-    `decode_kernels` runs its products on ulsexport's CUDA kernels (`runtime.kernels`), full model too."""
+    `decode_kernels` runs its products on ulsexport's CUDA kernels (`runtime.kernels`), full model too.
+    A multi-depth export (`onnx --speedups`) is validated depth by depth (only `depth` where named): the
+    report's `depths` holds one report each, and its `parity` passes when every depth's does."""
     from ..checkpoint import load_model_info
-    from ..progress import progress_bar
 
     check_settings(speed, parity_steps, tolerance)
+    check_device(device)
     if tasks is not None:
         from .quality import require_task_metrics
 
         require_task_metrics()
+    if cuda_graph is not None and runtime != "ort":
+        raise UserError("--no-cuda-graph applies to --runtime ort (onnxruntime's CUDA graph capture)")
+    if decode_kernels and runtime != "ort":
+        raise UserError("--decode-kernels applies to --runtime ort (a custom-op library for onnxruntime)")
     reference_dir, reference_config, adapter = load_model_info(reference)
     candidate = Path(candidate)
     if not candidate.is_dir():
         raise UserError(f"--candidate {candidate} does not exist")
     candidate_manifest = read_manifest(candidate) or {}
-    dtype = dtype or (candidate_manifest.get("onnx") or {}).get("dtype") or "fp32"
+    multi_depth = bool(candidate_manifest.get("multi_depth"))
+    if depth is not None and not multi_depth:
+        raise UserError(f"--depth picks a depth of a multi-depth export (onnx --speedups); {candidate} has one graph")
+    if multi_depth and runtime != "ort":
+        raise UserError(f"--candidate {candidate} is a multi-depth export; --runtime ort runs its depths, not {runtime}")
+    onnx_section = candidate_manifest.get("onnx") if isinstance(candidate_manifest.get("onnx"), dict) else {}
+    dtype = dtype or onnx_section.get("dtype") or "fp32"
     tolerance = tolerance_for(dtype) if tolerance is None else tolerance
-    pruned_dir = _hf_source(candidate)
-    lineage = _check_lineage(reference_dir, pruned_dir)
-    vocab = adapter.shape(reference_config).vocab_size
-    report = {
-        "reference": str(reference_dir), "candidate": str(candidate), "candidate_kind": artifact_kind(candidate),
-        "runtime": runtime, "device": device, "dtype": dtype, "kept": lineage["kept"],
-        "num_layers_original": adapter.num_layers(reference_config), "plan": lineage.get("plan"),
-        "device_name": _device_name(device),
-    }
-    if cuda_graph is not None and runtime != "ort":
-        raise UserError("--no-cuda-graph applies to --runtime ort (onnxruntime's CUDA graph capture)")
-    if decode_kernels and runtime != "ort":
-        raise UserError("--decode-kernels applies to --runtime ort (a custom-op library for onnxruntime)")
+    num_layers, vocab = adapter.num_layers(reference_config), adapter.shape(reference_config).vocab_size
+    if multi_depth:
+        _check_multi_depth_source(reference_dir, candidate, candidate_manifest)
+    else:
+        pruned_dir = _hf_source(candidate)
+        lineage = _check_lineage(reference_dir, pruned_dir)
+    common = {"reference": str(reference_dir), "candidate": str(candidate), "candidate_kind": artifact_kind(candidate),
+              "runtime": runtime, "device": device, "dtype": dtype, "num_layers_original": num_layers,
+              "device_name": _device_name(device)}
     options = {} if cuda_graph is None else {"cuda_graph": cuda_graph}
     if decode_kernels:
         options["decode_kernels"] = True
-    report["cuda_graph"], report["decode_kernels"] = cuda_graph, decode_kernels
-    candidate_runtime = open_runtime(candidate, runtime, dtype, device, **options)
+    opened = open_runtime(candidate, runtime, dtype, device, **options)
     with tempfile.TemporaryDirectory() as tmp:
-        expected = parity_reference(reference_dir, candidate, lineage["kept"], Path(tmp))
-        report["parity"] = {"reference_checkpoint": str(expected) if expected != Path(tmp) / "pruned-reference"
-                            else "the reference, pruned afresh to the kept layers",
-                            **check_parity(candidate_runtime, expected, parity_steps, tolerance, device=device)}
+        if multi_depth:
+            if depth is not None:
+                opened.decoder(depth)  # an unknown depth is refused, naming the export's
+            tags = [depth] if depth is not None else opened.depths
+            plans = {g["tag"]: g.get("plan") for g in candidate_manifest["graphs"]}
+            # (depth, kept, plan, runtime, the PyTorch checkpoint it must match): the reference pruned to its layers
+            targets = [(tag, opened.kept[tag], plans[tag], opened.decoder(tag),
+                        pruned_reference(reference_dir, num_layers, opened.kept[tag], Path(tmp) / tag))
+                       for tag in tags]
+            full_depth = next((tag for tag in opened.depths if opened.kept[tag] == list(range(num_layers))), None)
+        else:
+            expected = parity_reference(reference_dir, candidate, lineage["kept"], Path(tmp))
+            targets = [(None, lineage["kept"], lineage.get("plan"), opened, expected)]
+            full_depth = None
+        full_speed = None
         if speed is not None:
-            full = full_depth_artifact(reference_dir, runtime, dtype, device, Path(tmp),
-                                       Path(reference_artifact) if reference_artifact else None,
-                                       candidate_manifest.get("builder", "torch"))
-            total = 2 * len(speed.batches) * (speed.warmup + speed.runs)
-            with progress_bar(total, "timing", quiet=quiet) as bar:
-                report["speed"] = {"settings": speed.__dict__,
-                                   "full": measure_speed(open_runtime(full, runtime, dtype, device, **options),
-                                                         speed, vocab, bar),
-                                   "pruned": measure_speed(candidate_runtime, speed, vocab, bar)}
-            report["speedup"] = speedups(report["speed"], lineage.get("plan") or {})
+            if full_depth is not None:  # the export's own full depth: the full model built the same way
+                full = opened.decoder(full_depth)
+            else:
+                full = open_runtime(full_depth_artifact(reference_dir, runtime, dtype, device, Path(tmp),
+                                                        Path(reference_artifact) if reference_artifact else None,
+                                                        candidate_manifest.get("builder", "torch")),
+                                    runtime, dtype, device, **options)
+            with progress_bar(len(speed.batches) * (speed.warmup + speed.runs), "timing the full model",
+                              quiet=quiet) as bar:
+                full_speed = measure_speed(full, speed, vocab, bar)
+            del full
+        reports = [_measure(common, target, parity_steps, tolerance, speed, full_speed, text, tasks, quiet,
+                            hf_checkpoint=target[4] if multi_depth else pruned_dir, vocab=vocab, scratch=Path(tmp))
+                   for target in targets]
+    for report in reports:
+        report["cuda_graph"], report["decode_kernels"] = cuda_graph, decode_kernels
+    if not multi_depth:
+        return reports[0]
+    return {**common, "candidate_kind": "onnx (multi-depth)", "multi_depth": True,
+            "depths": {r["depth"]: r for r in reports},
+            "parity": {"passed": all(r["parity"]["passed"] for r in reports)}}
+
+
+def _measure(common: dict, target: tuple, parity_steps, tolerance, speed, full_speed, text, tasks, quiet,
+             hf_checkpoint: Path, vocab: int, scratch: Path) -> dict:
+    """One report: the target's parity against its PyTorch checkpoint, its speed beside the full model's
+    (`full_speed`) and, where asked, the quality of `hf_checkpoint` (the pruned checkpoint) against the
+    reference's."""
+    depth, kept, plan, runtime, expected = target
+    reference_dir, device = Path(common["reference"]), common["device"]
+    report = {**common, "kept": kept, "plan": plan, **({"depth": depth} if depth is not None else {})}
+    report["parity"] = {"reference_checkpoint": "the reference, pruned afresh to the kept layers"
+                        if scratch in expected.parents else str(expected),
+                        **check_parity(runtime, expected, parity_steps, tolerance, device=device)}
+    if speed is not None:
+        with progress_bar(len(speed.batches) * (speed.warmup + speed.runs),
+                          "timing" + (f" depth {depth}" if depth else " the candidate"), quiet=quiet) as bar:
+            report["speed"] = {"settings": speed.__dict__, "full": full_speed,
+                               "pruned": measure_speed(runtime, speed, vocab, bar)}
+        report["speedup"] = speedups(report["speed"], plan or {})
     if text is not None:
         from .quality import perplexities
 
-        report["perplexity"] = perplexities(reference_dir, pruned_dir, text, device)
+        report["perplexity"] = perplexities(reference_dir, hf_checkpoint, text, device)
     if tasks is not None:
         from .quality import score_tasks
 
-        report["tasks"] = score_tasks(reference_dir, pruned_dir, tasks, device)
+        report["tasks"] = score_tasks(reference_dir, hf_checkpoint, tasks, device)
     return report
+
+
+def _check_multi_depth_source(reference_dir: Path, candidate: Path, manifest: dict) -> None:
+    """A multi-depth export names the full checkpoint it came from: refuse one from another model."""
+    source = Path(manifest.get("source") or "")
+    if (source / "config.json").is_file() and file_sha256(source / "config.json") != file_sha256(
+            reference_dir / "config.json"):
+        raise UserError(f"--candidate {candidate} was exported from {source}, not from --reference {reference_dir} "
+                        "(their config.json differ)")
 
 
 def _device_name(device: str) -> str:

@@ -95,11 +95,18 @@ def parity_reference(reference_dir: Path, candidate: Path, kept: list[int], work
         return source
     if "healing" in manifest:
         return candidate
+    return pruned_reference(reference_dir, manifest["num_layers_original"], kept, workdir / "pruned-reference")
+
+
+def pruned_reference(reference_dir: Path, num_layers: int, kept: list[int], out: Path) -> Path:
+    """The reference checkpoint pruned afresh to `kept` into `out` (the reference itself where every layer is kept)."""
     from ..plan import plan_for_kept
     from ..prune import prune_checkpoint
 
-    plan = plan_for_kept(manifest["num_layers_original"], kept, "explicit")
-    return prune_checkpoint(reference_dir, workdir / "pruned-reference", plan, quiet=True).out_dir
+    if list(kept) == list(range(num_layers)):
+        return reference_dir
+    plan = plan_for_kept(num_layers, kept, "explicit")
+    return prune_checkpoint(reference_dir, out, plan, quiet=True).out_dir
 
 
 def free_device_memory() -> None:

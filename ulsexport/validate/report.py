@@ -11,10 +11,13 @@ def _x(value) -> str:
 
 
 def markdown(report: dict) -> str:
+    if "depths" in report:  # a multi-depth export: a section per depth
+        return "\n".join(markdown(depth) for depth in report["depths"].values())
     parity = report["parity"]
     kept = report["kept"]
     lines = [
-        f"# ulsexport validation: {Path(report['candidate']).name}",
+        f"# ulsexport validation: {Path(report['candidate']).name}"
+        + (f", depth {report['depth']}" if report.get("depth") else ""),
         "",
         f"- reference: `{report['reference']}` ({report['num_layers_original']} layers)",
         f"- candidate: `{report['candidate']}` ({report['candidate_kind']}, {len(kept)} layers kept: "
@@ -76,23 +79,27 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = ("speed" in report) + ("perplexity" in report)
+    reports = list(report["depths"].values()) if "depths" in report else [report]  # a multi-depth export: each
+    first = reports[0]
+    names = [r.get("depth") or "pruned" for r in reports]
+    panels = ("speed" in first) + ("perplexity" in first)
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(5 * max(panels, 1), 3.5), squeeze=False)
     axes = list(axes[0])
-    if "speed" in report:
+    if "speed" in first:
         ax = axes.pop(0)
-        batches = list(report["speed"]["full"])
-        width = 0.38
-        for offset, name in ((-width / 2, "full"), (width / 2, "pruned")):
-            values = [report["speed"][name][b]["decode_tokens_per_s"]["median"] for b in batches]
-            ax.bar([i + offset for i in range(len(batches))], values, width, label=name)
+        batches = list(first["speed"]["full"])
+        series = [("full", first["speed"]["full"])] + [(n, r["speed"]["pruned"]) for n, r in zip(names, reports)]
+        width = 0.76 / len(series)
+        for k, (name, speeds) in enumerate(series):
+            values = [speeds[b]["decode_tokens_per_s"]["median"] for b in batches]
+            ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(batches))], values, width, label=name)
         ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
         ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"{report['runtime']} on {report['device_name']}", fontsize=9)
+        ax.set_title(f"{first['runtime']} on {first['device_name']}", fontsize=9)
         ax.legend()
-    if "perplexity" in report:
+    if "perplexity" in first:
         ax = axes.pop(0)
-        ax.bar(["full", "pruned"], [report["perplexity"]["full"], report["perplexity"]["pruned"]])
+        ax.bar(["full", *names], [first["perplexity"]["full"], *(r["perplexity"]["pruned"] for r in reports)])
         ax.set_ylabel("perplexity")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
