@@ -190,7 +190,7 @@ def test_validate_on_cuda_without_cuda_is_one_line(trt_export, monkeypatch, extr
     root = trt_export.parent
     result = run_cli("validate", "--reference", root / "full", "--candidate", root / "hf", "--device", "cuda",
                      "--no-speed", "--parity-steps", "2", *extra)
-    one_line_exit_2(result, "use --device cpu" if "gpu" not in extra else "--device must be cpu or cuda")
+    one_line_exit_2(result, "use cpu" if "gpu" not in extra else "--device must be cpu or cuda")
 
 
 # --- validate a multi-depth export (item 21) ---
@@ -228,3 +228,49 @@ def test_validate_one_depth_or_refuse_an_unknown_one(multi, tmp_path):
                     "no depth '9x' in this export; it has: full, 2x")
     one_line_exit_2(run_cli("validate", "--reference", src, "--candidate", out, "--no-speed"),
                     "is a multi-depth export; --runtime ort runs its depths")
+
+
+# --- recipe values checked before the first stage runs (items 22 and 11) ---
+
+RECIPE_HEAD = "name: t\nmodel: {model}\nartifacts: {artifacts}\nplan:\n  speedup: 2\n"
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("triton", "device", "gpu"), ("triton", "instances", "0"), ("triton", "name", "'..'"),
+    ("triton", "queue_delay_us", str(2**70)), ("triton", "instances", "1000000"), ("triton", "max_batch", "3000000000"),
+    ("triton", "runtime", "onnxruntime"), ("plan", "device", "gpu"), ("plan", "strategy", "BEST"),
+    ("heal", "lr", "5"), ("heal", "loss", "mse"), ("onnx", "dtype", "int4"), ("onnx", "builder", "trt"),
+    ("validate", "runtime", "trt"), ("validate", "device", "gpu"), ("validate", "prompt_len", str(2**40)),
+])
+@pytest.mark.parametrize("via_set", [False, True])
+def test_bad_recipe_values_are_refused_before_any_stage_naming_the_line(tmp_path, section, field, value, via_set):
+    from conftest import STORIES
+
+    text = RECIPE_HEAD.format(model=STORIES, artifacts=tmp_path / "artifacts")
+    sections = {"heal": "heal:\n  data: x.txt\n", "onnx": "onnx:\n  device: cpu\n", "validate": "validate:\n",
+                "triton": "onnx:\ntriton:\n"}
+    text += sections.get(section, "")
+    if via_set:
+        args = ["--set", f"{section}.{field}={value}"]
+    else:
+        text = text.replace(f"{section}:\n", f"{section}:\n  {field}: {value}\n", 1)
+        args = []
+        line = max(i for i, l in enumerate(text.splitlines(), 1) if l.startswith(f"  {field}:"))
+    (tmp_path / "r.yaml").write_text(text)
+    result = run_cli("run", tmp_path / "r.yaml", *args)
+    one_line_exit_2(result, f"'{section}.{field}' must be" if (section, field) != ("onnx", "dtype")
+                    else "the torch builder exports fp32, fp16, not int4")
+    assert ("(--set)" if via_set else f"line {line}:") in result.stderr
+    assert " --" not in result.stderr.replace("(--set)", ""), "the message names a CLI flag"
+    assert not (tmp_path / "artifacts").exists(), "a stage ran before the recipe's values were checked"
+
+
+def test_a_recipe_device_this_machine_lacks_is_refused_before_any_stage(tmp_path, monkeypatch):
+    import torch
+    from conftest import STORIES
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = RECIPE_HEAD.format(model=STORIES, artifacts=tmp_path / "artifacts") + "validate:\n  device: cuda\n"
+    (tmp_path / "r.yaml").write_text(text)
+    one_line_exit_2(run_cli("run", tmp_path / "r.yaml"), "the recipe's 'validate.device' cuda: ")
+    assert not (tmp_path / "artifacts").exists()

@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +23,12 @@ from typing import Callable
 import yaml
 
 from .errors import UserError
+from .export import BUILDERS
+from .heal.train import LOSSES, MAX_LR, TRAIN_DTYPES
+from .plan.compare import STRATEGIES
 from .plan.scoring import DEFAULT_CALIB_TOKENS
+from .runtime import RUNTIMES
+from .serve.repository import MAX_BATCH, MAX_INSTANCES, MAX_QUEUE_DELAY_US, MAX_TOKENS_LIMIT
 from .serve.repository import RECIPE_FIELDS as TRITON_FIELDS
 from .validate.speed import SpeedSettings
 
@@ -52,9 +59,41 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "triton": TRITON_FIELDS,
 }
 STAMPS = ".ulsexport-stages.json"
-# Lower bounds of whole-number fields, checked when the recipe is read.
-MINIMUMS = {"plan.calib_tokens": 1, "validate.prompt_len": 1, "validate.new_tokens": 2, "validate.runs": 1,
-            "validate.parity_steps": 1}
+
+
+def _between(low, high=None, above: bool = False):
+    """(test, words) of a number from `low` (excluded when `above`) to `high`, finite."""
+    def test(v):
+        return math.isfinite(v) and (v > low if above else v >= low) and (high is None or v <= high)
+    words = (f"above {low:g}" if above else f"at least {low:g}") + (f" and at most {high:g}" if high is not None else "")
+    return test, words
+
+
+def _one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+DEVICE = (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None), "cpu, cuda or cuda:N"
+# What a field's value may be beyond its type, checked when the recipe is read: key -> (test, words).
+ALLOWED = {
+    "plan.strategy": _one_of(*STRATEGIES), "plan.speedup": _between(1, above=True), "plan.calib_tokens": _between(1),
+    "plan.device": DEVICE,
+    "heal.loss": _one_of(*LOSSES), "heal.steps": _between(1), "heal.batch": _between(1), "heal.seq_len": _between(2),
+    "heal.lr": _between(0, MAX_LR, above=True), "heal.device": DEVICE, "heal.dtype": _one_of(*TRAIN_DTYPES),
+    "heal.seed": _between(0, 2**32 - 1),
+    "onnx.builder": _one_of(*BUILDERS), "onnx.dtype": _one_of(*dict.fromkeys(d for b in BUILDERS.values()
+                                                                            for d in b.dtypes)),
+    "onnx.device": DEVICE,
+    "validate.runtime": _one_of(*RUNTIMES), "validate.device": DEVICE, "validate.prompt_len": _between(1, 2**20),
+    "validate.new_tokens": _between(2, 2**20), "validate.runs": _between(1, 10_000),
+    "validate.parity_steps": _between(1, 2**20),
+    "triton.name": ((lambda v: re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v) is not None),
+                    "letters, digits, '_', '-' and '.', not starting with '.' or '-' (it becomes a URL path)"),
+    "triton.device": _one_of("cpu", "cuda"), "triton.runtime": _one_of(*RUNTIMES),
+    "triton.instances": _between(1, MAX_INSTANCES), "triton.max_batch": _between(1, MAX_BATCH),
+    "triton.max_tokens": _between(1, MAX_TOKENS_LIMIT), "triton.default_max_tokens": _between(1, MAX_TOKENS_LIMIT),
+    "triton.queue_delay_us": _between(0, MAX_QUEUE_DELAY_US),
+}
 # Files hashed whole when a stage decides whether its model changed; larger ones by size, time and header.
 HASH_WHOLE_BYTES = 64 * 1024**2
 
@@ -151,6 +190,9 @@ def _checked(data: dict, path: Path, lines: dict) -> dict:
                 if given.get(other) is not None:
                     raise UserError(f"{where('plan.' + listed)}: 'plan.{listed}' gives the layers explicitly; "
                                     f"drop 'plan.{other}' (or 'plan.{listed}')")
+    if "onnx" in out and out["onnx"]["dtype"] not in BUILDERS[out["onnx"]["builder"]].dtypes:
+        raise UserError(f"{where('onnx.dtype')}: the {out['onnx']['builder']} builder exports "
+                        f"{', '.join(BUILDERS[out['onnx']['builder']].dtypes)}, not {out['onnx']['dtype']}")
     if "validate" in out and out["validate"]["runtime"] is None:
         from .export import get_builder
 
@@ -171,8 +213,8 @@ def _fields(section: str, values: dict, where: Callable[[str], str]) -> dict:
                 _check_int_list(key, value, kind, where)
         elif value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise UserError(f"{where(key)}: '{key}' must be {_kind_name(kind)}, not {_brief(value)}")
-        if key in MINIMUMS and value is not None and value < MINIMUMS[key]:
-            raise UserError(f"{where(key)}: '{key}' must be at least {MINIMUMS[key]}, not {value}")
+        if key in ALLOWED and value is not None and not ALLOWED[key][0](value):
+            raise UserError(f"{where(key)}: '{key}' must be {ALLOWED[key][1]}, not {_brief(value)}")
         out[field] = value
     for field, (_, default) in SCHEMA[section].items():
         key = f"{section}.{field}" if section else field
@@ -220,12 +262,16 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
     from .plan.scoring import layer_plan_for_model
 
     from .outputs import resolve_path
+    from .validate import check_device
 
     _check_name(recipe["name"], lambda key: "recipe")
     artifacts = Path(recipe["artifacts"])
     out = artifacts / recipe["name"]
     if resolve_path(out).parent != resolve_path(artifacts):
         raise UserError(f"recipe name {recipe['name']!r} would write outside {artifacts}")
+    for section in ("plan", "heal", "onnx", "validate"):  # a device this machine lacks, before any stage runs
+        if (recipe.get(section) or {}).get("device"):
+            check_device(recipe[section]["device"], f"the recipe's '{section}.device'")
     stamps_path = out / STAMPS
     stamps = _read_stamps(stamps_path) if not force else {}
     stages: dict[str, str] = {}

@@ -62,22 +62,22 @@ def check_settings(speed: SpeedSettings | None, parity_steps: int, tolerance: fl
             raise UserError(message)
 
 
-def check_device(device: str) -> None:
+def check_device(device: str, option: str = "--device") -> None:
     """Refuse a device that is not cpu, cuda or cuda:N, or CUDA where PyTorch sees none, in one line."""
     import re
 
     if device == "cpu":
         return
     if not isinstance(device, str) or not re.fullmatch(r"cuda(:\d+)?", device):
-        raise UserError(f"--device must be cpu or cuda (or cuda:N), not {device!r}")
+        raise UserError(f"{option} must be cpu or cuda (or cuda:N), not {device!r}")
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         why = "PyTorch was built without CUDA" if torch.version.cuda is None else "PyTorch sees no CUDA GPU"
-        raise UserError(f"--device {device}: {why} on this machine; use --device cpu")
+        raise UserError(f"{option} {device}: {why} on this machine; use cpu")
     if ":" in device and int(device.split(":")[1]) >= count:
-        raise UserError(f"--device {device}: this machine has {count} CUDA device(s), numbered from 0")
+        raise UserError(f"{option} {device}: this machine has {count} CUDA device(s), numbered from 0")
 
 
 def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", dtype: str | None = None,
