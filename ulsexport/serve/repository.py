@@ -324,7 +324,12 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
                 if data.parent != artifact.resolve() or Path(onnx["external_data"]).name != onnx["external_data"]:
                     raise UserError(f"{artifact}'s manifest: onnx.external_data must be a file of the folder itself")
                 _link_or_copy(data, folder / data.name)
-            (folder.parent / "config.pbtxt").write_text(step_config(step_name, onnx))
+            try:
+                config = step_config(step_name, onnx)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                raise UserError(f"{artifact}'s manifest: its onnx section is malformed ({type(exc).__name__}: "
+                                f"{exc}); re-export the artifact") from None
+            (folder.parent / "config.pbtxt").write_text(config)
             step.update(written=True, depth=default_depth,
                         note="for Triton's full containers (onnxruntime backend); not served by "
                              "`ulsexport serve`: the nvidia-pytriton wheel has no onnxruntime backend")
