@@ -274,3 +274,31 @@ def test_a_recipe_device_this_machine_lacks_is_refused_before_any_stage(tmp_path
     (tmp_path / "r.yaml").write_text(text)
     one_line_exit_2(run_cli("run", tmp_path / "r.yaml"), "the recipe's 'validate.device' cuda: ")
     assert not (tmp_path / "artifacts").exists()
+
+
+# --- plan: --strategy in any case, every strategy listed, --device checked (issue 35) ---
+
+def test_plan_strategy_in_any_case():
+    import json
+
+    from conftest import DATA, STORIES
+
+    lower = run_cli("plan", "--num-layers", "32", "--speedup", "2", "--strategy", "uls", "--json")
+    upper = run_cli("plan", "--num-layers", "32", "--speedup", "2", "--strategy", "ULS", "--json")
+    assert upper.exit_code == 0 and json.loads(upper.stdout) == json.loads(lower.stdout), upper.output
+    bi = run_cli("plan", "--model", STORIES, "--speedup", "2", "--strategy", "BI", "--calib",
+                 DATA / "tinystories-valid-excerpt.txt", "--json")
+    assert bi.exit_code == 0 and json.loads(bi.stdout)["strategy"] == "bi", bi.output
+    one_line_exit_2(run_cli("plan", "--num-layers", "32", "--speedup", "2", "--strategy", "Bi"),
+                    "--strategy bi scores the layers on calibration text: give --model")
+
+
+def test_plan_unknown_strategy_lists_every_one_and_a_bad_device_is_refused():
+    from conftest import STORIES
+
+    one_line_exit_2(run_cli("plan", "--num-layers", "32", "--speedup", "2", "--strategy", "best"),
+                    "choose one of uls, even, top, first, bi, angular, greedy-ppl")
+    one_line_exit_2(run_cli("plan", "--model", STORIES, "--speedup", "2", "--strategy", "best"),
+                    "choose one of uls, even, top, first, bi, angular, greedy-ppl")
+    one_line_exit_2(run_cli("plan", "--num-layers", "32", "--speedup", "2", "--device", "gpu"),
+                    "--device must be cpu or cuda")

@@ -31,9 +31,16 @@ def plan(model, num_layers, speedup, strategy, keep, skip, calib, calib_tokens, 
       ulsexport plan --model path/to/llama --speedup 2 --strategy bi --calib calib.txt
     """
     from ..plan import make_plan
+    from ..plan.scoring import DATA_STRATEGIES, strategy_name
+    from ..validate import check_device
 
     if (model is None) == (num_layers is None):
         raise UserError("give exactly one of --model or --num-layers")
+    strategy = strategy_name(strategy)
+    check_device(device)
+    if num_layers is not None and strategy in DATA_STRATEGIES and keep is None and skip is None:
+        raise UserError(f"--strategy {strategy} scores the layers on calibration text: give --model (and --calib), "
+                        "not --num-layers")
     if model:
         result = layer_plan_option(model, speedup, strategy, keep, skip, calib, calib_tokens, device)
     else:
@@ -70,7 +77,9 @@ def compare_plans_command(ctx, model, speedups, text, calib, calib_tokens, devic
     """
     from ..outputs import check_writable_file
     from ..plan.compare import compare_plans, markdown_report, parse_speedups, write_outputs
+    from ..validate import check_device
 
+    check_device(device)
     for option, path in (("--json", json_path), ("--report", report), ("--plot", plot)):
         check_writable_file(path, option)
 

@@ -7,10 +7,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .positional import POSITIONAL_STRATEGIES, make_plan
-from .scoring import (CALIB_WINDOW, DATA_STRATEGIES, DEFAULT_CALIB_TOKENS, calibration_from_text,
-                      data_plans, kept_layers_only)
-
-STRATEGIES = POSITIONAL_STRATEGIES + DATA_STRATEGIES
+from .scoring import (CALIB_WINDOW, DATA_STRATEGIES, DEFAULT_CALIB_TOKENS, STRATEGIES, calibration_from_text,
+                      data_plans, kept_layers_only, strategy_name)
 
 
 def split_paragraphs(text: str) -> tuple[str, str]:
@@ -56,9 +54,7 @@ def compare_plans(model: str | Path, speedups: list[float], text_path, calib_pat
     from ..quality import perplexity, read_text, token_windows
 
     start = time.perf_counter()
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise UserError(f"unknown strategy '{unknown[0]}'; choose from {', '.join(STRATEGIES)}")
+    strategies = tuple(strategy_name(s) for s in strategies)  # any case; an unknown one refused, listing all
     model_dir, config, adapter = load_model_info(model)
     num_layers, shape = adapter.num_layers(config), adapter.shape(config)
     text = read_text(text_path)

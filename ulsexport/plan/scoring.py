@@ -33,10 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .positional import LayerPlan, num_kept_for_speedup, plan_for_kept
+from .positional import POSITIONAL_STRATEGIES, LayerPlan, num_kept_for_speedup, plan_for_kept
 from ..progress import progress_bar
 
 DATA_STRATEGIES = ("bi", "angular", "greedy-ppl")
+STRATEGIES = POSITIONAL_STRATEGIES + DATA_STRATEGIES
+
+
+def strategy_name(strategy: str) -> str:
+    """A strategy named in any case (--strategy BI), as the plans name it; one line listing every strategy
+    otherwise."""
+    name = strategy.strip().lower() if isinstance(strategy, str) else strategy
+    if name not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    return name
 CALIB_WINDOW = 256
 DEFAULT_CALIB_TOKENS = 8192
 MIN_CALIB_TOKENS = 64
@@ -456,6 +466,7 @@ def layer_plan_for_model(model: str | Path, speedup=None, strategy: str = "uls",
     (`heal --speedups`) gives the plan it was trained for at that speedup."""
     from ..prune import plan_for_model
 
+    strategy = strategy_name(strategy)
     trained = trained_plan(model, speedup) if keep is None and skip is None else None
     if trained is not None:
         return trained
