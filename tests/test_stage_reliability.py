@@ -43,6 +43,18 @@ def test_a_timing_cache_inside_the_export_is_refused_and_the_export_untouched(tr
     assert not (tmp_path / "trt").exists()
 
 
+def test_engine_cli_refuses_the_exports_graph_as_timing_cache(trt_export, tmp_path):
+    from ulsexport.cli import main
+    from ulsexport.cli.engine import engine
+
+    main.commands.setdefault("engine", engine)
+    graph = (trt_export / "model.onnx").read_bytes()
+    result = run_cli("engine", "--model", trt_export, "--out", tmp_path / "trt", "--timing-cache",
+                     trt_export / "model.onnx")
+    one_line_exit_2(result, "lies inside the --model export")
+    assert (trt_export / "model.onnx").read_bytes() == graph and not (tmp_path / "trt").exists()
+
+
 def test_a_timing_cache_inside_out_or_a_folder_is_refused(trt_export, tmp_path):
     from test_engine import FakeTensorRT
     from ulsexport.engine import build_engine

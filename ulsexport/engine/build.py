@@ -103,6 +103,7 @@ def build_engine(model, out, precision: str | None = None, batch: str | tuple[in
     if workspace_gb is not None and workspace_gb <= 0:
         raise UserError(f"--workspace-gb must be more than 0 (got {workspace_gb:g})")
     manifest = read_export(model)
+    cache_in = check_timing_cache(timing_cache, model, out) if timing_cache else None
     onnx = manifest["onnx"]
     positions = model_positions(model)
     if max_seq is None:
@@ -112,7 +113,6 @@ def build_engine(model, out, precision: str | None = None, batch: str | tuple[in
     profiles = engine_profiles(onnx, batches, max_seq)
     lib, trt = load_library(library, trt_module)
     mode = resolve_precision(onnx["dtype"], precision, lib.weak_precision_flags(trt))
-    cache_in = check_timing_cache(timing_cache, model, out) if timing_cache else None
     with atomic_output_dir(out, force, protect=(model,)) as tmp:
         graph = artifact_path(model, onnx["file"], "onnx.file")
         plan, facts = _build(trt, lib, graph, profiles, mode, workspace_gb, cache_in, quiet)
