@@ -277,14 +277,17 @@ def test_bad_recipe_values_are_refused_before_any_stage_naming_the_line(tmp_path
     assert not (tmp_path / "artifacts").exists(), "a stage ran before the recipe's values were checked"
 
 
-def test_a_recipe_device_this_machine_lacks_is_refused_before_any_stage(tmp_path, monkeypatch):
+@pytest.mark.parametrize("section, says", [("validate:\n  device: cuda\n", "the recipe's 'validate.device' cuda: "),
+                                           ("heal:\n  data: missing.txt\n", "the recipe's 'heal.data' missing.txt does"),
+                                           ("validate:\n  text: gone.txt\n", "the recipe's 'validate.text' gone.txt")])
+def test_a_recipe_device_or_file_this_machine_lacks_is_refused_before_any_stage(tmp_path, monkeypatch, section, says):
     import torch
     from conftest import STORIES
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    text = RECIPE_HEAD.format(model=STORIES, artifacts=tmp_path / "artifacts") + "validate:\n  device: cuda\n"
-    (tmp_path / "r.yaml").write_text(text)
-    one_line_exit_2(run_cli("run", tmp_path / "r.yaml"), "the recipe's 'validate.device' cuda: ")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(RECIPE_HEAD.format(model=STORIES, artifacts=tmp_path / "artifacts") + section)
+    one_line_exit_2(run_cli("run", tmp_path / "r.yaml"), says)
     assert not (tmp_path / "artifacts").exists()
 
 

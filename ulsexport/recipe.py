@@ -272,6 +272,11 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
     for section in ("plan", "heal", "onnx", "validate"):  # a device this machine lacks, before any stage runs
         if (recipe.get(section) or {}).get("device"):
             check_device(recipe[section]["device"], f"the recipe's '{section}.device'")
+    for key in ("plan.calib", "heal.data", "heal.eval_text", "validate.text"):  # and text files that are not there
+        section, field = key.split(".")
+        path = (recipe.get(section) or {}).get(field)
+        if path is not None and not Path(path).exists():
+            raise UserError(f"the recipe's '{key}' {path} does not exist")
     stamps_path = out / STAMPS
     stamps = _read_stamps(stamps_path) if not force else {}
     stages: dict[str, str] = {}
