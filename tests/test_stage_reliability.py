@@ -317,3 +317,12 @@ def test_plan_unknown_strategy_lists_every_one_and_a_bad_device_is_refused():
                     "choose one of uls, even, top, first, bi, angular, greedy-ppl")
     one_line_exit_2(run_cli("plan", "--num-layers", "32", "--speedup", "2", "--device", "gpu"),
                     "--device must be cpu or cuda")
+
+
+def test_a_recipe_field_given_twice_is_refused(tmp_path):
+    from ulsexport.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t\nmodel: m\nonnx:\n  builder: torch\n  dtype: fp32\n  builder: genai\n")
+    with pytest.raises(UserError, match=r"line 6: 'onnx.builder' is given twice \(line 4 too\)"):
+        load_recipe(path)

@@ -120,7 +120,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     data = _safe_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a mapping of fields (name, model, plan, ...)")
-    lines = _key_lines(text)
+    lines = _key_lines(text, str(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -152,16 +152,24 @@ def _safe_yaml(text: str, where: str):
         raise UserError(f"{where}: nested too deeply to be a recipe") from None
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """'plan.speedup' -> its line in the file, for error messages."""
-    out = {}
+def _key_lines(text: str, where: str) -> dict[str, int]:
+    """'plan.speedup' -> its line in the file, for error messages; a field given twice is refused (YAML
+    would keep the last one without a word)."""
+    out: dict[str, int] = {}
+
+    def add(key: str, node) -> None:
+        line = node.start_mark.line + 1
+        if key in out:
+            raise UserError(f"{where} line {line}: '{key}' is given twice (line {out[key]} too); keep one")
+        out[key] = line
+
     root = yaml.compose(text)
     if isinstance(root, yaml.MappingNode):
         for key, value in root.value:
-            out[key.value] = key.start_mark.line + 1
+            add(str(key.value), key)
             if isinstance(value, yaml.MappingNode):
                 for sub, _ in value.value:
-                    out[f"{key.value}.{sub.value}"] = sub.start_mark.line + 1
+                    add(f"{key.value}.{sub.value}", sub)
     return out
 
 
