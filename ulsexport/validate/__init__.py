@@ -144,7 +144,7 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
             full_depth = None
         full_speed = None
         if speed is not None:
-            if full_depth is not None:  # the export's own full depth: the full model built the same way
+            if full_depth is not None and reference_artifact is None:  # the export's own full depth
                 full = opened.decoder(full_depth)
             else:
                 full = open_runtime(full_depth_artifact(reference_dir, runtime, dtype, device, Path(tmp),
