@@ -278,7 +278,7 @@ def test_bad_recipe_values_are_refused_before_any_stage_naming_the_line(tmp_path
 
 
 @pytest.mark.parametrize("section, says", [("validate:\n  device: cuda\n", "the recipe's 'validate.device' cuda: "),
-                                           ("heal:\n  data: missing.txt\n", "the recipe's 'heal.data' missing.txt does"),
+                                           ("heal:\n  data: missing.txt\n", "'heal.data' missing.txt does"),
                                            ("validate:\n  text: gone.txt\n", "the recipe's 'validate.text' gone.txt")])
 def test_a_recipe_device_or_file_this_machine_lacks_is_refused_before_any_stage(tmp_path, monkeypatch, section, says):
     import torch

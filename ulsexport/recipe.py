@@ -65,7 +65,8 @@ def _between(low, high=None, above: bool = False):
     """(test, words) of a number from `low` (excluded when `above`) to `high`, finite."""
     def test(v):
         return math.isfinite(v) and (v > low if above else v >= low) and (high is None or v <= high)
-    words = (f"above {low:g}" if above else f"at least {low:g}") + (f" and at most {high:g}" if high is not None else "")
+    words = f"above {low:g}" if above else f"at least {low:g}"
+    words += f" and at most {high:g}" if high is not None else ""
     return test, words
 
 

@@ -105,7 +105,7 @@ class OnnxDecoder(Runtime):
         self.device_argmax_off = None  # why the graph does not choose the ids where it could
         self.fixed_width = self.shared_cache and (self.cuda_graph if fixed_width is None else fixed_width)
         self.library = kernels.library() if decode_kernels else None  # the custom-op library each session registers
-        path = str(artifact_path(folder, self.onnx.get("file"), f"the graph file (onnx.file{' of ' + graph if graph else ''})"))
+        path = str(artifact_path(folder, self.onnx.get("file"), "onnx.file" + (f" of depth {graph}" if graph else "")))
         if session is None or not hasattr(session, "run_with_iobinding"):  # none, or a factory
             make = session or ort.InferenceSession
             try:

@@ -110,7 +110,8 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
     if depth is not None and not multi_depth:
         raise UserError(f"--depth picks a depth of a multi-depth export (onnx --speedups); {candidate} has one graph")
     if multi_depth and runtime != "ort":
-        raise UserError(f"--candidate {candidate} is a multi-depth export; --runtime ort runs its depths, not {runtime}")
+        raise UserError(f"--candidate {candidate} is a multi-depth export; --runtime ort runs its depths, "
+                        f"not {runtime}")
     onnx_section = candidate_manifest.get("onnx") if isinstance(candidate_manifest.get("onnx"), dict) else {}
     dtype = dtype or onnx_section.get("dtype") or "fp32"
     tolerance = tolerance_for(dtype) if tolerance is None else tolerance
