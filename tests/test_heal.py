@@ -87,8 +87,9 @@ def _mean(values):
 @pytest.mark.parametrize("loss", ["kd", "lm", "kd+lm"])
 def test_a_few_steps_lower_the_loss_and_write_a_loadable_checkpoint(models, tmp_path, loss):
     out = tmp_path / "healed"
+    # on the user's text alone: the lm term on a random teacher's samples (noise) cannot fall
     result = heal(models["teacher"], models["student"], models["data"], out, loss=loss,
-                  eval_text=models["eval"], **FAST)
+                  eval_text=models["eval"], teacher_samples=0, **FAST)
     assert len(result.losses) == FAST["steps"]
     assert _mean(result.losses[-2:]) < 0.95 * _mean(result.losses[:2]), result.losses
     record = result.manifest["healing"]

@@ -134,10 +134,10 @@ def test_server_routes_concurrent_requests_by_depth(server, expected):
             for k in range(per_client):
                 depth, prompt, n = request(t, k)
                 inputs = [httpclient.InferInput("text_input", [1, 1], "BYTES"),
-                          httpclient.InferInput("max_tokens", [1, 1], "INT32"),
+                          httpclient.InferInput("max_tokens", [1, 1], "INT64"),
                           httpclient.InferInput("depth", [1, 1], "BYTES")]
                 inputs[0].set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
-                inputs[1].set_data_from_numpy(np.array([[n]], np.int32))
+                inputs[1].set_data_from_numpy(np.array([[n]], np.int64))
                 inputs[2].set_data_from_numpy(np.array([[depth.encode()]], dtype=np.object_))
                 answers[(t, k)] = c.infer("stories", inputs).as_numpy("output_ids")[0].tolist()
             c.close()

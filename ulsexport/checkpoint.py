@@ -53,8 +53,12 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
         if not (path / CONFIG_NAME).is_file():
             raise UserError(f"{path} has no {CONFIG_NAME}; it is not a Hugging Face checkpoint directory")
         return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf import checkpoint_from_gguf
+
+        return checkpoint_from_gguf(path)
     if path.exists():
-        raise UserError(f"{path} is a file; --model takes a checkpoint directory")
+        raise UserError(f"{path} is a file; --model takes a checkpoint directory (or a .gguf file)")
     text = str(path_or_id)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         try:
@@ -63,10 +67,15 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
             local = snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model",
                                                             "*.txt", "*.jinja", "tokenizer*"])
         except Exception as exc:
-            raise UserError(f"{text} is not a local directory and could not be fetched from the hub: "
-                            f"{type(exc).__name__}") from None
+            raise UserError(f"{text} is not a local directory and could not be fetched from the hub "
+                            f"(offline, or no such model): {_first_line(exc)}") from None
         return Path(local)
     raise UserError(f"{path} does not exist")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def load_model_info(model: str | Path):

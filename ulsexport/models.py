@@ -49,3 +49,40 @@ def decoder_layers(model):
         if isinstance(module, torch.nn.ModuleList) and len(module) == model.config.num_hidden_layers:
             return module
     raise UserError(f"could not find the decoder layers of {type(model).__name__}")
+
+
+def continue_prompts(model, prompts: list[list[int]], new_tokens: int, temperature: float = 0.0,
+                     generator=None) -> list[list[int]]:
+    """`new_tokens` tokens after each prompt, greedy (temperature 0) or sampled; EOS does not stop a row.
+    Prompts of several lengths run as one left-padded batch over the model's KV cache."""
+    import torch
+
+    from .compat import cache_argument, output_cache
+
+    cache_name = cache_argument(model)
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    chosen = []
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        for step in range(new_tokens):
+            logits = out.logits[:, -1].float()
+            if temperature > 0:
+                token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)
+            else:
+                token = logits.argmax(-1, keepdim=True)
+            chosen.append(token)
+            if step + 1 == new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=token, attention_mask=mask, position_ids=positions,
+                        use_cache=True, **{cache_name: output_cache(out)})
+    return torch.cat(chosen, dim=1).tolist() if chosen else [[] for _ in prompts]

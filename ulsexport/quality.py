@@ -1,7 +1,9 @@
-"""Quality measures: perplexity of a causal LM over held-out text."""
+"""Quality measures: perplexity of a causal LM over held-out text, and the generality table (perplexity on
+several domains, top-1 agreement with the teacher on its own samples, chat answers' agreement)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
@@ -58,3 +60,129 @@ def perplexity(model, windows: list[list[int]], batch_size: int = 8, progress=No
             if progress is not None:
                 progress.update(len(batch))
     return math.exp(total_nll / total_tokens)
+
+
+# --- generality: how much of the teacher's behaviour a pruned model keeps, as a small table ---
+
+CHAT_PROMPTS = Path(__file__).parent / "data" / "chat_prompts.txt"
+CHAT_TOKENS = 32          # greedy answer tokens compared per chat prompt
+EVAL_WINDOW = 256
+
+
+@dataclass
+class Generality:
+    """What the generality table is measured on, prepared once with the teacher:
+    held-out text per domain, windows the teacher sampled (with its own top-1 choices), and chat
+    prompts (with the teacher's greedy answers) where the tokenizer has a chat template."""
+    domains: dict[str, list[list[int]]]
+    sampled: list[list[int]] = field(default_factory=list)
+    teacher_top1: list = field(default_factory=list)
+    chat_prompts: list[list[int]] = field(default_factory=list)
+    teacher_answers: list[list[int]] = field(default_factory=list)
+    eos: int | None = None
+
+    def describe(self) -> dict:
+        return {"domains": {name: sum(len(w) for w in windows) for name, windows in self.domains.items()},
+                "sampled_windows": len(self.sampled), "chat_prompts": len(self.chat_prompts),
+                "chat_tokens": CHAT_TOKENS}
+
+
+def domain_windows(tokenizer, texts, max_tokens: int, window: int = EVAL_WINDOW) -> dict[str, list[list[int]]]:
+    """Held-out windows per text file, named by the file's stem (made unique)."""
+    domains: dict[str, list[list[int]]] = {}
+    for text in texts:
+        name, n = Path(text).stem, 2
+        while name in domains:
+            name, n = f"{Path(text).stem}-{n}", n + 1
+        domains[name] = token_windows(tokenizer, read_text(text), window, max_tokens)
+        if not domains[name]:
+            raise UserError(f"--eval-text {text} gives fewer than 2 tokens")
+    return domains
+
+
+def chat_prompts(tokenizer, path: Path = CHAT_PROMPTS) -> list[list[int]]:
+    """The prompt set through the tokenizer's chat template (none without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    questions = [q.strip() for q in path.read_text(encoding="utf-8").splitlines() if q.strip()]
+    return [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                    add_generation_prompt=True),
+                      add_special_tokens=False)["input_ids"] for q in questions]
+
+
+def prepare_generality(teacher, tokenizer, domains: dict, sampled: list[list[int]], chat: bool = True) -> Generality:
+    from .models import continue_prompts
+
+    prompts = chat_prompts(tokenizer) if chat else []
+    return Generality(domains=domains, sampled=sampled, teacher_top1=_top1(teacher, sampled),
+                      chat_prompts=prompts,
+                      teacher_answers=_answers(teacher, prompts, continue_prompts),
+                      eos=tokenizer.eos_token_id)
+
+
+def generality(model, g: Generality) -> dict:
+    """Perplexity per domain, top-1 agreement with the teacher on its own samples, and the greedy chat
+    answers' token agreement with the teacher's (None where there is nothing to measure)."""
+    from .models import continue_prompts
+
+    top1 = None
+    if g.sampled:
+        matches = [(mine == theirs).sum().item() for mine, theirs in zip(_top1(model, g.sampled), g.teacher_top1)]
+        top1 = sum(matches) / sum(t.numel() for t in g.teacher_top1)
+    chat = None
+    if g.chat_prompts:
+        compared = agreed = 0
+        for mine, theirs in zip(_answers(model, g.chat_prompts, continue_prompts), g.teacher_answers):
+            length = theirs.index(g.eos) + 1 if g.eos in theirs else len(theirs)
+            compared += length
+            agreed += sum(a == b for a, b in zip(mine[:length], theirs[:length]))
+        chat = agreed / compared
+    return {"perplexity": {name: perplexity(model, windows) for name, windows in g.domains.items()},
+            "top1_agreement": top1, "chat_agreement": chat}
+
+
+def _top1(model, windows: list[list[int]], batch_size: int = 8) -> list:
+    """The model's most likely next token at every position, one CPU tensor per batch of windows."""
+    import torch
+
+    if not windows:
+        return []
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            ids = torch.tensor(windows[start:start + batch_size], device=device)
+            out.append(model(input_ids=ids, use_cache=False).logits.argmax(-1).cpu())
+    return out
+
+
+def _answers(model, prompts: list[list[int]], continue_prompts, batch_size: int = 16) -> list[list[int]]:
+    answers: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        answers.extend(continue_prompts(model, prompts[start:start + batch_size], CHAT_TOKENS))
+    return answers
+
+
+def generality_table(rows: dict[str, dict], reference: str = "teacher") -> str:
+    """Markdown: a row per model (perplexity per domain, with its ratio to `reference`'s), top-1 and chat
+    agreement."""
+    first = next(iter(rows.values()))
+    names = list(first["perplexity"])
+    base = rows.get(reference)
+    head = ["model", *[f"ppl {n}" for n in names], "top-1 agreement", "chat agreement"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, row in rows.items():
+        cells = [label]
+        for n in names:
+            value = row["perplexity"].get(n)
+            ratio = f" ({value / base['perplexity'][n]:.2f}x)" if base and row is not base and value else ""
+            cells.append(_fmt(value) + ratio)
+        cells += [_fmt(row.get("top1_agreement"), 3), _fmt(row.get("chat_agreement"), 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) and math.isfinite(value) else str(value)

