@@ -60,8 +60,9 @@ def table(args) -> None:
         if not record:
             continue
         variant = folder.name.removeprefix("healed-")
+        student = Path(record["student"]).name
         for label, row in quality_rows(record).items():
-            rows[variant if label == "after" else f"{label} ({variant})" if label != "teacher" else "teacher"] = row
+            rows[{"after": variant, "before": f"unhealed ({student})"}.get(label, label)] = row
         samples = record.get("teacher_samples") or {}
         runs.append({"variant": variant, "steps": record["steps"], "tokens": record.get("tokens"),
                      "lr": record["lr"], "lora_rank": record["lora_rank"], "loss": record["loss"],
@@ -69,7 +70,7 @@ def table(args) -> None:
                      "train_seconds": record["train_seconds"], "seconds": record["seconds"],
                      "peak_memory_mib": record.get("peak_memory_mib"), "device": record.get("device")})
     ordered = {"teacher": rows.pop("teacher")} if "teacher" in rows else {}
-    ordered.update(sorted(rows.items(), key=lambda kv: kv[0].startswith("before")))
+    ordered.update(sorted(rows.items(), key=lambda kv: not kv[0].startswith("unhealed")))
     head = "| variant | steps | tokens | lr | LoRA | teacher samples (share) | train s | total s | peak MiB |"
     lines = [head, "|" + "---|" * 9]
     for r in runs:

@@ -49,9 +49,11 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "": {"name": (str, REQUIRED), "model": (str, REQUIRED), "artifacts": (str, "artifacts")},
     "plan": {"strategy": (str, "uls"), "speedup": ((int, float), None), "keep": (LAYERS, None), "skip": (LAYERS, None),
              "calib": (str, None), "calib_tokens": (int, DEFAULT_CALIB_TOKENS), "device": (str, "cpu")},
-    "heal": {"data": (str, REQUIRED), "loss": (str, "kd"), "steps": (int, 600), "batch": (int, 32),
-             "seq_len": (int, 256), "lr": ((int, float), 5e-4), "device": (str, None), "dtype": (str, "fp32"),
-             "eval_text": (str, None), "seed": (int, 0)},
+    "heal": {"data": ((str, list), REQUIRED), "data_weights": (list, None), "teacher_samples": (int, None),
+             "teacher_weight": ((int, float), 0.5), "loss": (str, "kd"), "steps": (int, 600), "batch": (int, 32),
+             "seq_len": (int, 256), "lr": ((int, float), 5e-4), "lora_rank": (int, None), "device": (str, None),
+             "dtype": (str, "fp32"), "eval_text": ((str, list), None), "eval_tokens": (int, 200_000),
+             "eval_samples": (int, 32), "seed": (int, 0)},
     "onnx": {"builder": (str, "torch"), "dtype": (str, "fp32"), "device": (str, "cpu")},
     "validate": {"runtime": (str, None), "device": (str, "cpu"), "batches": (IntList("batch sizes", 1), list(SpeedSettings.batches)),
                  "prompt_len": (int, SpeedSettings.prompt_len), "new_tokens": (int, SpeedSettings.new_tokens),
@@ -74,6 +76,8 @@ def _one_of(*choices):
     return (lambda v: v in choices), "one of " + ", ".join(choices)
 
 
+PATHS = ((lambda v: isinstance(v, str) or bool(v) and all(isinstance(p, str) for p in v)),
+         "a file path or a list of them")
 DEVICE = (lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None), "cpu, cuda or cuda:N"
 # What a field's value may be beyond its type, checked when the recipe is read: key -> (test, words).
 ALLOWED = {
@@ -81,7 +85,12 @@ ALLOWED = {
     "plan.device": DEVICE,
     "heal.loss": _one_of(*LOSSES), "heal.steps": _between(1), "heal.batch": _between(1), "heal.seq_len": _between(2),
     "heal.lr": _between(0, MAX_LR, above=True), "heal.device": DEVICE, "heal.dtype": _one_of(*TRAIN_DTYPES),
-    "heal.seed": _between(0, 2**32 - 1),
+    "heal.seed": _between(0, 2**32 - 1), "heal.data": PATHS, "heal.eval_text": PATHS,
+    "heal.data_weights": ((lambda v: all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                                         and w >= 0 for w in v) and sum(v) > 0), "a list of non-negative numbers"),
+    "heal.teacher_samples": _between(0, 10_000_000), "heal.teacher_weight": _between(0, 0.999),
+    "heal.lora_rank": _between(1, 4096), "heal.eval_tokens": _between(2, 100_000_000),
+    "heal.eval_samples": _between(0, 100_000),
     "onnx.builder": _one_of(*BUILDERS), "onnx.dtype": _one_of(*dict.fromkeys(d for b in BUILDERS.values()
                                                                             for d in b.dtypes)),
     "onnx.device": DEVICE,
@@ -261,7 +270,8 @@ def _check_name(name: str, where) -> None:
 
 
 def _kind_name(kind) -> str:
-    names = {str: "text", int: "a whole number", list: "a list", (int, float): "a number"}
+    names = {str: "text", int: "a whole number", list: "a list", (int, float): "a number",
+             (str, list): "a path or a list of paths"}
     return names.get(kind, str(kind))
 
 
@@ -283,9 +293,10 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
             check_device(recipe[section]["device"], f"the recipe's '{section}.device'")
     for key in ("plan.calib", "heal.data", "heal.eval_text", "validate.text"):  # and text files that are not there
         section, field = key.split(".")
-        path = (recipe.get(section) or {}).get(field)
-        if path is not None and not Path(path).exists():
-            raise UserError(f"the recipe's '{key}' {path} does not exist")
+        paths = (recipe.get(section) or {}).get(field)
+        for path in [paths] if isinstance(paths, str) else paths or []:
+            if not Path(path).exists():
+                raise UserError(f"the recipe's '{key}' {path} does not exist")
     stamps_path = out / STAMPS
     stamps = _read_stamps(stamps_path) if not force else {}
     stages: dict[str, str] = {}
@@ -323,7 +334,9 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
     checkpoint, checkpoint_key = out / "hf", prune_key
     if recipe.get("heal"):
         section = recipe["heal"]
-        checkpoint_key = stage("heal", {"after": prune_key, **section, "data_contents": model_fingerprint(section["data"])},
+        data = [section["data"]] if isinstance(section["data"], str) else section["data"]
+        checkpoint_key = stage("heal", {"after": prune_key, **section,
+                                        "data_contents": [model_fingerprint(d) for d in data]},
                                out / "healed", lambda: _heal(recipe, out, quiet))
         checkpoint = out / "healed"
     onnx_key = checkpoint_key
@@ -368,6 +381,11 @@ def summary(recipe: dict, out: Path, report: dict | None) -> list[str]:
         lines.append(f"perplexity on {Path(healing['eval_text']).name}: full {healing['teacher_perplexity']:.2f}, "
                      f"pruned {healing['perplexity_before']:.2f}, healed {healing['perplexity_after']:.2f} "
                      f"({healing['perplexity_after'] / healing['teacher_perplexity']:.3f}x the full model)")
+        if healing.get("quality_teacher"):
+            from .heal.train import quality_rows
+            from .quality import generality_table
+
+            lines.extend(generality_table(quality_rows(healing)).splitlines())
     elif report is not None and report.get("perplexity"):
         p = report["perplexity"]
         lines.append(f"perplexity on {Path(p['text']).name}: full {p['full']:.2f}, pruned {p['pruned']:.2f}")
@@ -442,7 +460,10 @@ def _heal(recipe: dict, out: Path, quiet: bool) -> None:
     section = recipe["heal"]
     heal(recipe["model"], out / "hf", section["data"], out / "healed", loss=section["loss"], steps=section["steps"],
          batch=section["batch"], seq_len=section["seq_len"], lr=float(section["lr"]), device=section["device"],
-         dtype=section["dtype"], eval_text=section["eval_text"], seed=section["seed"], quiet=quiet, force=True)
+         dtype=section["dtype"], eval_text=section["eval_text"], seed=section["seed"], quiet=quiet, force=True,
+         data_weights=section["data_weights"], teacher_samples=section["teacher_samples"],
+         teacher_weight=float(section["teacher_weight"]), lora_rank=section["lora_rank"],
+         eval_tokens=section["eval_tokens"], eval_samples=section["eval_samples"])
 
 
 def _onnx(section: dict, checkpoint: Path, out: Path, quiet: bool) -> None:
