@@ -129,3 +129,23 @@ def test_candidate_from_another_model_is_refused(pruned, tiny_checkpoints):
     _, out = pruned
     result = run_cli("validate", "--reference", tiny_checkpoints["qwen2"], "--candidate", out, "--no-speed")
     assert result.exit_code == 2 and "not pruned from" in result.stderr
+
+
+def test_several_texts_give_the_generality_table(tmp_path):
+    """Quality reads as a table: perplexity per held-out text, top-1 agreement with the full model on its
+    own samples, and (kjv16 has no chat template) no chat column."""
+    from conftest import DATA, KJV16
+
+    out = tmp_path / "hf"
+    prune_checkpoint(KJV16, out, plan_for_model(KJV16, 2), quiet=True)
+    (tmp_path / "kjv.txt").write_text((DATA / "kjv-valid.txt").read_text()[:3000])
+    (tmp_path / "stories.txt").write_text((DATA / "tinystories-valid-excerpt.txt").read_text()[:3000])
+    result = run_cli("validate", "--reference", KJV16, "--candidate", out, "--no-speed", "--parity-steps", 4,
+                     "--text", tmp_path / "kjv.txt", "--text", tmp_path / "stories.txt", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = report["generality"]["rows"]
+    assert set(rows["full"]["perplexity"]) == {"kjv", "stories"} and rows["full"]["top1_agreement"] == 1.0
+    assert 0 < rows["pruned"]["top1_agreement"] < 1 and rows["pruned"]["chat_agreement"] is None
+    assert report["perplexity"]["pruned"] == rows["pruned"]["perplexity"]["kjv"] > report["perplexity"]["full"]
+    assert "| model | ppl kjv | ppl stories | top-1 agreement | chat agreement |" in result.stdout

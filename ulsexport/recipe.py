@@ -57,7 +57,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "onnx": {"builder": (str, "torch"), "dtype": (str, "fp32"), "device": (str, "cpu")},
     "validate": {"runtime": (str, None), "device": (str, "cpu"), "batches": (IntList("batch sizes", 1), list(SpeedSettings.batches)),
                  "prompt_len": (int, SpeedSettings.prompt_len), "new_tokens": (int, SpeedSettings.new_tokens),
-                 "runs": (int, SpeedSettings.runs), "parity_steps": (int, 32), "text": (str, None)},
+                 "runs": (int, SpeedSettings.runs), "parity_steps": (int, 32), "text": ((str, list), None)},
     "triton": TRITON_FIELDS,
 }
 STAMPS = ".ulsexport-stages.json"
@@ -85,7 +85,7 @@ ALLOWED = {
     "plan.device": DEVICE,
     "heal.loss": _one_of(*LOSSES), "heal.steps": _between(1), "heal.batch": _between(1), "heal.seq_len": _between(2),
     "heal.lr": _between(0, MAX_LR, above=True), "heal.device": DEVICE, "heal.dtype": _one_of(*TRAIN_DTYPES),
-    "heal.seed": _between(0, 2**32 - 1), "heal.data": PATHS, "heal.eval_text": PATHS,
+    "heal.seed": _between(0, 2**32 - 1), "heal.data": PATHS, "heal.eval_text": PATHS, "validate.text": PATHS,
     "heal.data_weights": ((lambda v: all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
                                          and w >= 0 for w in v) and sum(v) > 0), "a list of non-negative numbers"),
     "heal.teacher_samples": _between(0, 10_000_000), "heal.teacher_weight": _between(0, 0.999),

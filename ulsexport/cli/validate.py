@@ -28,7 +28,9 @@ from .options import quiet_option
 @click.option("--no-speed", is_flag=True, help="Check parity (and quality) only.")
 @click.option("--parity-steps", default=32, show_default=True, help="Greedy steps compared for parity.")
 @click.option("--tolerance", type=float, help="Relative logit error allowed [default: fp32 1e-4, fp16 1e-2].")
-@click.option("--text", type=click.Path(path_type=Path), help="Held-out text: perplexity of full vs pruned.")
+@click.option("--text", multiple=True, type=click.Path(path_type=Path),
+              help="Held-out text, repeatable (one per domain): the generality table of full vs pruned "
+                   "(perplexity on each, top-1 agreement on the full model's samples, chat answers' agreement).")
 @click.option("--tasks", type=click.Path(path_type=Path), help="JSONL of prompt/reference: BLEU and ROUGE-L.")
 @click.option("--reference-artifact", type=click.Path(path_type=Path),
               help="The full model built like the candidate (e.g. its ONNX export) [default: built on the fly].")
@@ -65,7 +67,8 @@ def validate(ctx, reference, candidate, depth, runtime, device, dtype, batches, 
     check_device(device)
     for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
         check_writable_file(path, option)  # before the work, not after it
-    result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance, text,
+    result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance,
+                            list(text) or None,
                             tasks, reference_artifact, quiet=ctx.obj["quiet"],
                             cuda_graph=False if no_cuda_graph else None, decode_kernels=decode_kernels, depth=depth)
     write_reports(result, json_path, report_path, plot_path)

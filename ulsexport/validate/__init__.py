@@ -185,10 +185,10 @@ def _measure(common: dict, target: tuple, parity_steps, tolerance, speed, full_s
             report["speed"] = {"settings": speed.__dict__, "full": full_speed,
                                "pruned": measure_speed(runtime, speed, vocab, bar)}
         report["speedup"] = speedups(report["speed"], plan or {})
-    if text is not None:
-        from .quality import perplexities
+    if text:
+        from .quality import generality_report
 
-        report["perplexity"] = perplexities(reference_dir, hf_checkpoint, text, device)
+        report.update(generality_report(reference_dir, hf_checkpoint, text, device))
     if tasks is not None:
         from .quality import score_tasks
 

@@ -7,15 +7,35 @@ from pathlib import Path
 from ..errors import UserError
 
 
-def perplexities(reference_dir: Path, pruned_dir: Path, text, device: str) -> dict:
-    from ..models import load_causal_lm
-    from ..tokenizer import load_tokenizer
-    from ..quality import perplexity, read_text, token_windows
+EVAL_TOKENS = 100_000      # of each held-out text
+SAMPLED_WINDOWS = 32       # teacher-sampled windows for the top-1 agreement
 
-    windows = token_windows(load_tokenizer(pruned_dir), read_text(text), 256, max_tokens=100_000)
-    return {"text": str(text), "tokens": sum(len(w) for w in windows),
-            "full": perplexity(load_causal_lm(reference_dir, "fp32", device), windows),
-            "pruned": perplexity(load_causal_lm(pruned_dir, "fp32", device), windows)}
+
+def generality_report(reference_dir: Path, pruned_dir: Path, texts, device: str) -> dict:
+    """The generality table of the full model and the pruned one: perplexity on each held-out text, top-1
+    agreement with the full model on windows it samples (unconditional and chat), and the chat answers'
+    agreement where there is a chat template. The first text's perplexities are kept as `perplexity`
+    (full / pruned) too."""
+    from ..heal.samples import SampleSettings, teacher_samples
+    from ..heal.train import EVAL_SEED_OFFSET
+    from ..models import load_causal_lm
+    from ..quality import EVAL_WINDOW, domain_windows, generality, prepare_generality
+    from ..tokenizer import load_tokenizer
+
+    texts = [texts] if isinstance(texts, (str, Path)) else list(texts)
+    tokenizer = load_tokenizer(pruned_dir)
+    domains = domain_windows(tokenizer, texts, EVAL_TOKENS)
+    full = load_causal_lm(reference_dir, "fp32", device)
+    sampled, _ = teacher_samples(full, tokenizer, Path(reference_dir), None, None,
+                                 SampleSettings(SAMPLED_WINDOWS, EVAL_WINDOW, seed=EVAL_SEED_OFFSET), quiet=True)
+    g = prepare_generality(full, tokenizer, domains, sampled.tolist())
+    rows = {"full": generality(full, g)}
+    del full
+    rows["pruned"] = generality(load_causal_lm(pruned_dir, "fp32", device), g)
+    first = next(iter(domains))
+    return {"generality": {**g.describe(), "texts": [str(t) for t in texts], "rows": rows},
+            "perplexity": {"text": str(texts[0]), "tokens": sum(len(w) for w in domains[first]),
+                           "full": rows["full"]["perplexity"][first], "pruned": rows["pruned"]["perplexity"][first]}}
 
 
 def require_task_metrics() -> None:

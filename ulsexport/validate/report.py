@@ -61,7 +61,15 @@ def markdown(report: dict) -> str:
                 f"{pruned['median']:.1f} [{pruned['min']:.1f}-{pruned['max']:.1f}] | "
                 f"{_x(measured['decode_tokens_per_s'])} | {_x(measured['prefill_tokens_per_s'])} | "
                 f"{_x(measured['end_to_end_tokens_per_s'])} |")
-    if "perplexity" in report:
+    if "generality" in report:
+        from ..quality import generality_table
+
+        g = report["generality"]
+        lines += ["", "## Quality", "", f"Perplexity on each held-out text (ratio to the full model), top-1 agreement "
+                  f"with the full model on {g['sampled_windows']} windows it sampled, and the greedy chat answers' "
+                  f"agreement over {g['chat_prompts']} prompts (first {g['chat_tokens']} tokens; '-' without a chat "
+                  "template).", "", generality_table(g["rows"], reference="full")]
+    elif "perplexity" in report:
         p = report["perplexity"]
         lines += ["", "## Quality", "", f"Perplexity on `{p['text']}` ({p['tokens']} tokens): full {p['full']:.3f}, "
                   f"pruned {p['pruned']:.3f}."]
