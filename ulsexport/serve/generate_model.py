@@ -53,7 +53,6 @@ class Prompt:
     done: bool = False
     text_sent: str = ""          # streamed so far (incremental detokenization)
     depth: str = DEFAULT_DEPTH   # the depth tag it is decoded at (resolved: never the alias over a multi-depth export)
-    cancelled: bool = False      # its client went away (a stream): no more tokens, no response
 
 
 def _eos_ids(folder: Path, tokenizer) -> set[int]:
@@ -354,9 +353,8 @@ class TritonPythonModel:
             def on_token(row, p, token, members=members):
                 if self.decoupled and p.stream:
                     sender = senders[rows[members[row]]]
-                    if sender.is_cancelled():  # the client went away: stop decoding its row
-                        p.done = p.cancelled = True
-                        return
+                    if not p.done and sender.is_cancelled():  # the client went away: this token is its row's last
+                        p.done = True
                     sender.send(self._response([token], self.generator.piece(p)), flags=final if p.done else 0)
             try:
                 steps += self.generator.decode(group, on_token)
@@ -370,12 +368,6 @@ class TritonPythonModel:
                         responses[rows[m]] = self._error(message)
                 continue
             for m, p in zip(members, group):
-                if p.cancelled:  # no more tokens, but the request must be closed, or the model never unloads
-                    try:
-                        senders[rows[m]].send(flags=final)
-                    except Exception:  # noqa: BLE001 - gone already
-                        pass
-                    continue
                 if self.decoupled and not p.stream:
                     senders[rows[m]].send(self._response(p.new_ids, self.generator.text(p)), flags=final)
                 elif not self.decoupled:
