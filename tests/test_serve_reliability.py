@@ -348,6 +348,24 @@ def test_serve_refuses_busy_ports(tmp_path):
         TritonServer(tmp_path / "repo", http_port=http, grpc_port=http, metrics_port=metrics)
 
 
+@needs_server
+def test_a_log_file_the_disk_refuses_is_one_line(tmp_path, monkeypatch):
+    """14: a read-only file system (EROFS, which root meets too) when the log is opened."""
+    import ulsexport.serve.server as server_module
+    from ulsexport.serve.server import TritonServer
+
+    def read_only(path, mode="r", *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(_fake_repository(tmp_path / "repo"), http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          log_file=tmp_path / "x.log")
+    monkeypatch.setattr(server_module, "open", read_only, raising=False)
+    with pytest.raises(UserError, match="opening --log-file .*x.log failed: Read-only file system"):
+        server.start()
+    assert server.process is None and not _own_temp(os.getpid())
+
+
 def test_a_ready_server_on_our_port_is_ours(tmp_path):
     """Another process answering ready on our HTTP port is not our server."""
     from ulsexport.serve.server import TritonServer, listening_ports
