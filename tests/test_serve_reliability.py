@@ -602,4 +602,8 @@ def test_a_model_that_cannot_load_fails_at_once_with_its_first_error(artifact, t
     lines = [line for line in served.text().splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "model.py" in lines[0], served.text()
     assert time.monotonic() - start < 120
+    log = Path(re.search(r"\(log: (\S+)\)$", lines[0]).group(1))  # kept for the user, and named
+    assert log.is_file() and "Failed to preinitialize" in log.read_text()
+    if log.parent.name.startswith("ulsexport-triton-"):
+        shutil.rmtree(log.parent)
     assert not list(Path("/dev/shm").glob(f"ulsexport_{served.process.pid}_*"))
