@@ -31,7 +31,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from conftest import STORIES  # noqa: E402
-from test_serve import CLI, CLIENT_MISSING, SERVER_MISSING, cli, free_ports  # noqa: E402
+from test_serve import CLI, SERVER_MISSING, cli, free_ports  # noqa: E402
 
 from ulsexport.errors import UserError  # noqa: E402
 
@@ -401,7 +401,8 @@ def test_first_error_finds_the_cause_not_the_options_table():
            "ModuleNotFoundError: No module named 'ulsexport'\"\n"
            'E1207 03:00:01.4 1 model_repository_manager.cc:1] "Invalid argument: ensemble"\n'
            'I1207 03:00:02 1 server.cc:2] "Waiting for in-flight requests to complete."\n')
-    assert first_error(log) == "failed to load 'stories' version 1: Internal: ModuleNotFoundError: No module named 'ulsexport'"
+    assert first_error(log) == ("failed to load 'stories' version 1: Internal: ModuleNotFoundError: "
+                                "No module named 'ulsexport'")
     stub = ("I1207 02:57:37.860237 7459 pb_stub.cc:2105]  Failed to preinitialize Python stub: Python model file "
             "not found in '/r/models/s/1/model.py'\n")
     assert load_failure(stub) == first_error(stub) == ("Failed to preinitialize Python stub: Python model file not "

@@ -251,7 +251,8 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
     _, positions = model_limits(artifact)
     if max_tokens is None:  # 512, or what the model's positions leave room for
         max_tokens = min(512, positions - 1) if positions else 512
-    for flag, value, low, high in (("--max-batch", max_batch, 1, MAX_BATCH), ("--instances", instances, 1, MAX_INSTANCES),
+    for flag, value, low, high in (("--max-batch", max_batch, 1, MAX_BATCH),
+                                   ("--instances", instances, 1, MAX_INSTANCES),
                                    ("--max-tokens", max_tokens, 1, MAX_TOKENS_LIMIT),
                                    ("--default-max-tokens", default_max_tokens, 1, MAX_TOKENS_LIMIT),
                                    ("--queue-delay-us", queue_delay_us, 0, MAX_QUEUE_DELAY_US)):

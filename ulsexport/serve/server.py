@@ -269,7 +269,8 @@ def listening_ports(pid: int) -> set[int]:
 LOG_LINE = re.compile(r"^([IWE])\d{4} [^\]]*\] ?(.*)$")
 BENIGN = ("CudaDriverHelper has not been initialized",)  # logged as an error by every CPU-only start
 # lines that mean a model will not load (the stub of a model that failed to start is waited for minutes)
-LOAD_FAILED = re.compile(r"Failed to preinitialize|failed to load|^terminate called|Stub process .* (unhealthy|not healthy)")
+LOAD_FAILED = re.compile(r"Failed to preinitialize|failed to load|^terminate called|"
+                         r"Stub process .* (unhealthy|not healthy)")
 
 
 def _messages(log: str):
@@ -328,12 +329,12 @@ class TritonServer:
         folder = self.repository if self.repository in path.parents else next(
             (f for f in path.parents if (f / MANIFEST_NAME).is_file()), None)
         if folder is not None:
-            raise UserError(f"--log-file {log_file} lies inside {'the repository' if folder == self.repository else 'the artifact'} "
-                            f"{folder}; ulsexport never writes into one (a repository's files are hard links to "
-                            f"the exported artifact's): choose a log file outside it")
+            what = "the repository" if folder == self.repository else "the artifact"
+            raise UserError(f"--log-file {log_file} lies inside {what} {folder}; ulsexport never writes into one (a "
+                            "repository's files are hard links to the exported artifact's): choose a log file outside it")
         if path.exists() and (not path.is_file() or path.stat().st_nlink > 1):
-            raise UserError(f"--log-file {log_file} is {'not a plain file' if not path.is_file() else 'hard-linked to another file'}; "
-                            f"writing the log would change it: choose a new file")
+            what = "not a plain file" if not path.is_file() else "hard-linked to another file"
+            raise UserError(f"--log-file {log_file} is {what}; writing the log would change it: choose a new file")
         return path
 
     # -- addresses ------------------------------------------------------------------------------
@@ -405,9 +406,6 @@ class TritonServer:
             return self.log_path.read_text(errors="replace") if self.log_path else ""
         except FileNotFoundError:
             return ""
-
-    def log_tail(self, lines: int = 25) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def _ok(self, path: str) -> bool:
         try:
