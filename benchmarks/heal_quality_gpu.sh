@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Healing choices side by side on one GPU (SmolLM2-135M-Instruct, then kjv16), each a plain `ulsexport heal`,
-# run in parallel; then one table each (benchmarks/heal_quality.py table). Usage:
+# run in parallel (six on one GPU: an 80 GB H100 ran out of memory for two of them, so give it fewer at a
+# time or more memory); then one table each (benchmarks/heal_quality.py table). Usage:
 #   bash benchmarks/heal_quality_gpu.sh WORK RESULTS_DIR [MODEL] [LONG_STEPS] [SHORT_STEPS]
 # MODEL: smollm2 (default) or a checkpoint folder; DEVICE=cpu runs it (slowly) without a GPU; DATA_DIR: the
 # folder of pydoc-train.txt, kjv-valid.txt and tinystories-valid-excerpt.txt (default ../shared/data);
@@ -20,10 +21,13 @@ for s in 2 3; do
 done
 evals=(--eval-tokens "${EVAL_TOKENS:-200000}" --eval-text "$HOLDOUT" --eval-text "$data/kjv-valid.txt" --eval-text "$data/tinystories-valid-excerpt.txt")
 common=(--teacher "$MODEL" --data "$HEAL_TEXT" --dtype "${DTYPE:-bf16}" --batch "${BATCH:-32}" --seq-len "${SEQ_LEN:-256}" --device "$device" --force "${evals[@]}")
-# The teacher's samples are made once (the first run) and cached for the others: warm the cache first.
+# The teacher's samples are made once (the first run) and cached for the others: warm the cache first. Every
+# run names the same count, or each would make (and cache) its own.
+samples=${TEACHER_SAMPLES:-4096}
+common+=(--teacher-samples "$samples")
 ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --out "$work/warm" > "$work/warm.log" 2>&1
 heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 & }
-heal 2x-user-text-only-$short  --student "$work/pruned-2x" --steps "$short" --teacher-samples 0
+heal 2x-user-text-only-$short  --student "$work/pruned-2x" --steps "$short" --teacher-samples 0  # the last one counts
 heal 2x-mix-$short             --student "$work/pruned-2x" --steps "$short"
 heal 2x-mix-w0.8-$short        --student "$work/pruned-2x" --steps "$short" --teacher-weight 0.8
 heal 2x-mix-lora64-$short      --student "$work/pruned-2x" --steps "$short" --lora-rank 64 --lr 1e-3
