@@ -9,11 +9,7 @@ import threading
 import click
 
 from ..errors import UserError
-from .options import quiet_option
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (plain `kill`, `timeout`), raised like Ctrl-C so that every output is cleaned up."""
+from .options import Terminated, quiet_option
 
 
 @contextlib.contextmanager

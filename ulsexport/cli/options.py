@@ -11,6 +11,10 @@ from ..plan import parse_index_list
 ARTIFACTS = Path("artifacts")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (plain `kill`, `timeout`), raised like Ctrl-C so that every output is cleaned up."""
+
+
 def _set_quiet(ctx, param, value):
     quiet = ctx.ensure_object(dict)
     if value:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..artifact import json_text
-from .options import quiet_option
+from .options import Terminated, quiet_option
 
 
 @click.command()
@@ -98,7 +98,6 @@ def serve(ctx, repository, host, http_port, grpc_port, metrics_port, log_file, r
       ulsexport serve artifacts/llama-2x/triton --http-port 9000 --grpc-port 9001 --metrics-port 9002
       ulsexport serve artifacts/llama-2x/triton --python /opt/serve-env/bin/python
     """
-    from ..cli import Terminated
     from ..errors import UserError
     from ..serve.server import TritonServer, available
 
