@@ -315,9 +315,10 @@ def weight_bytes(folder, without_axis: int | None = None) -> int:
     with an axis of that length (the vocabulary: embedding and lm head)."""
     import onnx
 
-    from .artifact import read_manifest
+    from .artifact import artifact_path, read_manifest
 
-    graph = onnx.load(str(Path(folder) / read_manifest(folder)["onnx"]["file"]), load_external_data=False).graph
+    graph_file = artifact_path(folder, (read_manifest(folder) or {}).get("onnx", {}).get("file"), "onnx.file")
+    graph = onnx.load(str(graph_file), load_external_data=False).graph
     total = 0
     for tensor in graph.initializer:
         if without_axis is not None and without_axis in tensor.dims:
