@@ -207,7 +207,8 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
                                      seed, quiet)
             model = _load_student(student_dir, lora_rank, dtype, device)
             if saved:
-                before, teacher_row = saved["quality_before"], saved["quality_teacher"]
+                # checkpoints of earlier versions hold no quality rows
+                before, teacher_row = saved.get("quality_before"), saved.get("quality_teacher")
             else:
                 before = _depth_quality(model, evaluation, depths, quiet, "student before")
                 teacher_row = _quality(teacher_model, evaluation, quiet, "teacher") if teacher_model else None
