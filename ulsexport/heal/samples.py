@@ -69,11 +69,13 @@ def teacher_samples(teacher, tokenizer, teacher_dir: Path, files: list[Path] | N
 
     key = cache_key(teacher_dir, data_sha256, settings)
     path = cache_root() / f"{key}.npy"
-    record = {**settings.record(), "cache": str(path), "kinds": list(_kinds(tokenizer))}
-    if path.is_file():
-        array = np.load(path)
-        if array.shape == (settings.count, settings.seq_len):
-            return array, {**record, "cached": True}
+    record = {**settings.record(), "cache": str(path), "kinds": list(_kinds(tokenizer) if files else KINDS[:1])}
+    try:
+        array = np.load(path) if path.is_file() else None
+    except (OSError, ValueError):  # a cache file cut short: made again below
+        array = None
+    if array is not None and array.shape == (settings.count, settings.seq_len):
+        return array, {**record, "cached": True}
     started = time.perf_counter()
     prompts = _prompts(tokenizer, files, settings)
     rows = _sample_all(teacher, prompts, settings, quiet)

@@ -179,6 +179,7 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
     tokenizer = load_tokenizer(student_dir)
     for files in sources:
         check_corpus(tokenizer, files, seq_len)
+    hashes = [corpus_sha256(files) for files in sources]   # read once: the run's key, the samples' keys
     if not 2 <= eval_tokens <= 100_000_000:
         raise UserError(f"--eval-tokens {eval_tokens} must be between 2 and 100000000")
     domains = domain_windows(tokenizer, eval_texts, eval_tokens, seq_len) if eval_texts else {}
@@ -192,7 +193,7 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
                else None)
     run = {"loss": loss, "kd_weight": weight_kd, "temperature": temperature, "steps": steps, "batch": batch,
            "seq_len": seq_len, "lr": lr, "warmup_steps": warmup_steps, "lora_rank": lora_rank, "seed": seed,
-           "dtype": dtype, "data_sha256": _mixture_sha256(sources, data_weights, samples, teacher_weight),
+           "dtype": dtype, "data_sha256": _mixture_sha256(hashes, data_weights, samples, teacher_weight),
            "student_config_sha256": file_sha256(student_dir / ckpt.CONFIG_NAME),
            "depths": [d["kept"] for d in depths] if depths else None}
     work = claim_work_dir(out, protect)
@@ -201,10 +202,10 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
         with atomic_output_dir(Path(out), force, protect=protect) as tmp, transformers_bars(False):
             saved = _starting_checkpoint(checkpoints, resume, force, run)
             teacher_model = load_causal_lm(teacher_dir, dtype, device) if teacher_dir else None
-            mixture, sample_record = _mixture(tokenizer, sources, data_weights, seq_len, teacher_model, teacher_dir,
-                                              samples, teacher_weight, quiet)
-            evaluation = _evaluation(teacher_model, tokenizer, teacher_dir, sources, domains, eval_samples, seq_len,
-                                     seed, quiet)
+            mixture, sample_record = _mixture(tokenizer, sources, hashes, data_weights, seq_len, teacher_model,
+                                              teacher_dir, samples, teacher_weight, quiet)
+            evaluation = _evaluation(teacher_model, tokenizer, teacher_dir, sources[0], hashes[0], domains,
+                                     eval_samples, seq_len, seed, quiet)
             model = _load_student(student_dir, lora_rank, dtype, device)
             if saved:
                 # checkpoints of earlier versions hold no quality rows
@@ -263,23 +264,25 @@ def _sample_count(requested: int | None, steps: int, batch: int, weight: float) 
     return requested if requested is not None else max(1, min(MAX_AUTO_SAMPLES, math.ceil(steps * batch * weight)))
 
 
-def _mixture_sha256(sources, weights, samples, teacher_weight) -> str:
-    """What the training stream depends on: each source's contents and weight, and the samples' settings."""
-    if len(sources) == 1 and samples is None:
-        return corpus_sha256(sources[0])  # a single source keeps the hash earlier runs recorded
-    parts = [f"{corpus_sha256(files)}:{w}" for files, w in zip(sources, weights)]
+def _mixture_sha256(hashes, weights, samples, teacher_weight) -> str:
+    """What the training stream depends on: each source's contents (`hashes`) and weight, and the samples'
+    settings."""
+    if len(hashes) == 1 and samples is None:
+        return hashes[0]  # a single source keeps the hash earlier runs recorded
+    parts = [f"{digest}:{w}" for digest, w in zip(hashes, weights)]
     if samples:
         parts.append(f"teacher:{teacher_weight}:{json.dumps(samples.record(), sort_keys=True)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _mixture(tokenizer, sources, weights, seq_len, teacher_model, teacher_dir, samples, teacher_weight, quiet):
+def _mixture(tokenizer, sources, hashes, weights, seq_len, teacher_model, teacher_dir, samples, teacher_weight,
+             quiet):
     """(windows(seed, skip): the endless training stream, the teacher samples' record for the manifest)."""
     streams = [functools.partial(training_windows, tokenizer, files, seq_len) for files in sources]
     record = None
     if samples:
         array, record = teacher_samples(teacher_model, tokenizer, teacher_dir, sources[0],
-                                        corpus_sha256(sources[0]), samples, quiet)
+                                        hashes[0], samples, quiet)
         record["weight"] = teacher_weight
         weights = [w / sum(weights) * (1 - teacher_weight) for w in weights] + [teacher_weight]
         streams.append(functools.partial(array_windows, array))
@@ -509,7 +512,7 @@ def _trained_depths(teacher, speedups, strategy: str, calib, quiet: bool) -> lis
     return depths
 
 
-def _evaluation(teacher, tokenizer, teacher_dir, sources, domains, eval_samples, seq_len, seed, quiet):
+def _evaluation(teacher, tokenizer, teacher_dir, files, files_sha256, domains, eval_samples, seq_len, seed, quiet):
     """What the generality table is measured on (None without held-out text): the domains, and with a
     teacher, windows it samples with another seed than training's, and its chat answers."""
     if not domains:
@@ -517,8 +520,7 @@ def _evaluation(teacher, tokenizer, teacher_dir, sources, domains, eval_samples,
     sampled = []
     if teacher is not None and eval_samples:
         settings = SampleSettings(eval_samples, seq_len, seed=seed + EVAL_SEED_OFFSET)
-        array, _ = teacher_samples(teacher, tokenizer, teacher_dir, sources[0], corpus_sha256(sources[0]),
-                                   settings, quiet)
+        array, _ = teacher_samples(teacher, tokenizer, teacher_dir, files, files_sha256, settings, quiet)
         sampled = array.tolist()
     return prepare_generality(teacher, tokenizer, domains, sampled, chat=teacher is not None)
 
