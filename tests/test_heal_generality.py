@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-import tiny_models
 from conftest import DATA, KJV16, run_cli
+from test_heal import _tiny_llama_with_kjv_tokenizer
 from ulsexport.artifact import read_manifest
 from ulsexport.heal import heal, work_dir
 from ulsexport.heal.corpus import array_windows, mixture_windows
@@ -32,10 +32,7 @@ def _one_thread(one_thread):
 def models(tmp_path_factory):
     """A tiny Llama with kjv16's tokenizer (given a chat template), its 2-layer student, and texts."""
     root = tmp_path_factory.mktemp("generality")
-    teacher = root / "teacher"
-    tiny_models.make_tiny_checkpoint("llama", teacher, num_layers=4, overrides={"vocab_size": 4096})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(KJV16 / name, teacher / name)
+    teacher = _tiny_llama_with_kjv_tokenizer(root / "teacher")
     config = json.loads((teacher / "tokenizer_config.json").read_text())
     (teacher / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
     student = root / "student"
