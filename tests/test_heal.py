@@ -15,6 +15,7 @@ from ulsexport.heal import train as heal_module
 from ulsexport.heal.corpus import corpus_files, documents, packed_windows, training_windows
 from ulsexport.heal import distillation_loss, heal, work_dir
 from ulsexport.artifact import read_manifest
+from ulsexport.errors import UserError
 from ulsexport.tokenizer import load_tokenizer
 from ulsexport.prune import plan_for_model, prune_checkpoint
 
@@ -70,6 +71,26 @@ def test_distillation_loss_is_zero_for_equal_logits_and_positive_otherwise():
     logits = torch.randn(2, 5, 11)
     assert distillation_loss(logits, logits, 2.0).item() == pytest.approx(0, abs=1e-6)
     assert distillation_loss(logits, torch.randn(2, 5, 11), 2.0).item() > 0.01
+
+
+def test_hidden_state_loss_maps_each_kept_layer_to_the_teacher_layer_it_was():
+    teacher = [torch.randn(2, 3, 8) for _ in range(6)]     # embeddings + 5 layers
+    kept = [0, 2, 4]
+    student = [teacher[0]] + [teacher[k + 1] for k in kept]
+    assert heal_module.hidden_state_loss(student, teacher, kept).item() == pytest.approx(0, abs=1e-7)
+    shifted = [teacher[0]] + [teacher[k] for k in kept]        # each the layer before: not what it was
+    assert heal_module.hidden_state_loss(shifted, teacher, kept).item() > 0.5
+
+
+def test_hidden_weight_heals_and_is_recorded_and_refused_without_a_teacher(models, tmp_path):
+    out = tmp_path / "healed"
+    result = heal(models["teacher"], models["student"], models["data"], out, hidden_weight=1.0,
+                  teacher_samples=0, **FAST)
+    assert result.manifest["healing"]["hidden_weight"] == 1.0 and len(result.losses) == FAST["steps"]
+    assert (_kl_to_teacher(out, models["teacher"], models["eval"])
+            < _kl_to_teacher(models["student"], models["teacher"], models["eval"]))
+    with pytest.raises(UserError, match="needs --loss kd"):
+        heal(None, models["student"], models["data"], tmp_path / "lm", loss="lm", hidden_weight=1.0, **FAST)
 
 
 def _kl_to_teacher(model_dir, teacher_dir, eval_text):

@@ -50,7 +50,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "plan": {"strategy": (str, "uls"), "speedup": ((int, float), None), "keep": (LAYERS, None), "skip": (LAYERS, None),
              "calib": (str, None), "calib_tokens": (int, DEFAULT_CALIB_TOKENS), "device": (str, "cpu")},
     "heal": {"data": ((str, list), REQUIRED), "data_weights": (list, None), "teacher_samples": (int, None),
-             "teacher_weight": ((int, float), 0.5), "loss": (str, "kd"), "steps": (int, 600), "batch": (int, 32),
+             "teacher_weight": ((int, float), 0.5), "hidden_weight": ((int, float), 0.0), "loss": (str, "kd"), "steps": (int, 600), "batch": (int, 32),
              "seq_len": (int, 256), "lr": ((int, float), 5e-4), "lora_rank": (int, None), "device": (str, None),
              "dtype": (str, "fp32"), "eval_text": ((str, list), None), "eval_tokens": (int, 200_000),
              "eval_samples": (int, 32), "seed": (int, 0)},
@@ -88,7 +88,7 @@ ALLOWED = {
     "heal.seed": _between(0, 2**32 - 1), "heal.data": PATHS, "heal.eval_text": PATHS, "validate.text": PATHS,
     "heal.data_weights": ((lambda v: all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
                                          and w >= 0 for w in v) and sum(v) > 0), "a list of non-negative numbers"),
-    "heal.teacher_samples": _between(0, 10_000_000), "heal.teacher_weight": _between(0, 0.999),
+    "heal.teacher_samples": _between(0, 10_000_000), "heal.teacher_weight": _between(0, 0.999), "heal.hidden_weight": _between(0, 100),
     "heal.lora_rank": _between(1, 4096), "heal.eval_tokens": _between(2, 100_000_000),
     "heal.eval_samples": _between(0, 100_000),
     "onnx.builder": _one_of(*BUILDERS), "onnx.dtype": _one_of(*dict.fromkeys(d for b in BUILDERS.values()
@@ -462,7 +462,8 @@ def _heal(recipe: dict, out: Path, quiet: bool) -> None:
          batch=section["batch"], seq_len=section["seq_len"], lr=float(section["lr"]), device=section["device"],
          dtype=section["dtype"], eval_text=section["eval_text"], seed=section["seed"], quiet=quiet, force=True,
          data_weights=section["data_weights"], teacher_samples=section["teacher_samples"],
-         teacher_weight=float(section["teacher_weight"]), lora_rank=section["lora_rank"],
+         teacher_weight=float(section["teacher_weight"]), hidden_weight=float(section["hidden_weight"]),
+         lora_rank=section["lora_rank"],
          eval_tokens=section["eval_tokens"], eval_samples=section["eval_samples"])
 
 

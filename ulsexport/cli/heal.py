@@ -31,6 +31,9 @@ from .options import quiet_option
 @click.option("--loss", type=click.Choice(["kd", "lm", "kd+lm"]), default="kd", show_default=True,
               help="kd: distil the teacher's token distributions; lm: next-token loss on --data; kd+lm: both.")
 @click.option("--kd-weight", type=float, default=0.5, show_default=True, help="Weight of kd in kd+lm.")
+@click.option("--hidden-weight", type=float, default=0.0, show_default=True,
+              help="Add hidden-state distillation (kd): this weight times the normalised distance between each "
+                   "kept layer's output and the teacher layer's it was.")
 @click.option("--temperature", "-T", type=float, default=1.0, show_default=True, help="Distillation temperature.")
 @click.option("--steps", type=int, default=600, show_default=True, help="Optimizer steps.")
 @click.option("--batch", type=int, default=32, show_default=True, help="Windows per step.")

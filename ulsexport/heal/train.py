@@ -59,7 +59,7 @@ MAX_AUTO_SAMPLES = 4096   # teacher samples made when no count is given (fewer i
 WORK_MARKER = ".ulsexport-work"   # in <out>.work/: ulsexport made this folder, so it may empty it
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_KEYS = ("depths", "loss", "kd_weight", "temperature", "steps", "batch", "seq_len", "lr", "warmup_steps",
+RESUME_KEYS = ("depths", "loss", "kd_weight", "hidden_weight", "temperature", "steps", "batch", "seq_len", "lr", "warmup_steps",
                "lora_rank", "seed", "dtype", "data_sha256", "student_config_sha256")
 
 
@@ -113,6 +113,16 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def hidden_state_loss(student_hidden, teacher_hidden, kept):
+    """Mean over the student's layers but its last of ||s - t||^2 / ||t||^2, where t is the output of the
+    teacher layer the student layer was (kept[i]); the last layer's output is the final norm's input in
+    one model and not the other, and the logits' loss covers it."""
+    terms = [((student_hidden[i + 1].float() - teacher_hidden[layer + 1].float()) ** 2).mean()
+             / teacher_hidden[layer + 1].float().pow(2).mean().clamp_min(1e-12)
+             for i, layer in enumerate(kept[:-1])]
+    return sum(terms) / len(terms) if terms else student_hidden[-1].sum() * 0
+
+
 def next_token_loss(logits, ids):
     import torch.nn.functional as F
 
@@ -127,7 +137,7 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
          seed: int = 0, quiet: bool = False, force: bool = False,
          on_step: Callable[[int, float], None] | None = None, speedups=None, strategy: str = "uls",
          calib=None, data_weights=None, teacher_samples: int | None = None, teacher_weight: float = 0.5,
-         eval_samples: int = 32, eval_tokens: int = EVAL_MAX_TOKENS) -> HealResult:
+         eval_samples: int = 32, eval_tokens: int = EVAL_MAX_TOKENS, hidden_weight: float = 0.0) -> HealResult:
     """Train `student` towards `teacher` on `data` and write the result to `out`.
 
     `loss`: "kd" (distillation), "lm" (next-token cross-entropy; the teacher is then optional) or
@@ -147,6 +157,9 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
     `eval_samples` windows it sampled (other seeds than the training samples), and, where the tokenizer
     has a chat template, the greedy chat answers' agreement with the teacher's.
 
+    `hidden_weight` > 0 adds hidden-state distillation to kd: that weight times the normalised squared
+    distance between each kept layer's output and the output of the teacher layer it was.
+
     Joint healing (`speedups`, e.g. [2, 3]; 1 is the full depth): one set of weights for several
     depths. The student starts as the teacher itself (`student` is then the teacher, or None), holds every
     layer, and each step trains one depth in turn (round robin over the plans made with `strategy`),
@@ -162,6 +175,10 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
     data_weights = _data_weights(data, data_weights)
     _check_settings(loss, kd_weight, temperature, steps, batch, seq_len, lr, warmup_steps, lora_rank,
                     dtype, save_every, teacher_samples, teacher_weight, eval_samples)
+    if not (_finite(hidden_weight) and 0 <= hidden_weight <= 100):
+        raise UserError(f"--hidden-weight {hidden_weight} must be between 0 and 100")
+    if hidden_weight and weight_kd == 0:
+        raise UserError("--hidden-weight distils the teacher's hidden states: it needs --loss kd or kd+lm")
     depths = None
     if speedups:
         if teacher is None:
@@ -195,7 +212,8 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
            "seq_len": seq_len, "lr": lr, "warmup_steps": warmup_steps, "lora_rank": lora_rank, "seed": seed,
            "dtype": dtype, "data_sha256": _mixture_sha256(hashes, data_weights, samples, teacher_weight),
            "student_config_sha256": file_sha256(student_dir / ckpt.CONFIG_NAME),
-           "depths": [d["kept"] for d in depths] if depths else None}
+           "depths": [d["kept"] for d in depths] if depths else None, "hidden_weight": hidden_weight,
+           "kept": (read_manifest(student_dir) or {}).get("kept") if hidden_weight and not depths else None}
     work = claim_work_dir(out, protect)
     checkpoints = work / "checkpoints"
     try:  # checkpoints stay for --resume if the run fails; an empty work folder goes
@@ -390,7 +408,8 @@ def _starting_checkpoint(checkpoints: Path, resume: bool, force: bool, run: dict
     except Exception as exc:  # a truncated or foreign file: torch raises RuntimeError, pickle errors, KeyError
         raise UserError(f"--resume: {latest} is not a complete healing checkpoint ({type(exc).__name__}); "
                         "rerun without --resume and with --force to start over") from None
-    changed = [f"{k}={earlier.get(k)}" for k in RESUME_KEYS if earlier.get(k) != run[k]]
+    defaults = {"hidden_weight": 0.0}   # checkpoints of earlier versions lack it
+    changed = [f"{k}={earlier.get(k)}" for k in RESUME_KEYS if earlier.get(k, defaults.get(k)) != run[k]]
     if changed:
         raise UserError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)})")
     return saved
@@ -464,7 +483,7 @@ def _train(model, teacher, mixture, run, device, checkpoints, saved, save_every,
                 ids = torch.tensor([next(windows) for _ in range(batch)], device=device)
                 depth = run["depths"][step % len(run["depths"])] if run.get("depths") else None
                 with autocast, _only(model, depth):
-                    value = _objective(model, teacher, ids, run)
+                    value = _objective(model, teacher, ids, run, depth)
                 if not torch.isfinite(value.detach()).all():
                     raise UserError(f"healing stopped at step {step + 1} of {steps}: the loss became "
                                     f"{value.item()} (the training diverged; try a lower --lr); "
@@ -549,15 +568,21 @@ def _first_ppl(row: dict | None):
     return next(iter(row["perplexity"].values())) if row else None
 
 
-def _objective(model, teacher, ids, run):
+def _objective(model, teacher, ids, run, depth=None):
     import torch
 
-    logits = model(input_ids=ids, use_cache=False).logits
+    hidden = bool(run.get("hidden_weight"))
+    out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    logits = out.logits
     value = 0.0
     if run["kd_weight"] > 0:
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-        value = run["kd_weight"] * distillation_loss(logits, teacher_logits, run["temperature"])
+            teacher_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        value = run["kd_weight"] * distillation_loss(logits, teacher_out.logits, run["temperature"])
+        if hidden:
+            kept = depth if depth is not None else run.get("kept") or list(range(len(out.hidden_states) - 1))
+            value = value + run["hidden_weight"] * hidden_state_loss(out.hidden_states, teacher_out.hidden_states,
+                                                                     kept)
     if run["kd_weight"] < 1:
         value = value + (1 - run["kd_weight"]) * next_token_loss(logits, ids)
     return value
@@ -572,6 +597,8 @@ def _manifest(student_dir, teacher_dir, data, data_weights, eval_texts, domains,
                                   "lora_rank", "seed", "dtype", "data_sha256")}
     if run["loss"] == "kd+lm":
         record["kd_weight"] = run["kd_weight"]
+    if run.get("hidden_weight"):
+        record["hidden_weight"] = run["hidden_weight"]
     first = eval_texts[0] if eval_texts else None
     record.update({
         "teacher": str(teacher_dir.absolute()) if teacher_dir else None,
