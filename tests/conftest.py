@@ -26,6 +26,31 @@ def tiny_checkpoints(tmp_path_factory):
     return {family: make_tiny_checkpoint(family, root / family) for family in FAMILIES}
 
 
+MULTI_DEPTH_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4,
+                         num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def multi_depth_exports(tmp_path_factory):
+    """Tiny Llama multi-depth exports, built once per session (each takes 15-50 s here), by cache layout:
+    (source checkpoint, export folder). shared: 6 layers at 1, 2 and 3; concat: 4 layers at 1 and 2."""
+    from tiny_models import make_tiny_checkpoint
+    from ulsexport.export.multi_depth import export_multi_depth
+
+    built = {}
+
+    def get(kv_cache: str):
+        if kv_cache not in built:
+            root = tmp_path_factory.mktemp(f"multi-{kv_cache}")
+            layers, speedups = (6, [1, 2, 3]) if kv_cache == "shared" else (4, [1, 2])
+            src = make_tiny_checkpoint("llama", root / "hf", num_layers=layers, overrides=MULTI_DEPTH_SHAPE)
+            built[kv_cache] = src, export_multi_depth(src, root / "multi", speedups, kv_cache=kv_cache,
+                                                      quiet=True).out_dir
+        return built[kv_cache]
+
+    return get
+
+
 def run_cli(*args):
     """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
     from click.testing import CliRunner

@@ -15,7 +15,6 @@ from ulsexport.runtime import open_runtime  # noqa: E402
 from ulsexport.runtime.ort import MultiDepthDecoder  # noqa: E402
 from ulsexport.testing import FAMILIES, make_tiny_checkpoint  # noqa: E402
 
-SHARED_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2)
 STEPS = 8
 
 
@@ -44,11 +43,9 @@ def assert_depths_match_their_prunes(src, out, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def multi(tmp_path_factory):
+def multi(multi_depth_exports):
     """A 6-layer tiny llama exported at 1, 2 and 3 over one weights file (the shared cache)."""
-    root = tmp_path_factory.mktemp("multi")
-    src = make_tiny_checkpoint("llama", root / "hf", num_layers=6, overrides=SHARED_SHAPE)
-    return src, export_multi_depth(src, root / "multi", [1, 2, 3], quiet=True).out_dir
+    return multi_depth_exports("shared")
 
 
 def test_three_depths_over_one_weights_file(multi, tmp_path):
@@ -85,10 +82,9 @@ def test_fixed_width_depths_over_the_shared_weights(multi):
         assert max(relative_error(a, e) for a, e in zip(got.logits, expected.logits)) < TOLERANCES["fp32"]
 
 
-def test_the_concatenated_cache_layout_too(tmp_path):
-    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=4, overrides=SHARED_SHAPE)
-    result = export_multi_depth(src, tmp_path / "multi", [1, 2], kv_cache="concat", quiet=True)
-    manifest, _ = assert_depths_match_their_prunes(src, result.out_dir, tmp_path)
+def test_the_concatenated_cache_layout_too(multi_depth_exports, tmp_path):
+    src, out = multi_depth_exports("concat")
+    manifest, _ = assert_depths_match_their_prunes(src, out, tmp_path)
     assert {g["onnx"]["kv_cache"] for g in manifest["graphs"]} == {"concat"}
 
 

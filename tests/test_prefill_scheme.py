@@ -6,7 +6,6 @@ from conftest import sampled
 
 pytest.importorskip("onnxruntime")
 
-from ulsexport.export.multi_depth import export_multi_depth  # noqa: E402
 from ulsexport.models import load_causal_lm  # noqa: E402
 from ulsexport.precision import TOLERANCES, relative_error  # noqa: E402
 from ulsexport.prune import plan_for_model, prune_checkpoint  # noqa: E402
@@ -14,16 +13,15 @@ from ulsexport.runtime import open_runtime  # noqa: E402
 from ulsexport.testing import make_tiny_checkpoint  # noqa: E402
 from ulsexport.validate.prefill_scheme import continuation_perplexity, scheme_greedy  # noqa: E402
 
-SHARED_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2)
+from conftest import MULTI_DEPTH_SHAPE as SHARED_SHAPE  # noqa: E402
 STEPS = 32
 
 
 @pytest.mark.parametrize("kv_cache", sampled(["shared", "concat"], ("shared",)))  # concat: pytest -m extended
-def test_full_prefill_then_pruned_decode_matches_pytorch(tmp_path, kv_cache):
+def test_full_prefill_then_pruned_decode_matches_pytorch(tmp_path, kv_cache, multi_depth_exports):
     import torch
 
-    src = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=4, overrides=SHARED_SHAPE)
-    out = export_multi_depth(src, tmp_path / "multi", [1, 2], kv_cache=kv_cache, quiet=True).out_dir
+    src, out = multi_depth_exports(kv_cache)
     plan = plan_for_model(src, 2)
     pruned = prune_checkpoint(src, tmp_path / "2x", plan, quiet=True).out_dir
     ids = np.random.default_rng(1).integers(3, 128, (2, 10), dtype=np.int64)

@@ -81,8 +81,9 @@ def main(ctx):
       ulsexport serve    artifacts/NAME/triton
 
     \b
-    Also: several depths over one set of weights (ulsexport onnx --speedups 1,2,3), TensorRT
-    engines (ulsexport onnx --target tensorrt, then ulsexport engine).
+    Also: several depths over one set of weights (ulsexport onnx --speedups 1,2,3), and from them
+    lossless self-speculative decoding (ulsexport generate --speculative 2x); TensorRT engines
+    (ulsexport onnx --target tensorrt, then ulsexport engine).
     The whole pipeline from a YAML recipe: ulsexport run recipes/kjv16-demo.yaml
     Choosing layers from data instead of by position: ulsexport compare-plans --help.
     """
@@ -91,6 +92,7 @@ def main(ctx):
 
 def _register() -> None:
     from .engine import engine
+    from .generate import generate
     from .heal import heal
     from .onnx import onnx
     from .plan import compare_plans_command, plan
@@ -99,7 +101,8 @@ def _register() -> None:
     from .serve import serve, triton
     from .validate import validate
 
-    for command in (plan, prune, heal, compare_plans_command, validate, onnx, engine, triton, serve, run):
+    for command in (plan, prune, heal, compare_plans_command, validate, onnx, generate, engine, triton, serve,
+                    run):
         main.add_command(command)
 
 

@@ -11,11 +11,15 @@ from ..runtime import RUNTIMES
 from .options import quiet_option
 
 @click.command()
-@click.option("--reference", "-r", required=True, help="The ORIGINAL (full-depth) checkpoint.")
+@click.option("--reference", "-r", help="The ORIGINAL (full-depth) checkpoint (not needed with --speculative).")
 @click.option("--candidate", "-c", required=True, type=click.Path(path_type=Path),
               help="The artifact: a pruned checkpoint or an ONNX export (its ulsexport.json names the kept layers); "
                    "each depth of a multi-depth export (onnx --speedups, --runtime ort).")
 @click.option("--depth", help="A multi-depth export: validate this depth only (full, 2x, ...) [default: every depth].")
+@click.option("--speculative", metavar="DEPTH",
+              help="A multi-depth export: check self-speculative decoding (DEPTH drafts, the full depth verifies) "
+                   "against the full depth (identical tokens) and time both at batch 1.")
+@click.option("--draft-tokens", default=4, show_default=True, help="With --speculative: tokens drafted per verify.")
 @click.option("--runtime", default="torch", show_default=True,
               help=", ".join(f"{r.name} ({r.summary})" for r in RUNTIMES.values()) + ".")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -44,7 +48,7 @@ from .options import quiet_option
                    "first use; needs onnxruntime's C/C++ headers, ORT_INCLUDE_DIR), full model and candidate alike.")
 @quiet_option
 @click.pass_context
-def validate(ctx, reference, candidate, depth, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
+def validate(ctx, reference, candidate, depth, speculative, draft_tokens, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
              no_speed, parity_steps, tolerance, text, tasks, reference_artifact, json_path, report_path, plot_path,
              no_cuda_graph, decode_kernels):
     """Check an artifact's output parity and measure its speedup over the full model.
@@ -67,12 +71,32 @@ def validate(ctx, reference, candidate, depth, runtime, device, dtype, batches, 
     check_device(device)
     for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
         check_writable_file(path, option)  # before the work, not after it
+    if speculative:
+        _speculative(ctx, candidate, speculative, draft_tokens, device, parity_steps, speed, json_path, report_path)
+        return
+    if not reference:
+        raise UserError("--reference is required: the original checkpoint the candidate came from")
     result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance,
                             list(text) or None,
                             tasks, reference_artifact, quiet=ctx.obj["quiet"],
                             cuda_graph=False if no_cuda_graph else None, decode_kernels=decode_kernels, depth=depth)
     write_reports(result, json_path, report_path, plot_path)
     click.echo(markdown(result))
+    if not result["parity"]["passed"]:
+        sys.exit(1)
+
+
+def _speculative(ctx, candidate, draft, draft_tokens, device, parity_steps, speed, json_path, report_path):
+    from ..artifact import json_text
+    from ..validate.speculative import speculative_markdown, validate_speculative
+
+    result = validate_speculative(candidate, draft, draft_tokens, device, parity_steps, speed, quiet=ctx.obj["quiet"])
+    text = speculative_markdown(result)
+    if json_path:
+        Path(json_path).write_text(json_text(result) + "\n")
+    if report_path:
+        Path(report_path).write_text(text)
+    click.echo(text)
     if not result["parity"]["passed"]:
         sys.exit(1)
 

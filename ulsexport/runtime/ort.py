@@ -392,10 +392,30 @@ class ConcatCacheStream:
 
     def forward(self, next_ids: np.ndarray | None) -> np.ndarray:
         """The prompt (first call) or the tokens just chosen: one pass; the last position's logits."""
+        return self._run(None if next_ids is None else next_ids[:, None])[:, -1]
+
+    def feed(self, ids: np.ndarray) -> np.ndarray:
+        """Several new tokens per row [rows, n] in one pass: the logits after each [rows, n, vocab]."""
+        return self._run(np.asarray(ids, np.int64))
+
+    @property
+    def length(self) -> int:
+        """Positions in the cache (the prompt's padding included)."""
+        return self.mask.shape[1]
+
+    def truncate(self, length: int) -> None:
+        """Forget every position past `length` (a rejected draft's)."""
+        self.mask = self.mask[:, :length]
+        if self.decoder.io_binding:  # device values: sliced through the host (the concat layout's price)
+            self.cache = [self.decoder.to_device(np.ascontiguousarray(c.numpy()[:, :, :length])) for c in self.cache]
+        else:
+            self.cache = [c[:, :, :length] for c in self.cache]
+
+    def _run(self, new_ids: np.ndarray | None) -> np.ndarray:
         decoder = self.decoder
-        if next_ids is not None:
-            self.ids = next_ids[:, None]
-            self.mask = np.concatenate([self.mask, np.ones_like(self.mask[:, :1])], axis=1)
+        if new_ids is not None:
+            self.ids = new_ids
+            self.mask = np.concatenate([self.mask, np.ones((len(new_ids), new_ids.shape[1]), self.mask.dtype)], axis=1)
         feed = {"input_ids": self.ids.astype(np.int64), "attention_mask": self.mask.astype(np.int64)}
         if decoder.uses_position_ids:
             feed["position_ids"] = position_ids_for(self.mask, self.ids.shape[1])
@@ -405,7 +425,7 @@ class ConcatCacheStream:
             outputs = decoder.session.run(["logits", *decoder.cache_outputs],
                                           {**feed, **dict(zip(decoder.cache_inputs, self.cache))})
             logits, self.cache = outputs[0], outputs[1:]
-        return logits[:, -1]
+        return logits
 
     def _run_bound(self, feed: dict):
         decoder = self.decoder
@@ -498,6 +518,32 @@ class SharedCacheStream:
         if next_ids is None:  # the prompt: each row's last real token
             return self.logits[np.arange(self.rows), self.lengths[:self.rows] - 1]
         return self.logits[:self.rows, -1]  # a view: valid until the next forward
+
+    def feed(self, ids: np.ndarray) -> np.ndarray:
+        """Several new tokens per row [rows, n] in one pass (onnxruntime's GroupQueryAttention takes more
+        than one new token over a cache only at batch 1): the logits after each [rows, n, vocab], a view."""
+        if self.fixed_width:
+            raise UserError("several tokens at once need the plain decode loop (fixed_width=False)")
+        ids = np.asarray(ids, np.int64)
+        self.ids = np.concatenate([ids, np.zeros((len(self.lengths) - len(ids), ids.shape[1]), np.int64)])
+        self.mask = np.concatenate([self.mask, np.ones((len(self.ids), ids.shape[1]), np.int64)], axis=1)
+        self.binding.bind_cpu_input("input_ids", self.ids)
+        self.binding.bind_cpu_input("attention_mask", self.mask)
+        if self.logits.shape[1] != self.ids.shape[1]:
+            self.logits = self._bind_logits(*self.ids.shape)
+        self.decoder.session.run_with_iobinding(self.binding, self.decoder.run_options(-1))
+        return self.logits[:self.rows]
+
+    @property
+    def length(self) -> int:
+        """Positions in the cache of the longest row."""
+        return self.mask.shape[1]
+
+    def truncate(self, length: int) -> None:
+        """Forget every position past `length` (a rejected draft's): the graph writes the next tokens there."""
+        if self.fixed_width:
+            raise UserError("rolling the cache back needs the plain decode loop (fixed_width=False)")
+        self.mask = self.mask[:, :length]
 
     def _fixed_width_step(self, next_ids: np.ndarray):
         """One decode step through the fixed buffers (captured as a CUDA graph, or replayed): the logits,

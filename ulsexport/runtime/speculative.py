@@ -1,0 +1,134 @@
+"""Self-speculative greedy decoding over a multi-depth export: a pruned depth drafts, the full depth verifies.
+
+Both depths run over the one weights file of `ulsexport onnx --speedups` (`ort.MultiDepthDecoder`). Each
+keeps its own KV cache (the draft's layers see other hidden states than the full depth's do). A round:
+
+1. the draft decodes `draft_tokens` (K) tokens greedily, one step each, after the last token kept;
+2. the full depth runs that last token and the K drafted ones in one pass (K + 1 logits);
+3. the drafted tokens are kept up to the first one the full depth would not have chosen, then the full
+   depth's own choice at that place (so every round keeps 1 to K + 1 tokens);
+4. both caches roll back to what was kept (shared layout: the attention mask only; concat: a slice).
+
+The result is token for token the full depth's greedy output: every kept token is the full depth's
+argmax after exactly the tokens before it. onnxruntime's GroupQueryAttention takes several new tokens
+over a cache only at batch 1, so rows run one at a time (each its own batch-1 streams).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UserError
+from .base import greedy_tokens
+
+MAX_DRAFT_TOKENS = 16
+
+
+@dataclass
+class SpeculativeRun:
+    tokens: list[list[int]]            # per row: the new tokens (cut after the first EOS when one is given)
+    draft: str
+    verify: str
+    draft_tokens: int                  # K
+    rounds: int = 0                    # verify passes
+    drafted: int = 0                   # draft tokens the verify passes judged
+    accepted: int = 0                  # of them, kept
+    prefill_seconds: float = 0.0       # both depths' prompt passes
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    row_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_verify(self) -> float:
+        """Tokens kept per full-depth pass (the prefill's first token not counted)."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.draft_seconds + self.verify_seconds
+
+    def summary(self) -> dict:
+        return {"draft": self.draft, "verify": self.verify, "draft_tokens": self.draft_tokens, "rounds": self.rounds,
+                "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": round(self.acceptance_rate, 4), "tokens_per_verify": round(self.tokens_per_verify, 4),
+                "prefill_seconds": round(self.prefill_seconds, 6), "draft_seconds": round(self.draft_seconds, 6),
+                "verify_seconds": round(self.verify_seconds, 6)}
+
+
+def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draft: str, draft_tokens: int = 4,
+                       verify: str | None = None, eos_id: int | None = None) -> SpeculativeRun:
+    """`new_tokens` greedy tokens per row of the `verify` depth (default: the export's default graph, the
+    full depth), drafted `draft_tokens` at a time by the `draft` depth. With `eos_id` a row stops after its
+    first EOS. `runtime` is a MultiDepthDecoder opened without CUDA-graph capture (cuda_graph=False)."""
+    if not hasattr(runtime, "decoders"):
+        raise UserError("speculative decoding needs a multi-depth export (ulsexport onnx --speedups 1,2 ...): "
+                        "the draft and the full depth share its weights")
+    verify = verify or runtime.default
+    if draft == verify:
+        raise UserError(f"the draft depth '{draft}' is the depth it would be verified by; choose a pruned depth "
+                        f"({', '.join(d for d in runtime.depths if d != verify)})")
+    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise UserError(f"--draft-tokens {draft_tokens} must be between 1 and {MAX_DRAFT_TOKENS}")
+    if new_tokens < 1:
+        raise UserError(f"new tokens {new_tokens} must be at least 1")
+    drafter, verifier = runtime.decoder(draft), runtime.decoder(verify)
+    if drafter.fixed_width or verifier.fixed_width:
+        raise UserError("speculative decoding runs the plain decode loop: open the export with cuda_graph=False")
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask).astype(bool)
+    run = SpeculativeRun([], draft, verify, draft_tokens)
+    for row in range(len(ids)):
+        start = time.perf_counter()
+        run.tokens.append(_row(drafter, verifier, ids[row][mask[row]][None], new_tokens, draft_tokens, eos_id, run))
+        run.row_seconds.append(time.perf_counter() - start)
+    return run
+
+
+def _row(drafter, verifier, prompt: np.ndarray, new_tokens: int, k_max: int, eos_id, run: SpeculativeRun) -> list[int]:
+    capacity = new_tokens + k_max + 1          # a verify pass may run K past the last token kept
+    ones = np.ones_like(prompt)
+    started = time.perf_counter()
+    full, logits = verifier.prefill(prompt, ones, capacity)
+    small, _ = drafter.prefill(prompt, ones, capacity)
+    run.prefill_seconds += time.perf_counter() - started
+    out = [int(greedy_tokens(np.asarray(logits))[0])]
+    pending = [out[-1]]                        # kept tokens the draft has not run yet
+    while len(out) < new_tokens and not (eos_id is not None and eos_id in out):
+        k = min(k_max, new_tokens - len(out))
+        started = time.perf_counter()
+        draft_start = small.length
+        drafted = []
+        step = np.array([pending], np.int64)
+        for _ in range(k):
+            drafted.append(int(greedy_tokens(np.asarray(small.feed(step))[0, -1])))
+            step = np.array([[drafted[-1]]], np.int64)
+        fed_by_draft = len(pending) + k - 1    # the last drafted token is never run by the draft
+        middle = time.perf_counter()
+        verify_start = full.length
+        chosen = greedy_tokens(np.asarray(full.feed(np.array([[out[-1], *drafted]], np.int64)))[0])
+        n = 0
+        while n < k and drafted[n] == int(chosen[n]):
+            n += 1
+        kept = drafted[:n] + [int(chosen[n])]
+        full.truncate(verify_start + 1 + n)    # the last kept token and the n accepted drafts
+        if n < k:
+            small.truncate(draft_start + len(pending) + n)
+            pending = [kept[-1]]
+        else:                                  # all accepted: the draft still has to run the last of them
+            pending = [drafted[-1], kept[-1]]
+        assert small.length <= draft_start + fed_by_draft
+        run.draft_seconds += middle - started
+        run.verify_seconds += time.perf_counter() - middle
+        run.rounds += 1
+        run.drafted += k
+        run.accepted += n
+        out.extend(kept)
+    out = out[:new_tokens]
+    if eos_id is not None and eos_id in out:
+        out = out[:out.index(eos_id) + 1]
+    return out

@@ -1,0 +1,110 @@
+"""`validate --speculative`: self-speculative decoding of a multi-depth export checked against its own full
+depth (the tokens must be identical: nothing else passes) and timed beside it, batch 1, interleaved."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .speed import SpeedSettings
+
+PROMPTS = 8   # of the package's chat prompts, as plain text: realistic drafts, several lengths
+
+
+def validate_speculative(candidate: Path, draft: str, draft_tokens: int, device: str, parity_steps: int,
+                         speed: SpeedSettings | None, quiet: bool = False) -> dict:
+    from ..artifact import read_manifest
+    from ..progress import progress_bar
+    from ..quality import CHAT_PROMPTS
+    from ..runtime.ort import MultiDepthDecoder
+    from ..runtime.speculative import speculative_greedy
+    from ..tokenizer import load_tokenizer
+
+    if not (read_manifest(candidate) or {}).get("multi_depth"):
+        raise UserError(f"--speculative needs a multi-depth export (ulsexport onnx --speedups 1,2 ...); {candidate} "
+                        "has one depth")
+    plain = MultiDepthDecoder(candidate, device, cuda_graph=False)
+    verify = plain.default
+    plain.decoder(draft)  # an unknown depth is refused, naming the export's
+    tokenizer = load_tokenizer(candidate)
+    texts = [t for t in CHAT_PROMPTS.read_text().splitlines() if t.strip()][:PROMPTS]
+    prompts = [np.array([tokenizer(t)["input_ids"]], np.int64) for t in texts]
+    mismatches, totals = [], None
+    with progress_bar(len(prompts), "speculative parity", unit="prompt", quiet=quiet) as bar:
+        for i, ids in enumerate(prompts):
+            mask = np.ones_like(ids)
+            expected = [int(t) for t in plain.greedy(ids, mask, parity_steps, depth=verify).tokens[0]]
+            run = speculative_greedy(plain, ids, mask, parity_steps, draft, draft_tokens, verify=verify)
+            got = run.tokens[0]
+            if got != expected:
+                step = next(j for j, (a, b) in enumerate(zip(got, expected)) if a != b)
+                mismatches.append({"prompt": i, "step": step, "expected": expected[step], "got": got[step]})
+            totals = _add(totals, run)
+            bar.update(1)
+    report = {"kind": "speculative", "candidate": str(candidate), "device": device, "draft": draft, "verify": verify,
+              "draft_tokens": draft_tokens,
+              "parity": {"passed": not mismatches, "steps": parity_steps, "prompts": len(prompts),
+                         "mismatches": mismatches},
+              "acceptance": {"rounds": totals.rounds, "drafted": totals.drafted, "accepted": totals.accepted,
+                             "acceptance_rate": round(totals.acceptance_rate, 4),
+                             "tokens_per_verify": round(totals.tokens_per_verify, 4)}}
+    if speed is not None:
+        report["speed"] = _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed, quiet)
+    return report
+
+
+def _add(totals, run):
+    if totals is None:
+        return run
+    for name in ("rounds", "drafted", "accepted"):
+        setattr(totals, name, getattr(totals, name) + getattr(run, name))
+    return totals
+
+
+def _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed: SpeedSettings, quiet) -> dict:
+    """Decode tokens/s of the full depth (its fastest loop: captured on CUDA) and of the speculative loop,
+    each prompt run by one then the other, `runs` times after `warmup`."""
+    from ..progress import progress_bar
+    from ..runtime.ort import MultiDepthDecoder
+    from ..runtime.speculative import speculative_greedy
+
+    fastest = MultiDepthDecoder(candidate, device)
+    new = speed.new_tokens
+    full_times, spec_times = [], []
+    with progress_bar((speed.warmup + speed.runs) * len(prompts), "speculative timing", unit="run",
+                      quiet=quiet) as bar:
+        for i in range(speed.warmup + speed.runs):
+            for ids in prompts:
+                mask = np.ones_like(ids)
+                start = time.perf_counter()
+                fastest.greedy(ids, mask, new, depth=verify)
+                middle = time.perf_counter()
+                speculative_greedy(plain, ids, mask, new, draft, draft_tokens, verify=verify)
+                end = time.perf_counter()
+                if i >= speed.warmup:
+                    full_times.append(middle - start)
+                    spec_times.append(end - middle)
+                bar.update(1)
+    full, spec = statistics.median(full_times), statistics.median(spec_times)
+    return {"new_tokens": new, "runs": len(full_times), "full_seconds": full, "speculative_seconds": spec,
+            "full_tokens_per_s": new / full, "speculative_tokens_per_s": new / spec, "speedup": full / spec,
+            "note": "median over prompts and runs, each prompt timed full then speculative; batch 1"}
+
+
+def speculative_markdown(report: dict) -> str:
+    parity, acc = report["parity"], report["acceptance"]
+    lines = [f"# Self-speculative decoding: draft {report['draft']}, verify {report['verify']}, "
+             f"K = {report['draft_tokens']} ({report['device']})", "",
+             f"- parity: {'PASS' if parity['passed'] else 'FAIL'}: greedy tokens identical to the {report['verify']} "
+             f"depth's over {parity['steps']} steps on {parity['prompts']} prompts"
+             + ("" if parity["passed"] else f"; first mismatches: {parity['mismatches'][:3]}"),
+             f"- acceptance rate {acc['acceptance_rate']:.3f}, {acc['tokens_per_verify']:.2f} tokens per verify pass "
+             f"({acc['rounds']} passes)"]
+    if "speed" in report:
+        s = report["speed"]
+        lines.append(f"- decode, batch 1, {s['new_tokens']} tokens: full {s['full_tokens_per_s']:.1f} tok/s, "
+                     f"speculative {s['speculative_tokens_per_s']:.1f} tok/s: {s['speedup']:.2f}x")
+    return "\n".join(lines) + "\n"
