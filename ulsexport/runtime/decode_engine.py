@@ -1,0 +1,251 @@
+"""One decode engine with continuous batching: requests in, tokens out, one loop (schedule, execute, update).
+
+Over an ONNX export with the shared KV cache (`ort.OnnxDecoder`, or every depth of a `MultiDepthDecoder`),
+each depth holds `slots` rows of preallocated cache buffers, [slots, kv_heads, capacity, head_dim] per
+cache tensor. A request lives in one row (a slot) from its prefill until it stops. Each `step()`:
+
+1. schedule: waiting requests take the lowest free slots of their depth (first come, first served);
+2. execute: each admitted request's prompt runs alone into its slot's rows of the buffers (the cache
+   tensors bound by address: no copy), giving its first token; then, per depth with running requests,
+   one decode step over the slots up to the highest one in use (free slots among them run a dummy
+   token into their own rows, which the next prefill there overwrites);
+3. update: each token goes to its request (`on_token`), and the one stop policy (`Request.finished`:
+   an end-of-sequence id, `max_tokens`, cancellation) frees the slot at once, so the next waiting
+   request joins the running batch at the next step instead of waiting for the whole batch to end.
+
+Rows are independent: the graph reads each row's length from its attention mask row and writes the
+new token's keys and values at that position, so a request's tokens are the ones `greedy` gives it
+alone. `add` and `cancel` may be called from any thread; `step` from one thread (`run_forever`).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UserError
+from .base import greedy_tokens
+
+DEFAULT_SLOTS = 8
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    depth: str | None = None                          # a multi-depth export's tag (None: its default graph)
+    eos: frozenset = frozenset()
+    on_token: Callable[["Request", int], None] | None = None   # called on the engine's thread, token by token
+    tokens: list[int] = field(default_factory=list)
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    finish_reason: str | None = None                  # "eos", "length" or "cancelled" once finished
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def finished(self) -> str | None:
+        """The stop policy, in one place: why this request stops after its newest token (None: it goes on)."""
+        if self.cancelled:
+            return "cancelled"
+        if self.tokens and self.tokens[-1] in self.eos:
+            return "eos"
+        if len(self.tokens) >= self.max_tokens:
+            return "length"
+        return None
+
+
+_ids = itertools.count()
+
+
+class _Slots:
+    """One depth's cache buffers and the requests in its rows."""
+
+    def __init__(self, decoder, slots: int, capacity: int):
+        if not decoder.shared_cache:
+            raise UserError("the decode engine needs an export with the shared KV cache (ulsexport onnx, the "
+                            "default --kv-cache shared); this one concatenates its cache")
+        if decoder.fixed_width:
+            raise UserError("the decode engine runs the plain decode step: open the export with cuda_graph=False")
+        self.decoder, self.capacity = decoder, capacity
+        self.rows: list[Request | None] = [None] * slots
+        shape = decoder.cache_shape(slots, capacity)
+        self.cache = [decoder.to_device(np.zeros(shape, decoder.dtype)) for _ in decoder.cache_inputs]
+        self.row_bytes = int(np.prod(shape[1:])) * np.dtype(decoder.dtype).itemsize
+        self.lengths = np.zeros(slots, np.int64)      # tokens in each row's cache
+        self.vocab = decoder.onnx["io_shapes"]["logits"][-1]
+
+    def free(self) -> int | None:
+        return next((i for i, r in enumerate(self.rows) if r is None), None)
+
+    def running(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is not None]
+
+    def _bind_cache(self, binding, first: int, count: int) -> None:
+        decoder = self.decoder
+        shape = list(decoder.cache_shape(count, self.capacity))
+        for past, present, value in zip(decoder.cache_inputs, decoder.cache_outputs, self.cache):
+            address = value.data_ptr() + first * self.row_bytes
+            for name, bind in ((past, binding.bind_input), (present, binding.bind_output)):
+                bind(name, decoder.device, 0, decoder.dtype, shape, address)
+
+    def _run(self, binding, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        logits = np.empty((ids.shape[0], ids.shape[1], self.vocab), self.decoder.dtype)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.decoder.session.run_with_iobinding(binding)
+        return logits
+
+    def prefill(self, slot: int, request: Request) -> int:
+        """The prompt into row `slot`; its first token."""
+        binding = self.decoder.session.io_binding()
+        self._bind_cache(binding, slot, 1)
+        ids = np.array([request.prompt], np.int64)
+        logits = self._run(binding, ids, np.ones_like(ids))
+        self.rows[slot], self.lengths[slot] = request, len(request.prompt)
+        return int(greedy_tokens(logits[0, -1]))
+
+    def decode(self) -> dict[int, int]:
+        """One step over rows 0..highest running: each running row's newest token in, its next token out."""
+        running = self.running()
+        count = running[-1] + 1
+        ids = np.zeros((count, 1), np.int64)
+        lengths = np.zeros(count, np.int64)              # free rows: one dummy token at position 0
+        for i in running:
+            ids[i, 0], lengths[i] = self.rows[i].tokens[-1], self.lengths[i]
+        mask = (np.arange(lengths.max() + 1)[None] <= lengths[:, None]).astype(np.int64)
+        binding = self.decoder.session.io_binding()
+        self._bind_cache(binding, 0, count)
+        chosen = greedy_tokens(self._run(binding, ids, mask)[:, -1])
+        for i in running:
+            self.lengths[i] += 1
+        return {i: int(chosen[i]) for i in running}
+
+
+class DecodeEngine:
+    """Continuous batching over `runtime` (an OnnxDecoder or MultiDepthDecoder over a shared-cache export,
+    opened with cuda_graph=False): `slots` requests run at once per depth, each with up to `capacity`
+    positions (prompt + new tokens)."""
+
+    def __init__(self, runtime, slots: int = DEFAULT_SLOTS, capacity: int | None = None):
+        if slots < 1:
+            raise UserError(f"slots {slots} must be at least 1")
+        decoders = runtime.decoders if hasattr(runtime, "decoders") else {None: runtime}
+        limit = runtime.onnx.get("max_sequence_length")
+        self.capacity = int(capacity or limit or 2048)
+        if limit and self.capacity > limit:
+            raise UserError(f"capacity {self.capacity} passes the export's {limit} positions")
+        self.default = getattr(runtime, "default", None)
+        self.depths = {tag: _Slots(decoder, slots, self.capacity) for tag, decoder in decoders.items()}
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Condition()
+        self.steps = 0
+
+    # -- from any thread -----------------------------------------------------------------------------
+    def add(self, request: Request) -> Request:
+        depth = request.depth if request.depth is not None else self.default
+        if depth not in self.depths:
+            raise UserError(f"no depth '{request.depth}' here; it has: {', '.join(map(str, self.depths))}")
+        if not request.prompt:
+            raise UserError("the prompt is empty")
+        if len(request.prompt) + request.max_tokens > self.capacity:
+            raise UserError(f"the prompt's {len(request.prompt)} tokens + max_tokens {request.max_tokens} pass the "
+                            f"engine's {self.capacity} positions")
+        if request.max_tokens < 1:
+            raise UserError(f"max_tokens {request.max_tokens} must be at least 1")
+        request.depth = depth
+        with self.lock:
+            self.waiting.append(request)
+            self.lock.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop `request` at the next step (its slot is freed then); a waiting one never starts."""
+        with self.lock:
+            request.cancelled = True
+            self.lock.notify_all()
+
+    def has_work(self) -> bool:
+        with self.lock:
+            return bool(self.waiting) or any(s.running() for s in self.depths.values())
+
+    # -- the loop's thread ---------------------------------------------------------------------------
+    def step(self) -> int:
+        """Schedule, execute, update once; the number of tokens produced."""
+        produced = 0
+        for request, slots, slot in self._schedule():
+            produced += self._update(slots, slot, request, slots.prefill(slot, request))
+        for slots in self.depths.values():
+            for slot in [i for i in slots.running() if slots.rows[i].cancelled]:
+                self._finish(slots, slot, slots.rows[slot])
+            if slots.running():
+                for slot, token in slots.decode().items():
+                    produced += self._update(slots, slot, slots.rows[slot], token)
+        self.steps += 1
+        return produced
+
+    def _schedule(self) -> list[tuple[Request, _Slots, int]]:
+        admitted = []
+        with self.lock:
+            kept = deque()
+            while self.waiting:
+                request = self.waiting.popleft()
+                if request.cancelled:
+                    request.finish_reason, request.finished_at = "cancelled", time.perf_counter()
+                    continue
+                slots = self.depths[request.depth]
+                slot = slots.free()
+                if slot is None:
+                    kept.append(request)
+                    continue
+                slots.rows[slot] = request   # taken now; the prefill fills it
+                admitted.append((request, slots, slot))
+            self.waiting = kept
+        return admitted
+
+    def _update(self, slots: _Slots, slot: int, request: Request, token: int) -> int:
+        request.tokens.append(token)
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        reason = request.finished()
+        if reason is not None:
+            request.finish_reason = reason
+        if request.on_token is not None:
+            request.on_token(request, token)
+        if reason is not None:
+            self._finish(slots, slot, request)
+        return 1
+
+    def _finish(self, slots: _Slots, slot: int, request: Request) -> None:
+        request.finish_reason = request.finish_reason or "cancelled"
+        request.finished_at = time.perf_counter()
+        slots.rows[slot], slots.lengths[slot] = None, 0
+
+    def run(self, requests: list[Request]) -> list[Request]:
+        """Add `requests` and step until every request here has finished."""
+        for request in requests:
+            self.add(request)
+        while self.has_work():
+            self.step()
+        return requests
+
+    def run_forever(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
+        """Step while there is work; sleep on the lock while there is none; return once `stop` is set."""
+        while not stop.is_set():
+            if self.has_work():
+                self.step()
+            else:
+                with self.lock:
+                    self.lock.wait(idle_wait)
