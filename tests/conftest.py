@@ -51,6 +51,14 @@ def multi_depth_exports(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def kjv16_multi_depth(tmp_path_factory):
+    """kjv16 (16 layers, trained) exported at 1 and 2 over one weights file, once per session (40-60 s here)."""
+    from ulsexport.export.multi_depth import export_multi_depth
+
+    return export_multi_depth(KJV16, tmp_path_factory.mktemp("kjv16-multi") / "multi", [1, 2], quiet=True).out_dir
+
+
 def run_cli(*args):
     """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
     from click.testing import CliRunner

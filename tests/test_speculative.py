@@ -102,9 +102,8 @@ def test_bad_requests_are_one_line_errors(tiny):
 
 # kjv16 (16 layers, trained): drafts that agree often, 128 steps; K 1..6 (all but K=4 with `pytest -m extended`)
 @pytest.fixture(scope="module")
-def kjv16_multi(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kjv16-spec")
-    return export_multi_depth(KJV16, root / "multi", [1, 2], quiet=True).out_dir
+def kjv16_multi(kjv16_multi_depth):
+    return kjv16_multi_depth
 
 
 @pytest.mark.parametrize("k", sampled([1, 2, 3, 4, 5, 6], (4,)))

@@ -20,7 +20,8 @@ from .options import Terminated, quiet_option
               help="Where the runtime decodes (cuda: one GPU per instance).")
 @click.option("--runtime", help="ort, genai or torch [default: the artifact's own].")
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances (instance_group count).")
-@click.option("--max-batch", type=int, default=8, show_default=True, help="Requests decoded as one batch at most.")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Requests decoded as one batch at most (with continuous batching: the slots per depth).")
 @click.option("--no-cuda-graph", is_flag=True, help="--runtime ort on cuda: decode without capturing each step as a "
                                                   "CUDA graph (captured by default).")
 @click.option("--max-tokens", type=int, help="Largest max_tokens a request may ask for [default: 512, or fewer "
@@ -29,10 +30,14 @@ from .options import Terminated, quiet_option
               help="max_tokens of a request that sends none.")
 @click.option("--queue-delay-us", type=int, default=2000, show_default=True,
               help="How long the dynamic batcher waits for more requests (microseconds).")
+@click.option("--batching", type=click.Choice(["auto", "continuous", "static"]), default="auto", show_default=True,
+              help="continuous: one decode engine per model; a request joins the running batch at the next step and "
+                   "leaves it at its end (ort over the shared KV cache; its steps are not CUDA graphs yet). static: "
+                   "each batch the dynamic batcher forms runs to its end. auto: continuous on the CPU, static on CUDA.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the repository's manifest as JSON.")
 def triton(model, out, name, device, runtime, instances, max_batch, no_cuda_graph, max_tokens, default_max_tokens,
-           queue_delay_us, force, as_json):
+           queue_delay_us, batching, force, as_json):
     """Write a Triton Inference Server model repository that serves an artifact.
 
     It holds a generate model (Python backend, dynamic batching; inputs text_input or input_ids,
@@ -52,7 +57,8 @@ def triton(model, out, name, device, runtime, instances, max_batch, no_cuda_grap
 
     result = write_repository(model, out, name=name, device=device, runtime=runtime, instances=instances,
                               max_batch=max_batch, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
-                              queue_delay_us=queue_delay_us, force=force, cuda_graph=not no_cuda_graph)
+                              queue_delay_us=queue_delay_us, force=force, cuda_graph=not no_cuda_graph,
+                              batching=batching)
     manifest = result.manifest
     if as_json:
         click.echo(json_text(manifest))

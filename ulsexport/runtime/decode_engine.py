@@ -41,10 +41,11 @@ class Request:
     depth: str | None = None                          # a multi-depth export's tag (None: its default graph)
     eos: frozenset = frozenset()
     on_token: Callable[["Request", int], None] | None = None   # called on the engine's thread, token by token
+    on_error: Callable[["Request", Exception], None] | None = None   # a step failed: this request ends
     tokens: list[int] = field(default_factory=list)
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
-    finish_reason: str | None = None                  # "eos", "length" or "cancelled" once finished
+    finish_reason: str | None = None                  # "eos", "length", "cancelled" or "error" once finished
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -241,11 +242,37 @@ class DecodeEngine:
             self.step()
         return requests
 
-    def run_forever(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
-        """Step while there is work; sleep on the lock while there is none; return once `stop` is set."""
+    def fail_all(self, exc: Exception) -> list[Request]:
+        """A step failed: every waiting and running request ends with `exc` (its `on_error`), every slot is
+        freed, and the engine goes on with the requests that come next."""
+        with self.lock:
+            failed, self.waiting = list(self.waiting), deque()
+        for slots in self.depths.values():
+            for slot in slots.running():
+                failed.append(slots.rows[slot])
+                slots.rows[slot], slots.lengths[slot] = None, 0
+        for request in failed:
+            request.finish_reason, request.finished_at = "error", time.perf_counter()
+            if request.on_error is not None:
+                request.on_error(request, exc)
+        return failed
+
+    def run_forever(self, stop: threading.Event, on_step: Callable[[int], None] | None = None,
+                    idle_wait: float = 0.05) -> None:
+        """Step while there is work (`on_step(tokens produced)` after each), sleep on the lock while there is
+        none, return once `stop` is set. A failing step fails the requests it held (`fail_all`), not the loop."""
         while not stop.is_set():
             if self.has_work():
-                self.step()
+                try:
+                    produced = self.step()
+                except Exception as exc:  # the runtime's failure: its requests get the error, the loop goes on
+                    self.fail_all(exc)
+                    continue
+                if on_step is not None:
+                    on_step(produced)
             else:
                 with self.lock:
                     self.lock.wait(idle_wait)
+
+    def running(self) -> int:
+        return sum(len(s.running()) for s in self.depths.values())

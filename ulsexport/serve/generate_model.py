@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ import numpy as np
 
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_DEPTH = "default"    # the alias of the default graph; the only depth of a single-depth artifact
+BATCHING = ("auto", "continuous", "static")
+ENGINE_CAPACITY = 4096       # positions per slot of the decode engine at most (prompt + new tokens)
 
 
 class RequestError(ValueError):
@@ -53,6 +56,8 @@ class Prompt:
     done: bool = False
     text_sent: str = ""          # streamed so far (incremental detokenization)
     depth: str = DEFAULT_DEPTH   # the depth tag it is decoded at (resolved: never the alias over a multi-depth export)
+    arrived: float = 0.0         # when the model got it (time.perf_counter), for time to first token
+    engine_request: object = None  # its decode engine Request, where the engine runs it
 
 
 def _eos_ids(folder: Path, tokenizer) -> set[int]:
@@ -94,17 +99,29 @@ class Generator:
     """Validation, batching and greedy decoding over one runtime; no Triton in here."""
 
     def __init__(self, folder: str | Path, runtime: str | None = None, device: str = "cpu", dtype: str | None = None,
-                 max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS, cuda_graph: bool = True):
-        from ..artifact import artifact_kind
+                 max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS, cuda_graph: bool = True,
+                 batching: str = "auto", slots: int = 8):
+        from ..artifact import artifact_kind, read_manifest
         from ..tokenizer import load_tokenizer
         from ..runtime import default_runtime, open_runtime
 
+        if batching not in BATCHING:
+            raise ValueError(f"batching '{batching}' is not one of {', '.join(BATCHING)}")
         self.folder = Path(folder)
         self.runtime_name = runtime or default_runtime(artifact_kind(self.folder))
         if dtype is None and self.runtime_name == "torch":  # TorchRuntime.open needs a dtype; the others read it
             dtype = "fp32"
-        # ort on CUDA captures decode steps where it can; cuda_graph=False turns that off
-        options = {"cuda_graph": False} if not cuda_graph and self.runtime_name == "ort" else {}
+        manifest = read_manifest(self.folder) or {}
+        onnx = manifest.get("onnx") if isinstance(manifest.get("onnx"), dict) else {}
+        # continuous batching (the decode engine) where the artifact allows it: ort over the shared cache; by
+        # default on the CPU only, as the engine's steps are not captured as CUDA graphs yet
+        engine = (self.runtime_name == "ort" and onnx.get("kv_cache") == "shared"
+                  and (batching == "continuous" or batching == "auto" and device == "cpu"))
+        self.batching_off = None if engine or batching == "static" else (
+            "the decode engine needs --runtime ort over an export with the shared KV cache"
+            if batching == "continuous" or device == "cpu" else "on CUDA the captured fixed-batch loop is the default")
+        # ort on CUDA captures decode steps where it can; cuda_graph=False (or the engine) turns that off
+        options = {"cuda_graph": False} if (not cuda_graph or engine) and self.runtime_name == "ort" else {}
         self.runtime = open_runtime(self.folder, self.runtime_name, dtype, device, **options)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_tokens = int(max_tokens)
@@ -118,6 +135,35 @@ class Generator:
         self.multi_depth = callable(getattr(self.runtime, "decoder", None)) and hasattr(self.runtime, "depths")
         self.depths = list(self.runtime.depths) if self.multi_depth else [DEFAULT_DEPTH]
         self.default_depth = self.runtime.default if self.multi_depth else DEFAULT_DEPTH
+        self.engine, self.slots = None, slots
+        if engine:
+            from ..runtime.decode_engine import DecodeEngine
+
+            self.engine = DecodeEngine(self.runtime, slots, min(self.positions or ENGINE_CAPACITY, ENGINE_CAPACITY))
+
+    def submit(self, p: Prompt, on_token=None, on_error=None):
+        """Hand `p` to the decode engine (continuous batching); `on_token(p, token)` runs on the engine's
+        thread as each token is known, `p.done` set on the last; `on_error(p, exc)` if a step fails."""
+        from ..errors import UserError
+        from ..runtime.decode_engine import Request
+
+        def token(request, value):
+            p.new_ids.append(value)
+            p.done = request.done
+            if on_token is not None:
+                on_token(p, value)
+
+        def error(request, exc):
+            p.done = True
+            if on_error is not None:
+                on_error(p, exc)
+
+        request = Request(p.ids, p.max_tokens, depth=p.depth if self.multi_depth else None, eos=frozenset(self.eos),
+                          on_token=token, on_error=error)
+        try:
+            return self.engine.add(request)
+        except UserError as exc:
+            raise RequestError(str(exc)) from None
 
     def depth(self, value=None) -> str:
         """The depth tag a request's `depth` input names (left out, empty or "default": the default graph)."""
@@ -290,11 +336,24 @@ class TritonPythonModel:
         self.generator = Generator(folder, params.get("runtime") or None, device, params.get("dtype") or None,
                                    int(params.get("max_tokens", 512)),
                                    int(params.get("default_max_tokens", DEFAULT_MAX_TOKENS)),
-                                   cuda_graph=params.get("cuda_graph", "true") != "false")
+                                   cuda_graph=params.get("cuda_graph", "true") != "false",
+                                   batching=params.get("batching") or "auto",
+                                   slots=int(config.get("max_batch_size") or 8))
+        self.stop, self.loop, self.metrics = threading.Event(), None, {}
+        if self.generator.engine is not None:
+            self.metrics, why = _metrics(pb_utils, self.name)
+            if why:
+                self.log.log_warn(f"{self.name}: no engine metrics on /metrics: {why}")
+            self.loop = threading.Thread(target=self.generator.engine.run_forever, args=(self.stop, self._observe),
+                                         name="ulsexport-decode-engine", daemon=True)
+            self.loop.start()
+        batching = (f"continuous batching, {self.generator.slots} slots per depth" if self.generator.engine else
+                    f"static batches ({self.generator.batching_off or 'asked for'})")
         self.log.log_info(f"{self.name}: {self.generator.runtime_name} runtime on {device} over {folder} "
                           f"ready in {time.perf_counter() - start:.1f} s (max_tokens {self.generator.max_tokens}, "
                           f"positions {self.generator.positions}, eos {sorted(self.generator.eos)}, "
-                          f"depths {', '.join(self.generator.depths)}, default {self.generator.default_depth})")
+                          f"depths {', '.join(self.generator.depths)}, default {self.generator.default_depth}; "
+                          f"{batching})")
 
     # -- requests -------------------------------------------------------------------------------
     def _input(self, request, name):
@@ -330,6 +389,89 @@ class TritonPythonModel:
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(f"{self.name}: {message}"))
 
     def execute(self, requests):
+        if self.generator.engine is not None:
+            return self._execute_on_engine(requests)
+        return self._execute_batch(requests)
+
+    def _execute_on_engine(self, requests):
+        """Each valid request goes to the decode engine, whose loop runs on its own thread: the streaming
+        (decoupled) model returns at once and its responses go out from that thread as tokens come, so a
+        request joins the running batch at the next step; the plain model waits for its requests' ends."""
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        responses: list = [None] * len(requests)
+        waits = []
+        for i, request in enumerate(requests):
+            sender = request.get_response_sender() if self.decoupled else None
+            try:
+                p = self._prompt(request)
+            except Exception as exc:  # every refusal is the client's to fix; the rest of the batch goes on
+                message = str(exc) if isinstance(exc, RequestError) else f"{type(exc).__name__}: {exc}"
+                if self.decoupled:
+                    sender.send(self._error(message), flags=final)
+                else:
+                    responses[i] = self._error(message)
+                continue
+            ended, failure = threading.Event(), []
+
+            def on_token(p, token, sender=sender, ended=ended):
+                if self.metrics and len(p.new_ids) == 1:
+                    self._first_token(p)
+                if self.decoupled:
+                    if not p.done and sender.is_cancelled():  # the client went away: this token is its last
+                        self.generator.engine.cancel(p.engine_request)
+                        p.done = True
+                    if p.stream:
+                        sender.send(self._response([token], self.generator.piece(p)), flags=final if p.done else 0)
+                    elif p.done:
+                        sender.send(self._response(p.new_ids, self.generator.text(p)), flags=final)
+                if p.done:
+                    ended.set()
+
+            def on_error(p, exc, sender=sender, ended=ended, failure=failure):
+                failure.append(f"decoding failed (depth {p.depth}): {type(exc).__name__}: {exc}")
+                if self.decoupled:
+                    sender.send(self._error(failure[0]), flags=final)
+                ended.set()
+
+            p.arrived = time.perf_counter()
+            try:
+                p.engine_request = self.generator.submit(p, on_token, on_error)
+            except RequestError as exc:
+                if self.decoupled:
+                    sender.send(self._error(str(exc)), flags=final)
+                else:
+                    responses[i] = self._error(str(exc))
+                continue
+            waits.append((i, p, ended, failure))
+        depths: dict[str, int] = {}
+        for _, p, _, _ in waits:
+            depths[p.depth] = depths.get(p.depth, 0) + 1
+        by_depth = ", ".join(f"{d} x{n}" for d, n in depths.items())
+        what = f"execute batch of {len(requests)} requests ({len(waits)} valid{'; ' + by_depth if by_depth else ''})"
+        if self.decoupled:
+            self.log.log_info(f"{self.name}: {what} handed to the decode engine")
+            return None
+        start = time.perf_counter()
+        for i, p, ended, failure in waits:
+            ended.wait()
+            responses[i] = self._error(failure[0]) if failure else self._response(p.new_ids, self.generator.text(p))
+        self.log.log_info(f"{self.name}: {what} decoded by the engine in {time.perf_counter() - start:.3f} s")
+        return responses
+
+    def _first_token(self, p: Prompt) -> None:
+        self.metrics["ttft_seconds"].increment(time.perf_counter() - p.arrived)
+        self.metrics["first_tokens"].increment(1)
+
+    def _observe(self, produced: int) -> None:
+        """After each engine step (its thread): the queue, the running batch and the tokens made."""
+        if not self.metrics:
+            return
+        engine = self.generator.engine
+        self.metrics["queue"].set(len(engine.waiting))
+        self.metrics["running"].set(engine.running())
+        self.metrics["tokens"].increment(produced)
+
+    def _execute_batch(self, requests):
         pb = self.pb
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         responses: list = [None] * len(requests)
@@ -379,4 +521,28 @@ class TritonPythonModel:
         return None if self.decoupled else responses
 
     def finalize(self):
+        self.stop.set()
+        if self.loop is not None:
+            self.loop.join(10)
         self.generator = None
+
+
+def _metrics(pb_utils, model: str) -> tuple[dict, str | None]:
+    """The engine's metrics beside Triton's own (its /metrics endpoint), labelled by model, and why there
+    are none where the Python backend cannot make them ({}, the reason)."""
+    family = getattr(pb_utils, "MetricFamily", None)
+    if family is None:
+        return {}, "this Python backend has no custom metrics (pb_utils.MetricFamily)"
+    labels = {"model": model}
+    specs = {"queue": ("ulsexport_queue_requests", "Requests waiting for a slot", family.GAUGE),
+             "running": ("ulsexport_running_requests", "Requests in the running batch", family.GAUGE),
+             "tokens": ("ulsexport_generated_tokens_total", "Tokens generated", family.COUNTER),
+             "ttft_seconds": ("ulsexport_time_to_first_token_seconds_total",
+                              "Seconds from a request's arrival at the model to its first token, summed", family.COUNTER),
+             "first_tokens": ("ulsexport_first_tokens_total", "Requests that got their first token", family.COUNTER)}
+    try:
+        families = {key: family(name=name, description=text, kind=kind) for key, (name, text, kind) in specs.items()}
+        # a Metric works only while its MetricFamily lives: the families stay beside the metrics
+        return {**{key: f.Metric(labels=labels) for key, f in families.items()}, "families": families}, None
+    except Exception as exc:  # custom metrics turned off in the server (--allow-metrics=false, say)
+        return {}, f"{type(exc).__name__}: {exc}"

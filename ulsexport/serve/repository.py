@@ -35,7 +35,7 @@ from pathlib import Path
 from ..artifact import BuildResult, artifact_kind, artifact_path, read_manifest, write_manifest
 from ..errors import UserError
 from ..outputs import atomic_output_dir, resolve_path
-from .generate_model import DEFAULT_DEPTH, DEFAULT_MAX_TOKENS, model_limits
+from .generate_model import BATCHING, DEFAULT_DEPTH, DEFAULT_MAX_TOKENS, model_limits
 
 SERVED = "models"           # REPO/models: the repository that is served
 STEP_REPOSITORY = "onnxruntime"
@@ -63,12 +63,12 @@ def _parameters(params: dict) -> str:
 
 def generate_config(name: str, *, artifact: str, runtime: str, device: str, dtype: str | None, max_batch: int,
                     max_tokens: int, default_max_tokens: int, instances: int, queue_delay_us: int,
-                    decoupled: bool, cuda_graph: bool = True) -> str:
+                    decoupled: bool, cuda_graph: bool = True, batching: str = "auto") -> str:
     """config.pbtxt of a generate model (inputs and outputs of Triton's generate extension)."""
     kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
     params = {"artifact": artifact, "runtime": runtime, "device": device, "dtype": dtype or "",
               "max_tokens": max_tokens, "default_max_tokens": default_max_tokens,
-              "cuda_graph": "true" if cuda_graph else "false"}
+              "cuda_graph": "true" if cuda_graph else "false", "batching": batching}
     lines = [
         f"# Written by `ulsexport triton`: {'streaming (decoupled, one response per token)' if decoupled else 'one response per request'}.",
         f"name: {pbtxt_string(name)}",
@@ -229,7 +229,8 @@ def default_name(artifact: Path) -> str:
 def write_repository(artifact: str | Path, out: str | Path, name: str | None = None, device: str = "cpu",
                      runtime: str | None = None, dtype: str | None = None, instances: int = 1, max_batch: int = 8,
                      max_tokens: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                     queue_delay_us: int = 2000, force: bool = False, cuda_graph: bool = True) -> BuildResult:
+                     queue_delay_us: int = 2000, force: bool = False, cuda_graph: bool = True,
+                     batching: str = "auto") -> BuildResult:
     """Write a Triton model repository serving `artifact` (see the module docstring); whole or nothing."""
     from ..runtime import RUNTIMES, default_runtime
 
@@ -248,6 +249,8 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
                         f"{artifact} is a {kind} artifact")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, not {device}")
+    if batching not in BATCHING:
+        raise UserError(f"--batching must be one of {', '.join(BATCHING)}, not {batching!r}")
     _, positions = model_limits(artifact)
     if max_tokens is None:  # 512, or what the model's positions leave room for
         max_tokens = min(512, positions - 1) if positions else 512
@@ -292,7 +295,7 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
     stream_name = f"{name}_stream"
     common = dict(runtime=runtime, device=device, dtype=dtype, max_batch=max_batch, max_tokens=max_tokens,
                   default_max_tokens=min(default_max_tokens, max_tokens), instances=instances, cuda_graph=cuda_graph,
-                  queue_delay_us=queue_delay_us)
+                  queue_delay_us=queue_delay_us, batching=batching)
     with atomic_output_dir(Path(out), force, protect=(artifact,)) as tmp:
         served = tmp / SERVED
         for model, decoupled in ((name, False), (stream_name, True)):
@@ -341,7 +344,7 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
             "kept": source.get("kept"), "cache_to_original_layer": source.get("cache_to_original_layer"),
             "runtime": runtime, "device": device, "dtype": dtype or onnx.get("dtype"), "instances": instances,
             "max_batch": max_batch, "max_tokens": max_tokens, "default_max_tokens": common["default_max_tokens"],
-            "positions": positions, "queue_delay_us": queue_delay_us,
+            "positions": positions, "queue_delay_us": queue_delay_us, "batching": batching,
             "stop": "a row stops at an eos token or its max_tokens",
             "multi_depth": bool(source.get("multi_depth")), "depths": depths, "default_depth": default_depth,
             "served_repository": SERVED, "models": models, "step_model": step,
@@ -355,7 +358,7 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
 RECIPE_FIELDS: dict[str, tuple[type | tuple, object]] = {
     "name": (str, None), "device": (str, "cpu"), "runtime": (str, None), "instances": (int, 1),
     "max_batch": (int, 8), "max_tokens": (int, None), "default_max_tokens": (int, DEFAULT_MAX_TOKENS),
-    "queue_delay_us": (int, 2000),
+    "queue_delay_us": (int, 2000), "batching": (str, "auto"),
 }
 
 
