@@ -141,7 +141,8 @@ def test_several_texts_give_the_generality_table(tmp_path):
     (tmp_path / "kjv.txt").write_text((DATA / "kjv-valid.txt").read_text()[:3000])
     (tmp_path / "stories.txt").write_text((DATA / "tinystories-valid-excerpt.txt").read_text()[:3000])
     result = run_cli("validate", "--reference", KJV16, "--candidate", out, "--no-speed", "--parity-steps", 4,
-                     "--text", tmp_path / "kjv.txt", "--text", tmp_path / "stories.txt", "--json", tmp_path / "r.json")
+                     "--text", tmp_path / "kjv.txt", "--text", tmp_path / "stories.txt", "--json", tmp_path / "r.json",
+                     "--eval-samples", 4)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     rows = report["generality"]["rows"]
@@ -149,3 +150,6 @@ def test_several_texts_give_the_generality_table(tmp_path):
     assert 0 < rows["pruned"]["top1_agreement"] < 1 and rows["pruned"]["chat_agreement"] is None
     assert report["perplexity"]["pruned"] == rows["pruned"]["perplexity"]["kjv"] > report["perplexity"]["full"]
     assert "| model | ppl kjv | ppl stories | top-1 agreement | chat agreement |" in result.stdout
+    assert report["generality"]["sampled_windows"] == 4
+    bad = run_cli("validate", "--reference", KJV16, "--candidate", out, "--no-speed", "--eval-samples", -1)
+    assert bad.exit_code == 2 and "--eval-samples -1" in bad.stderr

@@ -35,6 +35,8 @@ from .options import quiet_option
 @click.option("--text", multiple=True, type=click.Path(path_type=Path),
               help="Held-out text, repeatable (one per domain): the generality table of full vs pruned "
                    "(perplexity on each, top-1 agreement on the full model's samples, chat answers' agreement).")
+@click.option("--eval-samples", default=32, show_default=True,
+              help="With --text: windows the full model samples for the top-1 agreement column (0: none).")
 @click.option("--tasks", type=click.Path(path_type=Path), help="JSONL of prompt/reference: BLEU and ROUGE-L.")
 @click.option("--reference-artifact", type=click.Path(path_type=Path),
               help="The full model built like the candidate (e.g. its ONNX export) [default: built on the fly].")
@@ -49,7 +51,7 @@ from .options import quiet_option
 @quiet_option
 @click.pass_context
 def validate(ctx, reference, candidate, depth, speculative, draft_tokens, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
-             no_speed, parity_steps, tolerance, text, tasks, reference_artifact, json_path, report_path, plot_path,
+             no_speed, parity_steps, tolerance, text, eval_samples, tasks, reference_artifact, json_path, report_path, plot_path,
              no_cuda_graph, decode_kernels):
     """Check an artifact's output parity and measure its speedup over the full model.
 
@@ -69,6 +71,8 @@ def validate(ctx, reference, candidate, depth, speculative, draft_tokens, runtim
     speed = None if no_speed else SpeedSettings(parse_batches(batches), prompt_len, new_tokens, runs, warmup)
     check_settings(speed, parity_steps, tolerance)
     check_device(device)
+    if not 0 <= eval_samples <= 100_000:
+        raise UserError(f"--eval-samples {eval_samples} must be between 0 and 100000")
     for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
         check_writable_file(path, option)  # before the work, not after it
     if speculative:
@@ -79,7 +83,8 @@ def validate(ctx, reference, candidate, depth, speculative, draft_tokens, runtim
     result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance,
                             list(text) or None,
                             tasks, reference_artifact, quiet=ctx.obj["quiet"],
-                            cuda_graph=False if no_cuda_graph else None, decode_kernels=decode_kernels, depth=depth)
+                            cuda_graph=False if no_cuda_graph else None, decode_kernels=decode_kernels, depth=depth,
+                            eval_samples=eval_samples)
     write_reports(result, json_path, report_path, plot_path)
     click.echo(markdown(result))
     if not result["parity"]["passed"]:

@@ -83,7 +83,7 @@ def check_device(device: str, option: str = "--device") -> None:
 def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", dtype: str | None = None,
              speed: SpeedSettings | None = SpeedSettings(), parity_steps: int = 32, tolerance: float | None = None,
              text=None, tasks=None, reference_artifact=None, quiet: bool = False, cuda_graph: bool | None = None,
-             decode_kernels: bool = False, depth: str | None = None) -> dict:
+             decode_kernels: bool = False, depth: str | None = None, eval_samples: int = 32) -> dict:
     """Validate artifact `candidate` against the original checkpoint `reference`; returns the report.
     `cuda_graph=False` runs `--runtime ort` on CUDA without capturing decode steps (None: where it can);
     `decode_kernels` runs its products on ulsexport's CUDA kernels (`runtime.kernels`), full model too.
@@ -157,7 +157,8 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
                 full_speed = measure_speed(full, speed, vocab, bar)
             del full
         reports = [_measure(common, target, parity_steps, tolerance, speed, full_speed, text, tasks, quiet,
-                            hf_checkpoint=target[4] if multi_depth else pruned_dir, vocab=vocab, scratch=Path(tmp))
+                            hf_checkpoint=target[4] if multi_depth else pruned_dir, vocab=vocab, scratch=Path(tmp),
+                            eval_samples=eval_samples)
                    for target in targets]
     for report in reports:
         report["cuda_graph"], report["decode_kernels"] = cuda_graph, decode_kernels
@@ -169,7 +170,7 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
 
 
 def _measure(common: dict, target: tuple, parity_steps, tolerance, speed, full_speed, text, tasks, quiet,
-             hf_checkpoint: Path, vocab: int, scratch: Path) -> dict:
+             hf_checkpoint: Path, vocab: int, scratch: Path, eval_samples: int = 32) -> dict:
     """One report: the target's parity against its PyTorch checkpoint, its speed beside the full model's
     (`full_speed`) and, where asked, the quality of `hf_checkpoint` (the pruned checkpoint) against the
     reference's."""
@@ -188,7 +189,7 @@ def _measure(common: dict, target: tuple, parity_steps, tolerance, speed, full_s
     if text:
         from .quality import generality_report
 
-        report.update(generality_report(reference_dir, hf_checkpoint, text, device))
+        report.update(generality_report(reference_dir, hf_checkpoint, text, device, eval_samples))
     if tasks is not None:
         from .quality import score_tasks
 

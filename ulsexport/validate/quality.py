@@ -11,10 +11,11 @@ EVAL_TOKENS = 100_000      # of each held-out text
 SAMPLED_WINDOWS = 32       # teacher-sampled windows for the top-1 agreement
 
 
-def generality_report(reference_dir: Path, pruned_dir: Path, texts, device: str) -> dict:
+def generality_report(reference_dir: Path, pruned_dir: Path, texts, device: str,
+                      samples: int = SAMPLED_WINDOWS) -> dict:
     """The generality table of the full model and the pruned one: perplexity on each held-out text, top-1
     agreement with the full model on windows it samples (unconditional and chat), and the chat answers'
-    agreement where there is a chat template. The first text's perplexities are kept as `perplexity`
+    agreement where there is a chat template (`samples` windows; 0: no agreement column). The first text's perplexities are kept as `perplexity`
     (full / pruned) too."""
     from ..heal.samples import SampleSettings, teacher_samples
     from ..heal.train import EVAL_SEED_OFFSET
@@ -26,9 +27,12 @@ def generality_report(reference_dir: Path, pruned_dir: Path, texts, device: str)
     tokenizer = load_tokenizer(pruned_dir)
     domains = domain_windows(tokenizer, texts, EVAL_TOKENS)
     full = load_causal_lm(reference_dir, "fp32", device)
-    sampled, _ = teacher_samples(full, tokenizer, Path(reference_dir), None, None,
-                                 SampleSettings(SAMPLED_WINDOWS, EVAL_WINDOW, seed=EVAL_SEED_OFFSET), quiet=True)
-    g = prepare_generality(full, tokenizer, domains, sampled.tolist())
+    sampled = []
+    if samples:
+        array, _ = teacher_samples(full, tokenizer, Path(reference_dir), None, None,
+                                   SampleSettings(samples, EVAL_WINDOW, seed=EVAL_SEED_OFFSET), quiet=True)
+        sampled = array.tolist()
+    g = prepare_generality(full, tokenizer, domains, sampled)
     rows = {"full": generality(full, g)}
     del full
     rows["pruned"] = generality(load_causal_lm(pruned_dir, "fp32", device), g)
