@@ -20,7 +20,7 @@ def healed(tmp_path_factory):
     out = tmp_path_factory.mktemp("joint") / "healed"
     result = run_cli("heal", "--teacher", KJV16, "--speedups", "2,3", "--data", DATA / "kjv-train.txt",
                      "--eval-text", DATA / "kjv-valid.txt", "--steps", 4, "--batch", 2, "--seq-len", 32,
-                     "--device", "cpu", "--out", out)
+                     "--eval-tokens", 4000, "--eval-samples", 4, "--device", "cpu", "--out", out)
     assert result.exit_code == 0, result.output
     assert "2x (8 layers)" in result.stdout and "3x (5 layers)" in result.stdout
     return out
