@@ -28,7 +28,8 @@ model: {ROOT / 'tests/fixtures/models/stories260K'}
 artifacts: {tmp_path / 'artifacts'}
 plan: {{strategy: uls, speedup: 2}}
 heal: {{data: {ROOT / 'tests/fixtures/data/tinystories-valid-excerpt.txt'}, steps: 2, batch: 2, seq_len: 32,
-        device: cpu, eval_text: {ROOT / 'tests/fixtures/data/tinystories-valid-excerpt.txt'}}}
+        device: cpu, eval_text: {ROOT / 'tests/fixtures/data/tinystories-valid-excerpt.txt'}, eval_tokens: 4000,
+        eval_samples: 4}}
 onnx: {{builder: torch}}
 validate: {{runtime: ort, batches: [1], prompt_len: 8, new_tokens: 4, runs: 1, parity_steps: 4}}
 """)
