@@ -112,3 +112,23 @@ def test_bad_requests_and_exports_are_refused(runtime, multi_depth_exports):
             engine.add(request)
     with pytest.raises(UserError, match="shared KV cache"):
         DecodeEngine(MultiDepthDecoder(multi_depth_exports("concat")[1], "cpu"))
+
+
+def test_speculative_requests_get_the_full_depths_tokens_beside_the_others(runtime):
+    """An engine with a draft depth: speculative requests (drafted by 3x, K = 3, verified at full) run beside
+    plain ones of every depth; each gets exactly the tokens `greedy` gives it alone at its depth."""
+    engine = DecodeEngine(runtime, slots=2, capacity=96, draft="3x", draft_tokens=3)
+    requests = _requests(9, seed=7)
+    for request in requests[::3]:
+        request.speculative, request.depth = True, "full"
+    cancelled = Request([4, 5, 6], 30, speculative=True, on_token=lambda r, token: engine.cancel(r))
+    engine.run(requests + [cancelled])
+    for request in requests:
+        assert request.tokens == _alone(runtime, request), request
+        assert request.finish_reason == "length"
+    assert cancelled.finish_reason == "cancelled" and 1 <= len(cancelled.tokens) <= 4
+    assert not engine.speculating and engine.running() == 0
+    with pytest.raises(UserError, match="no draft depth"):
+        DecodeEngine(runtime).add(Request([1], 2, speculative=True))
+    with pytest.raises(UserError, match="is the depth it would be verified by"):
+        DecodeEngine(runtime, draft="full")

@@ -36,7 +36,7 @@ def served(tmp_path_factory, kjv16_multi_depth):
     root = tmp_path_factory.mktemp("engine")
     onnx = kjv16_multi_depth
     result = cli("triton", "--model", onnx, "--out", root / "repo", "--name", "stories", "--max-batch", "4",
-                 "--batching", "continuous")
+                 "--batching", "continuous", "--draft-depth", "2x", "--draft-tokens", "3")
     assert result.exit_code == 0, result.output
     runtime = open_runtime(onnx, "ort")
     with serving(root / "repo", root) as server:
@@ -166,3 +166,33 @@ def test_a_disconnected_stream_frees_its_slot_and_none_leak_over_500_requests(se
     assert _metric(served, "ulsexport_running_requests") == 0 and _metric(served, "ulsexport_queue_requests") == 0
     assert _metric(served, "ulsexport_first_tokens_total") >= 500
     assert _metric(served, "ulsexport_time_to_first_token_seconds_total") > 0
+
+
+def test_speculative_requests_get_the_full_depths_tokens(served):
+    """"depth": "speculative": drafted by 2x (K = 3), verified at full: the full depth's greedy tokens, streamed
+    and answered once alike, beside plain requests."""
+    for prompt in PROMPTS[:3]:
+        ids = _prompt_ids(served, prompt)
+        want = _alone(served.runtime, ids, 40)
+        got, stamps = [], {}
+        _stream(served, {"text_input": prompt, "max_tokens": 40, "depth": "speculative"}, got, stamps, 0)
+        assert got == want, prompt
+        status, text = served.post("/v2/models/stories/generate",
+                                   {"text_input": prompt, "max_tokens": 40, "depth": "speculative"})
+        reply = json.loads(text)
+        assert status == 200 and (reply["output_ids"] if isinstance(reply["output_ids"], list)
+                                  else [reply["output_ids"]]) == want, text
+
+
+def test_speculative_needs_a_draft_depth(kjv16_multi_depth, tmp_path):
+    from ulsexport.serve.generate_model import Generator, RequestError
+
+    generator = Generator(kjv16_multi_depth, batching="continuous")
+    with pytest.raises(RequestError, match="no draft depth"):
+        generator.prompt("In the beginning", depth="speculative")
+    for args, message in [(["--draft-depth", "full", "--batching", "continuous"], "one of its pruned depths (2x)"),
+                          (["--draft-depth", "2x", "--batching", "static"], "add --batching continuous"),
+                          (["--draft-depth", "2x", "--batching", "continuous", "--draft-tokens", "0"], "between 1 and 16")]:
+        result = cli("triton", "--model", kjv16_multi_depth, "--out", tmp_path / "r", *args)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "r").exists()

@@ -103,6 +103,7 @@ ALLOWED = {
     "triton.instances": _between(1, MAX_INSTANCES), "triton.max_batch": _between(1, MAX_BATCH),
     "triton.max_tokens": _between(1, MAX_TOKENS_LIMIT), "triton.default_max_tokens": _between(1, MAX_TOKENS_LIMIT),
     "triton.queue_delay_us": _between(0, MAX_QUEUE_DELAY_US), "triton.batching": _one_of("auto", "continuous", "static"),
+    "triton.draft_tokens": _between(1, 16),
 }
 # Files hashed whole when a stage decides whether its model changed; larger ones by size, time and header.
 HASH_WHOLE_BYTES = 64 * 1024**2

@@ -34,10 +34,13 @@ from .options import Terminated, quiet_option
               help="continuous: one decode engine per model; a request joins the running batch at the next step and "
                    "leaves it at its end (ort over the shared KV cache; its steps are not CUDA graphs yet). static: "
                    "each batch the dynamic batcher forms runs to its end. auto: continuous on the CPU, static on CUDA.")
+@click.option("--draft-depth", help="A multi-depth export's pruned depth (e.g. 2x) that drafts for requests sending "
+                                    "\"depth\": \"speculative\": the full depth verifies, the tokens are its own.")
+@click.option("--draft-tokens", type=int, default=4, show_default=True, help="With --draft-depth: tokens drafted per verify.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the repository's manifest as JSON.")
 def triton(model, out, name, device, runtime, instances, max_batch, no_cuda_graph, max_tokens, default_max_tokens,
-           queue_delay_us, batching, force, as_json):
+           queue_delay_us, batching, draft_depth, draft_tokens, force, as_json):
     """Write a Triton Inference Server model repository that serves an artifact.
 
     It holds a generate model (Python backend, dynamic batching; inputs text_input or input_ids,
@@ -58,7 +61,7 @@ def triton(model, out, name, device, runtime, instances, max_batch, no_cuda_grap
     result = write_repository(model, out, name=name, device=device, runtime=runtime, instances=instances,
                               max_batch=max_batch, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
                               queue_delay_us=queue_delay_us, force=force, cuda_graph=not no_cuda_graph,
-                              batching=batching)
+                              batching=batching, draft_depth=draft_depth, draft_tokens=draft_tokens)
     manifest = result.manifest
     if as_json:
         click.echo(json_text(manifest))

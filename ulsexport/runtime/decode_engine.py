@@ -15,7 +15,9 @@ cache tensor. A request lives in one row (a slot) from its prefill until it stop
 
 Rows are independent: the graph reads each row's length from its attention mask row and writes the
 new token's keys and values at that position, so a request's tokens are the ones `greedy` gives it
-alone. `add` and `cancel` may be called from any thread; `step` from one thread (`run_forever`).
+alone. Speculative requests (an engine made with a `draft` depth) run on batch-1 streams of their own
+(`speculative.SpeculativeRow`: onnxruntime verifies several tokens over a cache only at batch 1), one
+draft-and-verify round per step, beside the slots; their tokens are the full depth's. `add` and `cancel` may be called from any thread; `step` from one thread (`run_forever`).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class Request:
     prompt: list[int]
     max_tokens: int
     depth: str | None = None                          # a multi-depth export's tag (None: its default graph)
+    speculative: bool = False                         # drafted by the engine's draft depth, verified at `depth`
     eos: frozenset = frozenset()
     on_token: Callable[["Request", int], None] | None = None   # called on the engine's thread, token by token
     on_error: Callable[["Request", Exception], None] | None = None   # a step failed: this request ends
@@ -140,9 +143,16 @@ class DecodeEngine:
     opened with cuda_graph=False): `slots` requests run at once per depth, each with up to `capacity`
     positions (prompt + new tokens)."""
 
-    def __init__(self, runtime, slots: int = DEFAULT_SLOTS, capacity: int | None = None):
+    def __init__(self, runtime, slots: int = DEFAULT_SLOTS, capacity: int | None = None, draft: str | None = None,
+                 draft_tokens: int = 4):
         if slots < 1:
             raise UserError(f"slots {slots} must be at least 1")
+        self.runtime, self.draft, self.draft_tokens = runtime, draft, draft_tokens
+        if draft is not None:
+            from .speculative import check_draft
+
+            check_draft(runtime, draft, draft_tokens)
+        self.speculating: list = []   # (Request, SpeculativeRow): batch-1 streams of their own, `slots` at most
         decoders = runtime.decoders if hasattr(runtime, "decoders") else {None: runtime}
         limit = runtime.onnx.get("max_sequence_length")
         self.capacity = int(capacity or limit or 2048)
@@ -166,6 +176,10 @@ class DecodeEngine:
                             f"engine's {self.capacity} positions")
         if request.max_tokens < 1:
             raise UserError(f"max_tokens {request.max_tokens} must be at least 1")
+        if request.speculative and self.draft is None:
+            raise UserError("this engine has no draft depth for speculative requests")
+        if request.speculative and depth == self.draft:
+            raise UserError(f"a speculative request is verified at the full depth, not the draft depth '{depth}'")
         request.depth = depth
         with self.lock:
             self.waiting.append(request)
@@ -180,14 +194,19 @@ class DecodeEngine:
 
     def has_work(self) -> bool:
         with self.lock:
-            return bool(self.waiting) or any(s.running() for s in self.depths.values())
+            return bool(self.waiting) or bool(self.speculating) or any(s.running() for s in self.depths.values())
 
     # -- the loop's thread ---------------------------------------------------------------------------
     def step(self) -> int:
         """Schedule, execute, update once; the number of tokens produced."""
         produced = 0
         for request, slots, slot in self._schedule():
-            produced += self._update(slots, slot, request, slots.prefill(slot, request))
+            if slots is None:      # speculative: its own streams, prefilled now
+                produced += self._speculate(request)
+            else:
+                produced += self._update(slots, slot, request, slots.prefill(slot, request))
+        for request, row in list(self.speculating):
+            produced += self._speculate(request, row)
         for slots in self.depths.values():
             for slot in [i for i in slots.running() if slots.rows[i].cancelled]:
                 self._finish(slots, slot, slots.rows[slot])
@@ -206,6 +225,12 @@ class DecodeEngine:
                 if request.cancelled:
                     request.finish_reason, request.finished_at = "cancelled", time.perf_counter()
                     continue
+                if request.speculative:
+                    if len(self.speculating) + sum(1 for a in admitted if a[1] is None) >= len(self.depths[request.depth].rows):
+                        kept.append(request)
+                    else:
+                        admitted.append((request, None, None))
+                    continue
                 slots = self.depths[request.depth]
                 slot = slots.free()
                 if slot is None:
@@ -216,7 +241,8 @@ class DecodeEngine:
             self.waiting = kept
         return admitted
 
-    def _update(self, slots: _Slots, slot: int, request: Request, token: int) -> int:
+    def _emit(self, request: Request, token: int) -> bool:
+        """`token` to `request`; whether the stop policy ends it here."""
         request.tokens.append(token)
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
@@ -225,9 +251,39 @@ class DecodeEngine:
             request.finish_reason = reason
         if request.on_token is not None:
             request.on_token(request, token)
-        if reason is not None:
+        return reason is not None
+
+    def _update(self, slots: _Slots, slot: int, request: Request, token: int) -> int:
+        if self._emit(request, token):
             self._finish(slots, slot, request)
         return 1
+
+    def _speculate(self, request: Request, row=None) -> int:
+        """A speculative request's prefill (row None: its first token) or one draft-and-verify round; the
+        tokens it kept, each through the stop policy."""
+        from .speculative import SpeculativeRow
+
+        if row is None:
+            row = SpeculativeRow(self.runtime.decoder(self.draft), self.runtime.decoder(request.depth), request.prompt,
+                                 request.max_tokens, self.draft_tokens)
+            self.speculating.append((request, row))
+            new = row.tokens[:1]
+        elif request.cancelled:
+            new = []
+        else:
+            new = row.advance()
+        for count, token in enumerate(new, 1):
+            if self._emit(request, token):
+                self._end_speculation(request)
+                return count
+        if request.cancelled:
+            self._end_speculation(request)
+        return len(new)
+
+    def _end_speculation(self, request: Request) -> None:
+        request.finish_reason = request.finish_reason or "cancelled"
+        request.finished_at = time.perf_counter()
+        self.speculating = [(r, row) for r, row in self.speculating if r is not request]
 
     def _finish(self, slots: _Slots, slot: int, request: Request) -> None:
         request.finish_reason = request.finish_reason or "cancelled"
@@ -247,6 +303,8 @@ class DecodeEngine:
         freed, and the engine goes on with the requests that come next."""
         with self.lock:
             failed, self.waiting = list(self.waiting), deque()
+        failed += [request for request, _ in self.speculating]
+        self.speculating = []
         for slots in self.depths.values():
             for slot in slots.running():
                 failed.append(slots.rows[slot])
@@ -275,4 +333,4 @@ class DecodeEngine:
                     self.lock.wait(idle_wait)
 
     def running(self) -> int:
-        return sum(len(s.running()) for s in self.depths.values())
+        return sum(len(s.running()) for s in self.depths.values()) + len(self.speculating)

@@ -61,11 +61,8 @@ class SpeculativeRun:
                 "verify_seconds": round(self.verify_seconds, 6)}
 
 
-def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draft: str, draft_tokens: int = 4,
-                       verify: str | None = None, eos_id: int | None = None) -> SpeculativeRun:
-    """`new_tokens` greedy tokens per row of the `verify` depth (default: the export's default graph, the
-    full depth), drafted `draft_tokens` at a time by the `draft` depth. With `eos_id` a row stops after its
-    first EOS. `runtime` is a MultiDepthDecoder opened without CUDA-graph capture (cuda_graph=False)."""
+def check_draft(runtime, draft: str, draft_tokens: int, verify: str | None = None) -> str:
+    """The verify depth for drafting with `draft` over `runtime`, or one line saying why not."""
     if not hasattr(runtime, "decoders"):
         raise UserError("speculative decoding needs a multi-depth export (ulsexport onnx --speedups 1,2 ...): "
                         "the draft and the full depth share its weights")
@@ -75,60 +72,84 @@ def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draf
                         f"({', '.join(d for d in runtime.depths if d != verify)})")
     if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise UserError(f"--draft-tokens {draft_tokens} must be between 1 and {MAX_DRAFT_TOKENS}")
-    if new_tokens < 1:
-        raise UserError(f"new tokens {new_tokens} must be at least 1")
     drafter, verifier = runtime.decoder(draft), runtime.decoder(verify)
     if drafter.fixed_width or verifier.fixed_width:
         raise UserError("speculative decoding runs the plain decode loop: open the export with cuda_graph=False")
+    return verify
+
+
+def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draft: str, draft_tokens: int = 4,
+                       verify: str | None = None, eos_id: int | None = None) -> SpeculativeRun:
+    """`new_tokens` greedy tokens per row of the `verify` depth (default: the export's default graph, the
+    full depth), drafted `draft_tokens` at a time by the `draft` depth. With `eos_id` a row stops after its
+    first EOS. `runtime` is a MultiDepthDecoder opened without CUDA-graph capture (cuda_graph=False)."""
+    verify = check_draft(runtime, draft, draft_tokens, verify)
+    if new_tokens < 1:
+        raise UserError(f"new tokens {new_tokens} must be at least 1")
     ids, mask = np.asarray(input_ids), np.asarray(attention_mask).astype(bool)
     run = SpeculativeRun([], draft, verify, draft_tokens)
     for row in range(len(ids)):
         start = time.perf_counter()
-        run.tokens.append(_row(drafter, verifier, ids[row][mask[row]][None], new_tokens, draft_tokens, eos_id, run))
+        stream = SpeculativeRow(runtime.decoder(draft), runtime.decoder(verify), ids[row][mask[row]], new_tokens,
+                                draft_tokens, run)
+        while not stream.done and not (eos_id is not None and eos_id in stream.tokens):
+            stream.advance()
+        out = stream.tokens[:new_tokens]
+        run.tokens.append(out[:out.index(eos_id) + 1] if eos_id is not None and eos_id in out else out)
         run.row_seconds.append(time.perf_counter() - start)
     return run
 
 
-def _row(drafter, verifier, prompt: np.ndarray, new_tokens: int, k_max: int, eos_id, run: SpeculativeRun) -> list[int]:
-    capacity = new_tokens + k_max + 1          # a verify pass may run K past the last token kept
-    ones = np.ones_like(prompt)
-    started = time.perf_counter()
-    full, logits = verifier.prefill(prompt, ones, capacity)
-    small, _ = drafter.prefill(prompt, ones, capacity)
-    run.prefill_seconds += time.perf_counter() - started
-    out = [int(greedy_tokens(np.asarray(logits))[0])]
-    pending = [out[-1]]                        # kept tokens the draft has not run yet
-    while len(out) < new_tokens and not (eos_id is not None and eos_id in out):
-        k = min(k_max, new_tokens - len(out))
+class SpeculativeRow:
+    """One prompt's self-speculative decoding, a round at a time (`advance`), so that a loop serving other
+    requests can interleave it; `tokens` are the verify depth's greedy tokens so far (the prefill's first,
+    then 1 to K + 1 per round), `run` collects the counts and times."""
+
+    def __init__(self, drafter, verifier, prompt, new_tokens: int, draft_tokens: int, run: SpeculativeRun | None = None):
+        self.new_tokens, self.k_max = new_tokens, draft_tokens
+        self.run = run or SpeculativeRun([], "", "", draft_tokens)
+        prompt = np.asarray(prompt, np.int64).reshape(1, -1)
+        capacity = new_tokens + draft_tokens + 1      # a verify pass may run K past the last token kept
+        ones = np.ones_like(prompt)
+        started = time.perf_counter()
+        self.full, logits = verifier.prefill(prompt, ones, capacity)
+        self.small, _ = drafter.prefill(prompt, ones, capacity)
+        self.run.prefill_seconds += time.perf_counter() - started
+        self.tokens = [int(greedy_tokens(np.asarray(logits))[0])]
+        self.pending = [self.tokens[-1]]               # kept tokens the draft has not run yet
+
+    @property
+    def done(self) -> bool:
+        return len(self.tokens) >= self.new_tokens
+
+    def advance(self) -> list[int]:
+        """One round: K drafted tokens, one verify pass, both caches rolled back; the tokens it keeps."""
+        run, small, full = self.run, self.small, self.full
+        k = min(self.k_max, self.new_tokens - len(self.tokens))
         started = time.perf_counter()
         draft_start = small.length
         drafted = []
-        step = np.array([pending], np.int64)
+        step = np.array([self.pending], np.int64)
         for _ in range(k):
             drafted.append(int(greedy_tokens(np.asarray(small.feed(step))[0, -1])))
             step = np.array([[drafted[-1]]], np.int64)
-        fed_by_draft = len(pending) + k - 1    # the last drafted token is never run by the draft
         middle = time.perf_counter()
         verify_start = full.length
-        chosen = greedy_tokens(np.asarray(full.feed(np.array([[out[-1], *drafted]], np.int64)))[0])
+        chosen = greedy_tokens(np.asarray(full.feed(np.array([[self.tokens[-1], *drafted]], np.int64)))[0])
         n = 0
         while n < k and drafted[n] == int(chosen[n]):
             n += 1
         kept = drafted[:n] + [int(chosen[n])]
-        full.truncate(verify_start + 1 + n)    # the last kept token and the n accepted drafts
+        full.truncate(verify_start + 1 + n)           # the last kept token and the n accepted drafts
         if n < k:
-            small.truncate(draft_start + len(pending) + n)
-            pending = [kept[-1]]
-        else:                                  # all accepted: the draft still has to run the last of them
-            pending = [drafted[-1], kept[-1]]
-        assert small.length <= draft_start + fed_by_draft
+            small.truncate(draft_start + len(self.pending) + n)
+            self.pending = [kept[-1]]
+        else:                                         # all accepted: the draft still has to run the last of them
+            self.pending = [drafted[-1], kept[-1]]
         run.draft_seconds += middle - started
         run.verify_seconds += time.perf_counter() - middle
         run.rounds += 1
         run.drafted += k
         run.accepted += n
-        out.extend(kept)
-    out = out[:new_tokens]
-    if eos_id is not None and eos_id in out:
-        out = out[:out.index(eos_id) + 1]
-    return out
+        self.tokens.extend(kept)
+        return kept

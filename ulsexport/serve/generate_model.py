@@ -40,6 +40,7 @@ import numpy as np
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_DEPTH = "default"    # the alias of the default graph; the only depth of a single-depth artifact
 BATCHING = ("auto", "continuous", "static")
+SPECULATIVE = "speculative"  # the depth a request names to be drafted by the draft depth and verified at full
 ENGINE_CAPACITY = 4096       # positions per slot of the decode engine at most (prompt + new tokens)
 
 
@@ -100,7 +101,7 @@ class Generator:
 
     def __init__(self, folder: str | Path, runtime: str | None = None, device: str = "cpu", dtype: str | None = None,
                  max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS, cuda_graph: bool = True,
-                 batching: str = "auto", slots: int = 8):
+                 batching: str = "auto", slots: int = 8, draft: str | None = None, draft_tokens: int = 4):
         from ..artifact import artifact_kind, read_manifest
         from ..tokenizer import load_tokenizer
         from ..runtime import default_runtime, open_runtime
@@ -139,7 +140,8 @@ class Generator:
         if engine:
             from ..runtime.decode_engine import DecodeEngine
 
-            self.engine = DecodeEngine(self.runtime, slots, min(self.positions or ENGINE_CAPACITY, ENGINE_CAPACITY))
+            self.engine = DecodeEngine(self.runtime, slots, min(self.positions or ENGINE_CAPACITY, ENGINE_CAPACITY),
+                                       draft=draft or None, draft_tokens=draft_tokens)
 
     def submit(self, p: Prompt, on_token=None, on_error=None):
         """Hand `p` to the decode engine (continuous batching); `on_token(p, token)` runs on the engine's
@@ -158,7 +160,9 @@ class Generator:
             if on_error is not None:
                 on_error(p, exc)
 
-        request = Request(p.ids, p.max_tokens, depth=p.depth if self.multi_depth else None, eos=frozenset(self.eos),
+        speculative = p.depth == SPECULATIVE
+        depth = None if speculative or not self.multi_depth else p.depth
+        request = Request(p.ids, p.max_tokens, depth=depth, speculative=speculative, eos=frozenset(self.eos),
                           on_token=token, on_error=error)
         try:
             return self.engine.add(request)
@@ -177,6 +181,11 @@ class Generator:
             value = str(value).strip()
         if not value or value == DEFAULT_DEPTH:
             return self.default_depth
+        if value == SPECULATIVE:
+            if self.engine is None or self.engine.draft is None:
+                raise RequestError("depth 'speculative': this model has no draft depth (ulsexport triton --draft-depth "
+                                   "over a multi-depth export, with continuous batching)")
+            return SPECULATIVE
         if value in self.depths:
             return value
         if not self.multi_depth:
@@ -338,7 +347,9 @@ class TritonPythonModel:
                                    int(params.get("default_max_tokens", DEFAULT_MAX_TOKENS)),
                                    cuda_graph=params.get("cuda_graph", "true") != "false",
                                    batching=params.get("batching") or "auto",
-                                   slots=int(config.get("max_batch_size") or 8))
+                                   slots=int(config.get("max_batch_size") or 8),
+                                   draft=params.get("draft_depth") or None,
+                                   draft_tokens=int(params.get("draft_tokens") or 4))
         self.stop, self.loop, self.metrics = threading.Event(), None, {}
         if self.generator.engine is not None:
             self.metrics, why = _metrics(pb_utils, self.name)
