@@ -32,6 +32,7 @@ heal: {{data: {ROOT / 'tests/fixtures/data/tinystories-valid-excerpt.txt'}, step
         eval_samples: 4}}
 onnx: {{builder: torch}}
 validate: {{runtime: ort, batches: [1], prompt_len: 8, new_tokens: 4, runs: 1, parity_steps: 4}}
+triton: {{max_batch: 2}}
 """)
     result = run_cli("run", recipe)
     assert result.exit_code == 0, result.output
@@ -43,6 +44,7 @@ validate: {{runtime: ort, batches: [1], prompt_len: 8, new_tokens: 4, runs: 1, p
     manifest = json.loads((out / "onnx" / "ulsexport.json").read_text())
     assert manifest["source"] == str((out / "healed").resolve()) or manifest["source"].endswith("healed")
     assert json.loads((out / "healed" / "ulsexport.json").read_text())["healing"]["steps"] == 2
+    assert f"serve it: ulsexport serve {out / 'triton'}" in result.stdout   # what to run next
 
 
 def test_defaults_and_overrides():

@@ -53,3 +53,21 @@ def test_json_tokenizer_refusals(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "add_bos_token": True}))
     with pytest.raises(UserError, match="add_bos_token .* only transformers applies"):
         JsonTokenizer(tmp_path)
+
+
+def test_a_text_longer_than_the_models_positions_draws_no_warning():
+    """ulsexport tokenizes whole texts and windows them itself: transformers' 'Token indices sequence length is
+    longer than the specified maximum' warning would only be noise in `ulsexport run`'s output."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        ids = load_tokenizer(STORIES)("Once upon a time " * 400)["input_ids"]
+    finally:
+        logger.removeHandler(handler)
+    assert len(ids) > 512
+    assert not [r for r in records if "sequence length is longer" in r.getMessage()]

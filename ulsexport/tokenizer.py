@@ -28,9 +28,14 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(Path(path))
+        tokenizer = AutoTokenizer.from_pretrained(Path(path))
     except Exception as exc:  # many causes, all meaning "no usable tokenizer here"
         raise UserError(f"could not load a tokenizer from {path}: {type(exc).__name__}: {exc}") from None
+    # ulsexport tokenizes whole texts and cuts them into windows itself: transformers' warning that a text is
+    # longer than the model's positions ("Token indices sequence length is longer ...") is noise here
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 @dataclass

@@ -39,5 +39,7 @@ def run(ctx, recipe, overrides, force):
         click.echo(line)
     click.echo(f"wrote {result.out_dir}" + (f" (the validation report: {result.out_dir / 'report' / 'report.md'})"
                                             if result.report is not None else ""))
+    if (result.out_dir / "triton").is_dir() and "triton" in result.stages:
+        click.echo(f"serve it: ulsexport serve {result.out_dir / 'triton'}")
     if result.report is not None and not result.report["parity"]["passed"]:
         sys.exit(1)

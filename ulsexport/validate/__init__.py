@@ -8,6 +8,7 @@ this one process, warm-up runs excluded, and reports the median of several runs 
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -148,6 +149,9 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
             if full_depth is not None and reference_artifact is None:  # the export's own full depth
                 full = opened.decoder(full_depth)
             else:
+                if not quiet and reference_artifact is None and runtime in ("ort", "genai"):
+                    print(f"building the full model's {runtime} export to time it beside the candidate "
+                          "(--reference-artifact gives one already built) ...", file=sys.stderr, flush=True)
                 full = open_runtime(full_depth_artifact(reference_dir, runtime, dtype, device, Path(tmp),
                                                         Path(reference_artifact) if reference_artifact else None,
                                                         candidate_manifest.get("builder", "torch")),
