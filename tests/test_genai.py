@@ -179,6 +179,21 @@ def test_cli_builder_genai_writes_manifest_beside_genai_config(pruned, tmp_path)
     assert manifest["builder"] == "genai" and manifest["kept"] == [0, 2, 4, 6, 8, 10, 12, 15]
     assert manifest["cache_to_original_layer"]["7"] == 15
     assert (tmp_path / "genai" / GENAI_CONFIG).is_file() and (tmp_path / "genai" / "ulsexport.json").is_file()
+    GenaiRuntime(tmp_path / "genai")   # loads as written
+    # a genai_config.json whose decoder names a file outside the artifact is refused before genai opens it
+    (tmp_path / "secret.onnx").write_bytes((tmp_path / "genai" / "model.onnx").read_bytes()[:64])
+    config = json.loads((tmp_path / "genai" / GENAI_CONFIG).read_text())
+    for bad, why in [("../secret.onnx", "lies outside"), (str(tmp_path / "secret.onnx"), "absolute path"),
+                     ("absent.onnx", "not a file in the artifact")]:
+        config["model"]["decoder"]["filename"] = bad
+        (tmp_path / "genai" / GENAI_CONFIG).write_text(json.dumps(config))
+        with pytest.raises(UserError, match=why):
+            GenaiRuntime(tmp_path / "genai")
+        triton = run_cli("triton", "--model", tmp_path / "genai", "--out", tmp_path / "repo")
+        assert triton.exit_code == 2 and why in triton.stderr and not (tmp_path / "repo").exists(), triton.output
+    (tmp_path / "genai" / GENAI_CONFIG).write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        GenaiRuntime(tmp_path / "genai")
 
 
 @pytest.mark.parametrize("args,message", [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import GENAI_CONFIG
+from ..artifact import GENAI_CONFIG, artifact_path
 from ..errors import UserError, first_line
 from .base import GreedyRun, Runtime
 
@@ -20,6 +20,37 @@ def import_genai():
     except ImportError:
         raise UserError(f"onnxruntime-genai is not installed: {INSTALL_HINT}") from None
     return onnxruntime_genai
+
+
+def check_genai_config(folder: Path) -> dict:
+    """The folder's genai_config.json, refused in one line unless it is JSON whose every `filename` (the
+    decoder's, an embedding's, ...) names a file inside the folder: onnxruntime-genai opens whatever it names."""
+    import json
+
+    path = Path(folder) / GENAI_CONFIG
+    if not path.is_file():
+        raise UserError(f"{folder} has no {GENAI_CONFIG}; build it with `ulsexport onnx` (either builder)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({first_line(exc)}); rebuild it with `ulsexport onnx`") from None
+
+    def filenames(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "filename":
+                    yield value, f"{where}.{key}"
+                else:
+                    yield from filenames(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from filenames(value, f"{where}[{i}]")
+
+    for value, where in filenames(config, GENAI_CONFIG):
+        file = artifact_path(folder, value, where)
+        if not file.is_file():
+            raise UserError(f"{folder}: {where} names {value!r}, which is not a file in the artifact; rebuild it")
+    return config
 
 
 class GenaiRuntime(Runtime):
@@ -42,8 +73,7 @@ class GenaiRuntime(Runtime):
     def __init__(self, folder: str | Path, dtype: str = "fp32", device: str = "cpu", cuda_graph: bool = False):
         og = import_genai()
         folder = Path(folder)
-        if not (folder / GENAI_CONFIG).is_file():
-            raise UserError(f"{folder} has no {GENAI_CONFIG}; build it with `ulsexport onnx` (either builder)")
+        check_genai_config(folder)
         config = og.Config(str(folder))
         config.clear_providers()
         if device.startswith("cuda"):

@@ -211,6 +211,10 @@ def check_artifact(artifact: Path, kind: str, source: dict) -> None:
             _graph_complete(artifact, onnx.get("file"), "onnx.file")
             if onnx.get("external_data") is not None:
                 artifact_path(artifact, onnx["external_data"], "onnx.external_data")
+    if kind == "genai":
+        from ..runtime.genai import check_genai_config
+
+        check_genai_config(artifact)
     tokenizer = load_tokenizer(artifact)
     try:
         back = tokenizer.decode(tokenizer(SAMPLE_TEXT).input_ids, skip_special_tokens=True)
