@@ -139,14 +139,14 @@ def _truncate(path: Path, keep: float):
 
 
 MULTI_BREAKS = {
-    "weights truncated": (lambda d, m: _truncate(d / "weights.onnx.data", 0.5), "not the"),
-    "weights empty": (lambda d, m: _truncate(d / "weights.onnx.data", 0), "not the"),
+    "weights truncated": (lambda d, m: _truncate(d / "weights.onnx.data", 0.5), "its manifest says"),
+    "weights empty": (lambda d, m: _truncate(d / "weights.onnx.data", 0), "is empty"),
     "weights missing": (lambda d, m: (d / "weights.onnx.data").unlink(), "is missing"),
-    "depth graph missing": (lambda d, m: (d / "2x.onnx").unlink(), "graphs[1].file 2x.onnx is missing"),
+    "depth graph missing": (lambda d, m: (d / "2x.onnx").unlink(), "2x.onnx is missing"),
     "depth graph truncated": (lambda d, m: _truncate(d / "2x.onnx", 0.4), "2x.onnx is not a complete ONNX graph"),
     "graph named but absent": (lambda d, m: m["graphs"][1].update(file="nothing.onnx"), "nothing.onnx is missing"),
     "graph path outside": (lambda d, m: m["graphs"][1].update(file="../full.onnx"), "lies outside"),
-    "graph without onnx section": (lambda d, m: m["graphs"][1].pop("onnx"), "has no `onnx` section"),
+    "graph without onnx section": (lambda d, m: m["graphs"][1].pop("onnx"), "has no onnx"),
     "graphs not a list": (lambda d, m: m.update(graphs="full.onnx"), "`graphs` must be a list"),
     "tokenizer.model deleted": (lambda d, m: (d / "tokenizer.model").unlink(), "tokenizer"),
 }

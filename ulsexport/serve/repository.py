@@ -191,19 +191,11 @@ def check_artifact(artifact: Path, kind: str, source: dict) -> None:
 
     if kind == "onnx":
         if source.get("multi_depth"):
-            weights = source.get("weights")
-            if not isinstance(weights, dict):
-                raise UserError(f"{artifact}'s manifest has no `weights` section; re-export it")
-            path = artifact_path(artifact, weights.get("file"), "weights.file")
-            size = path.stat().st_size if path.is_file() else None
-            if size != weights.get("bytes"):
-                raise UserError(f"{artifact}: the weights file {weights.get('file')} "
-                                f"{'is missing' if size is None else f'holds {size} bytes'}, not the "
-                                f"{weights.get('bytes')} its manifest records; re-export the artifact")
-            for i, graph in enumerate(source.get("graphs")):
-                if not isinstance(graph.get("onnx"), dict):
-                    raise UserError(f"{artifact}'s manifest: graphs[{i}] has no `onnx` section; re-export it")
-                _graph_complete(artifact, graph.get("file"), f"graphs[{i}].file")
+            from ..runtime.ort import multi_depth_files
+
+            multi_depth_files(artifact, source)   # the runtime's own checks: graphs, tags, files, the weights' size
+            for i, graph in enumerate(source["graphs"]):
+                _graph_complete(artifact, graph["file"], f"graphs[{i}].file")
         else:
             onnx = source.get("onnx")
             if not isinstance(onnx, dict):
