@@ -34,7 +34,7 @@ class RuntimeEntry:
 
 RUNTIMES: dict[str, RuntimeEntry] = {r.name: r for r in [
     RuntimeEntry("torch", ".pytorch", "TorchRuntime", ("hf-checkpoint",), "checkpoints in PyTorch"),
-    RuntimeEntry("ort", ".ort", "OnnxDecoder", ("onnx", "genai"), "ONNX exports of either builder in onnxruntime"),
+    RuntimeEntry("ort", ".ort", "OrtRuntime", ("onnx", "genai"), "ONNX exports of either builder in onnxruntime"),
     # an "onnx" export of the torch builder runs too: it carries a genai_config.json
     RuntimeEntry("genai", ".genai", "GenaiRuntime", ("genai", "onnx"), "onnxruntime-genai (either ONNX builder)"),
     RuntimeEntry("tensorrt", ".tensorrt", "TensorrtRuntime", ("tensorrt",), "TensorRT engines of `ulsexport engine` (CUDA)"),

@@ -20,7 +20,7 @@ import numpy as np
 from ..artifact import artifact_path, read_manifest
 from ..errors import UserError, first_line
 from .base import Runtime
-from .ort import position_ids_for
+from .ort_streams import position_ids_for
 
 
 def pick_profile(profiles: list[dict], batch: int, total: int, new: int) -> int:
