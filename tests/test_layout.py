@@ -60,6 +60,65 @@ def test_no_import_cycle():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
+# Layers, lowest first: a module imports only modules of its own layer or below (function-level imports
+# included). The most specific name wins ("ulsexport.runtime.ort" over "ulsexport.runtime"). A new module
+# gets a line here; a test fails until it has one.
+LAYERS = [
+    # 0: no ulsexport imports of note
+    ("ulsexport.errors", 0), ("ulsexport.progress", 0), ("ulsexport.compat", 0), ("ulsexport.version", 0),
+    ("ulsexport.runtime.base", 0), ("ulsexport.engine.ops", 0), ("ulsexport.export.ort_fusions", 0),
+    # 1: files, settings, text
+    ("ulsexport.precision", 1), ("ulsexport.outputs", 1), ("ulsexport.tokenizer", 1), ("ulsexport.artifact", 1),
+    ("ulsexport.plan", 1), ("ulsexport.plan.positional", 1), ("ulsexport.export", 1),
+    ("ulsexport.runtime", 1), ("ulsexport.runtime.kernels", 1), ("ulsexport.engine.library", 1),
+    ("ulsexport.engine.profiles", 1),
+    # 2-3: model families and checkpoints
+    ("ulsexport.families", 2), ("ulsexport.gguf", 2), ("ulsexport.checkpoint", 3),
+    # 4: models in PyTorch, pruning, quality
+    ("ulsexport.models", 4), ("ulsexport.prune", 4), ("ulsexport.quality", 4),
+    # 5-6: data-driven plans, healing, the runtimes
+    ("ulsexport.plan.scoring", 5), ("ulsexport.plan.compare", 5), ("ulsexport.heal.corpus", 5),
+    ("ulsexport.heal.samples", 5), ("ulsexport.runtime.pytorch", 5), ("ulsexport.runtime.speculative", 5),
+    ("ulsexport.runtime.ort_session", 5), ("ulsexport.runtime.ort_streams", 5), ("ulsexport.runtime.genai", 5),
+    ("ulsexport.heal", 6), ("ulsexport.runtime.ort_decoder", 6), ("ulsexport.runtime.tensorrt", 6),
+    ("ulsexport.runtime.decode_engine", 6), ("ulsexport.runtime.ort_multi_depth", 7), ("ulsexport.runtime.ort", 8),
+    # 9: exporting; 10: validating, serving one model, TensorRT graphs
+    ("ulsexport.export.trace", 9), ("ulsexport.export.genai", 9), ("ulsexport.export.multi_depth", 9),
+    ("ulsexport.validate", 10), ("ulsexport.serve.generate_model", 10), ("ulsexport.engine.onnx_target", 10),
+    ("ulsexport.generate", 10),
+    # 11-12: repositories, servers, engines
+    ("ulsexport.serve.repository", 11), ("ulsexport.engine.build", 11), ("ulsexport.serve", 12),
+    ("ulsexport.serve.server", 12), ("ulsexport.engine", 12), ("ulsexport.engine.triton", 12),
+    # 13: the whole pipeline; 14: the command line; the package's own front door
+    ("ulsexport.recipe", 13), ("ulsexport.testing", 13), ("ulsexport.cli", 14), ("ulsexport", 15),
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of `module`: its own line, else its package's (the bare package's line is its own only)."""
+    table = dict(LAYERS)
+    parts = module.split(".")
+    for n in range(len(parts), 1, -1):
+        if ".".join(parts[:n]) in table:
+            return table[".".join(parts[:n])]
+    return table.get(module)
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({layer_of(m)}) -> {d} ({layer_of(d)})" for m, targets in graph.items() for d in targets
+                  if layer_of(d) > layer_of(m))
+
+
+def test_no_import_points_up():
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if layer_of(m) is None)
+    assert not unplaced, f"give these modules a layer in LAYERS: {unplaced}"
+    assert not upward(graph), upward(graph)
+    assert upward({"ulsexport.errors": {"ulsexport.cli"}, "ulsexport.cli": {"ulsexport.errors"}}) == [
+        "ulsexport.errors (0) -> ulsexport.cli (14)"]
+    assert layer_of("ulsexport.somewhere_new") is None and layer_of("ulsexport.heal.train") == 6
+
+
 def test_cycle_finder_sees_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -1,7 +1,6 @@
 """ulsexport: remove whole decoder layers (Unified Layer Skipping) and ship the result."""
-__version__ = "0.1.0"
-
 from .errors import UserError  # noqa: E402
+from .version import __version__  # noqa: E402
 from .plan import LayerPlan, ModelShape, make_plan, plan_for_kept  # noqa: E402
 
 

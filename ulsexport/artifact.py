@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .errors import UserError
 
 MANIFEST_NAME = "ulsexport.json"
