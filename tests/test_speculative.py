@@ -80,6 +80,17 @@ def test_a_draft_that_always_agrees_keeps_k_plus_one_per_round(agreeing, k):
     assert run.rounds == 3 * -(-(STEPS - 1) // (k + 1))
 
 
+def test_adaptive_k_is_lossless_and_drafts_more_where_the_draft_agrees(tiny, agreeing):
+    """K chosen each round from the running acceptance rate and costs: the full depth's tokens either way; the
+    always-agreeing draft gets long drafts, a random one (which seldom agrees) short ones."""
+    ids, mask = _prompts(128)
+    good = speculative_greedy(agreeing, ids, mask, STEPS, draft="2x", draft_tokens=6, adaptive=True)
+    np.testing.assert_array_equal(np.array(good.tokens), _full(agreeing, ids, mask, STEPS))
+    poor = speculative_greedy(tiny, ids, mask, STEPS, draft="2x", draft_tokens=6, adaptive=True)
+    np.testing.assert_array_equal(np.array(poor.tokens), _full(tiny, ids, mask, STEPS))
+    assert good.summary()["mean_draft_tokens"] > 4 > poor.summary()["mean_draft_tokens"], (good.summary(), poor.summary())
+
+
 def test_an_eos_inside_a_drafted_block_ends_the_row_there(agreeing):
     ids, mask = _prompts(128)
     expected = _full(agreeing, ids, mask, STEPS)
@@ -126,6 +137,8 @@ def test_generate_and_validate_commands(kjv16_multi, tmp_path):
     common = ["generate", "--model", kjv16_multi, "--prompt", "And God said", "-n", "30"]
     full = run_cli(*common, "--depth", "full", "--json")
     spec = run_cli(*common, "--speculative", "2x", "--draft-tokens", "3", "--json")
+    adaptive = run_cli(*common, "--speculative", "2x", "--draft-tokens", "5", "--adaptive", "--json")
+    assert adaptive.exit_code == 0 and json.loads(adaptive.stdout)["ids"] == json.loads(full.stdout)["ids"]
     assert full.exit_code == 0 and spec.exit_code == 0, full.output + spec.output
     full, spec = json.loads(full.stdout), json.loads(spec.stdout)
     assert spec["ids"] == full["ids"] and spec["text"] == full["text"] and len(full["ids"]) == 30

@@ -35,10 +35,11 @@ class Generation:
 
 def generate(model: str | Path, prompt: str, max_tokens: int = 64, depth: str | None = None,
              speculative: str | None = None, draft_tokens: int = 4, device: str = "cpu", runtime: str | None = None,
-             chat: bool = False) -> Generation:
+             chat: bool = False, adaptive: bool = False) -> Generation:
     """Greedy continuation of `prompt` by the artifact `model`, stopping after EOS or `max_tokens`.
     `depth` picks a depth of a multi-depth export; `speculative` (a pruned depth's tag) drafts with it
-    `draft_tokens` at a time and verifies with the full depth; `chat` wraps the prompt in the tokenizer's
+    `draft_tokens` at a time (`adaptive`: at most that many, chosen each round) and verifies with the full
+    depth; `chat` wraps the prompt in the tokenizer's
     chat template."""
     from .runtime import default_runtime, open_runtime
     from .tokenizer import load_tokenizer
@@ -64,7 +65,8 @@ def generate(model: str | Path, prompt: str, max_tokens: int = 64, depth: str | 
         from .runtime.speculative import speculative_greedy
 
         decoder = MultiDepthDecoder(folder, device, cuda_graph=False)
-        run = speculative_greedy(decoder, input_ids, mask, max_tokens, speculative, draft_tokens, eos_id=eos)
+        run = speculative_greedy(decoder, input_ids, mask, max_tokens, speculative, draft_tokens, eos_id=eos,
+                                 adaptive=adaptive)
         new, stats = run.tokens[0], run.summary()
     else:
         opened = open_runtime(folder, runtime or default_runtime(artifact_kind(folder)), device=device)

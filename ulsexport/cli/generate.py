@@ -18,6 +18,9 @@ from .options import quiet_option
               help="A multi-depth export: this pruned depth drafts, the full depth verifies; the tokens are the "
                    "full depth's own (batch 1, onnxruntime).")
 @click.option("--draft-tokens", "-k", default=4, show_default=True, help="With --speculative: tokens drafted per verify.")
+@click.option("--adaptive", is_flag=True,
+              help="With --speculative: choose the drafted tokens each round (at most --draft-tokens) from the running "
+                   "acceptance rate and the measured draft and verify costs.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (instruct models).")
 @click.option("--runtime", type=click.Choice(list(RUNTIMES)), help="[default: the artifact kind's own]")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -40,7 +43,7 @@ def generate(as_json, **options):
     check_device(options["device"])
     result = run_generate(options["model"], options["prompt"], options["max_tokens"], options["depth"],
                           options["speculative"], options["draft_tokens"], options["device"], options["runtime"],
-                          options["chat"])
+                          options["chat"], options["adaptive"])
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -20,6 +20,8 @@ from .options import quiet_option
               help="A multi-depth export: check self-speculative decoding (DEPTH drafts, the full depth verifies) "
                    "against the full depth (identical tokens) and time both at batch 1.")
 @click.option("--draft-tokens", default=4, show_default=True, help="With --speculative: tokens drafted per verify.")
+@click.option("--adaptive", is_flag=True, help="With --speculative: choose the drafted tokens each round (at most "
+                                               "--draft-tokens) from the running acceptance rate and measured costs.")
 @click.option("--runtime", default="torch", show_default=True,
               help=", ".join(f"{r.name} ({r.summary})" for r in RUNTIMES.values()) + ".")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -50,7 +52,7 @@ from .options import quiet_option
                    "first use; needs onnxruntime's C/C++ headers, ORT_INCLUDE_DIR), full model and candidate alike.")
 @quiet_option
 @click.pass_context
-def validate(ctx, reference, candidate, depth, speculative, draft_tokens, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
+def validate(ctx, reference, candidate, depth, speculative, draft_tokens, adaptive, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
              no_speed, parity_steps, tolerance, text, eval_samples, tasks, reference_artifact, json_path, report_path, plot_path,
              no_cuda_graph, decode_kernels):
     """Check an artifact's output parity and measure its speedup over the full model.
@@ -76,7 +78,8 @@ def validate(ctx, reference, candidate, depth, speculative, draft_tokens, runtim
     for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
         check_writable_file(path, option)  # before the work, not after it
     if speculative:
-        _speculative(ctx, candidate, speculative, draft_tokens, device, parity_steps, speed, json_path, report_path)
+        _speculative(ctx, candidate, speculative, draft_tokens, device, parity_steps, speed, json_path, report_path,
+                     adaptive)
         return
     if not reference:
         raise UserError("--reference is required: the original checkpoint the candidate came from")
@@ -91,11 +94,13 @@ def validate(ctx, reference, candidate, depth, speculative, draft_tokens, runtim
         sys.exit(1)
 
 
-def _speculative(ctx, candidate, draft, draft_tokens, device, parity_steps, speed, json_path, report_path):
+def _speculative(ctx, candidate, draft, draft_tokens, device, parity_steps, speed, json_path, report_path,
+                 adaptive=False):
     from ..artifact import json_text
     from ..validate.speculative import speculative_markdown, validate_speculative
 
-    result = validate_speculative(candidate, draft, draft_tokens, device, parity_steps, speed, quiet=ctx.obj["quiet"])
+    result = validate_speculative(candidate, draft, draft_tokens, device, parity_steps, speed, quiet=ctx.obj["quiet"],
+                                  adaptive=adaptive)
     text = speculative_markdown(result)
     if json_path:
         Path(json_path).write_text(json_text(result) + "\n")

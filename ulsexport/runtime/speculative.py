@@ -15,6 +15,7 @@ over a cache only at batch 1, so rows run one at a time (each its own batch-1 st
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class SpeculativeRun:
         return {"draft": self.draft, "verify": self.verify, "draft_tokens": self.draft_tokens, "rounds": self.rounds,
                 "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": round(self.acceptance_rate, 4), "tokens_per_verify": round(self.tokens_per_verify, 4),
+                "mean_draft_tokens": round(self.drafted / self.rounds, 4) if self.rounds else 0.0,
                 "prefill_seconds": round(self.prefill_seconds, 6), "draft_seconds": round(self.draft_seconds, 6),
                 "verify_seconds": round(self.verify_seconds, 6)}
 
@@ -79,10 +81,11 @@ def check_draft(runtime, draft: str, draft_tokens: int, verify: str | None = Non
 
 
 def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draft: str, draft_tokens: int = 4,
-                       verify: str | None = None, eos_id: int | None = None) -> SpeculativeRun:
+                       verify: str | None = None, eos_id: int | None = None, adaptive: bool = False) -> SpeculativeRun:
     """`new_tokens` greedy tokens per row of the `verify` depth (default: the export's default graph, the
     full depth), drafted `draft_tokens` at a time by the `draft` depth. With `eos_id` a row stops after its
-    first EOS. `runtime` is a MultiDepthDecoder opened without CUDA-graph capture (cuda_graph=False)."""
+    first EOS. `adaptive` chooses K each round, at most `draft_tokens` (`SpeculativeRow.choose_k`).
+    `runtime` is a MultiDepthDecoder opened without CUDA-graph capture (cuda_graph=False)."""
     verify = check_draft(runtime, draft, draft_tokens, verify)
     if new_tokens < 1:
         raise UserError(f"new tokens {new_tokens} must be at least 1")
@@ -91,7 +94,7 @@ def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draf
     for row in range(len(ids)):
         start = time.perf_counter()
         stream = SpeculativeRow(runtime.decoder(draft), runtime.decoder(verify), ids[row][mask[row]], new_tokens,
-                                draft_tokens, run)
+                                draft_tokens, run, adaptive)
         while not stream.done and not (eos_id is not None and eos_id in stream.tokens):
             stream.advance()
         out = stream.tokens[:new_tokens]
@@ -105,8 +108,12 @@ class SpeculativeRow:
     requests can interleave it; `tokens` are the verify depth's greedy tokens so far (the prefill's first,
     then 1 to K + 1 per round), `run` collects the counts and times."""
 
-    def __init__(self, drafter, verifier, prompt, new_tokens: int, draft_tokens: int, run: SpeculativeRun | None = None):
-        self.new_tokens, self.k_max = new_tokens, draft_tokens
+    def __init__(self, drafter, verifier, prompt, new_tokens: int, draft_tokens: int, run: SpeculativeRun | None = None,
+                 adaptive: bool = False):
+        self.new_tokens, self.k_max, self.adaptive = new_tokens, draft_tokens, adaptive
+        self.step_seconds: list[float] = []      # per draft step, per verify pass (adaptive K's costs)
+        self.verify_seconds: list[float] = []
+        self.judged = self.kept_drafts = 0
         self.run = run or SpeculativeRun([], "", "", draft_tokens)
         prompt = np.asarray(prompt, np.int64).reshape(1, -1)
         capacity = new_tokens + draft_tokens + 1      # a verify pass may run K past the last token kept
@@ -125,7 +132,7 @@ class SpeculativeRow:
     def advance(self) -> list[int]:
         """One round: K drafted tokens, one verify pass, both caches rolled back; the tokens it keeps."""
         run, small, full = self.run, self.small, self.full
-        k = min(self.k_max, self.new_tokens - len(self.tokens))
+        k = min(self.choose_k() if self.adaptive else self.k_max, self.new_tokens - len(self.tokens))
         started = time.perf_counter()
         draft_start = small.length
         drafted = []
@@ -151,5 +158,19 @@ class SpeculativeRow:
         run.rounds += 1
         run.drafted += k
         run.accepted += n
+        self.step_seconds.append((middle - started) / k)
+        self.verify_seconds.append(time.perf_counter() - middle)
+        self.judged, self.kept_drafts = self.judged + k, self.kept_drafts + n
         self.tokens.extend(kept)
         return kept
+
+    def choose_k(self) -> int:
+        """Adaptive K: the number of drafts that maximises the expected tokens kept per second, from this
+        row's running acceptance rate a (tokens kept per round, if each draft is kept with chance a after
+        the ones before it: (1 - a^(K+1)) / (1 - a)) and its measured costs (K draft steps and one verify
+        pass: the medians so far). The first round drafts `draft_tokens`."""
+        if not self.judged:
+            return self.k_max
+        a = min(self.kept_drafts / self.judged, 0.999)
+        step, verify = statistics.median(self.step_seconds[-16:]), statistics.median(self.verify_seconds[-16:])
+        return max(range(1, self.k_max + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (k * step + verify))

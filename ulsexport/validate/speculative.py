@@ -15,7 +15,7 @@ PROMPTS = 8   # of the package's chat prompts, as plain text: realistic drafts, 
 
 
 def validate_speculative(candidate: Path, draft: str, draft_tokens: int, device: str, parity_steps: int,
-                         speed: SpeedSettings | None, quiet: bool = False) -> dict:
+                         speed: SpeedSettings | None, quiet: bool = False, adaptive: bool = False) -> dict:
     from ..artifact import read_manifest
     from ..progress import progress_bar
     from ..quality import CHAT_PROMPTS
@@ -37,7 +37,8 @@ def validate_speculative(candidate: Path, draft: str, draft_tokens: int, device:
         for i, ids in enumerate(prompts):
             mask = np.ones_like(ids)
             expected = [int(t) for t in plain.greedy(ids, mask, parity_steps, depth=verify).tokens[0]]
-            run = speculative_greedy(plain, ids, mask, parity_steps, draft, draft_tokens, verify=verify)
+            run = speculative_greedy(plain, ids, mask, parity_steps, draft, draft_tokens, verify=verify,
+                                     adaptive=adaptive)
             got = run.tokens[0]
             if got != expected:
                 step = next(j for j, (a, b) in enumerate(zip(got, expected)) if a != b)
@@ -45,14 +46,15 @@ def validate_speculative(candidate: Path, draft: str, draft_tokens: int, device:
             totals = _add(totals, run)
             bar.update(1)
     report = {"kind": "speculative", "candidate": str(candidate), "device": device, "draft": draft, "verify": verify,
-              "draft_tokens": draft_tokens,
+              "draft_tokens": draft_tokens, "adaptive": adaptive,
               "parity": {"passed": not mismatches, "steps": parity_steps, "prompts": len(prompts),
                          "mismatches": mismatches},
               "acceptance": {"rounds": totals.rounds, "drafted": totals.drafted, "accepted": totals.accepted,
                              "acceptance_rate": round(totals.acceptance_rate, 4),
-                             "tokens_per_verify": round(totals.tokens_per_verify, 4)}}
+                             "tokens_per_verify": round(totals.tokens_per_verify, 4),
+                             "mean_draft_tokens": round(totals.drafted / totals.rounds, 4) if totals.rounds else 0.0}}
     if speed is not None:
-        report["speed"] = _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed, quiet)
+        report["speed"] = _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed, quiet, adaptive)
     return report
 
 
@@ -64,7 +66,8 @@ def _add(totals, run):
     return totals
 
 
-def _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed: SpeedSettings, quiet) -> dict:
+def _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed: SpeedSettings, quiet,
+           adaptive: bool = False) -> dict:
     """Decode tokens/s of the full depth (its fastest loop: captured on CUDA) and of the speculative loop,
     each prompt run by one then the other, `runs` times after `warmup`."""
     from ..progress import progress_bar
@@ -82,7 +85,7 @@ def _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed
                 start = time.perf_counter()
                 fastest.greedy(ids, mask, new, depth=verify)
                 middle = time.perf_counter()
-                speculative_greedy(plain, ids, mask, new, draft, draft_tokens, verify=verify)
+                speculative_greedy(plain, ids, mask, new, draft, draft_tokens, verify=verify, adaptive=adaptive)
                 end = time.perf_counter()
                 if i >= speed.warmup:
                     full_times.append(middle - start)
@@ -96,13 +99,14 @@ def _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed
 
 def speculative_markdown(report: dict) -> str:
     parity, acc = report["parity"], report["acceptance"]
-    lines = [f"# Self-speculative decoding: draft {report['draft']}, verify {report['verify']}, "
-             f"K = {report['draft_tokens']} ({report['device']})", "",
+    k = f"K chosen each round, at most {report['draft_tokens']}" if report.get("adaptive") else f"K = {report['draft_tokens']}"
+    lines = [f"# Self-speculative decoding: draft {report['draft']}, verify {report['verify']}, {k} ({report['device']})",
+             "",
              f"- parity: {'PASS' if parity['passed'] else 'FAIL'}: greedy tokens identical to the {report['verify']} "
              f"depth's over {parity['steps']} steps on {parity['prompts']} prompts"
              + ("" if parity["passed"] else f"; first mismatches: {parity['mismatches'][:3]}"),
              f"- acceptance rate {acc['acceptance_rate']:.3f}, {acc['tokens_per_verify']:.2f} tokens per verify pass "
-             f"({acc['rounds']} passes)"]
+             f"({acc['rounds']} passes, {acc['mean_draft_tokens']:.2f} drafted per pass)"]
     if "speed" in report:
         s = report["speed"]
         lines.append(f"- decode, batch 1, {s['new_tokens']} tokens: full {s['full_tokens_per_s']:.1f} tok/s, "
