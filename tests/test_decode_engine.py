@@ -132,3 +132,21 @@ def test_speculative_requests_get_the_full_depths_tokens_beside_the_others(runti
         DecodeEngine(runtime).add(Request([1], 2, speculative=True))
     with pytest.raises(UserError, match="is the depth it would be verified by"):
         DecodeEngine(runtime, draft="full")
+
+
+def test_the_fixed_width_step_gives_the_same_tokens(runtime, multi_depth_exports):
+    """The engine over decoders with the fixed-width step (what CUDA graphs capture; here run uncaptured on the
+    CPU): ids, a mask as wide as the cache and the logits at fixed addresses, batch sizes rounded up to powers
+    of two; every request's tokens are its greedy tokens alone, speculative ones included."""
+    fixed = MultiDepthDecoder(multi_depth_exports("shared")[1], "cpu", fixed_width=True, device_argmax=False)
+    assert all(d.fixed_width for d in fixed.decoders.values())
+    engine = DecodeEngine(fixed, slots=3, capacity=96, draft="3x", draft_tokens=2)
+    requests = _requests(12, seed=11)
+    requests[0].speculative, requests[0].depth = True, "full"
+    engine.run(requests)
+    for request in requests:
+        assert request.tokens == _alone(runtime, request), request
+    sizes = [set(s.step_bindings) for s in engine.depths.values()]
+    assert set().union(*sizes) <= {1, 2, 3} and any(len(used) > 1 for used in sizes), sizes   # 3 slots: 4 -> 3
+    with pytest.raises(UserError, match="device_argmax=False"):
+        DecodeEngine(MultiDepthDecoder(multi_depth_exports("shared")[1], "cpu", fixed_width=True))

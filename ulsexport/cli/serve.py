@@ -32,8 +32,9 @@ from .options import Terminated, quiet_option
               help="How long the dynamic batcher waits for more requests (microseconds).")
 @click.option("--batching", type=click.Choice(["auto", "continuous", "static"]), default="auto", show_default=True,
               help="continuous: one decode engine per model; a request joins the running batch at the next step and "
-                   "leaves it at its end (ort over the shared KV cache; its steps are not CUDA graphs yet). static: "
-                   "each batch the dynamic batcher forms runs to its end. auto: continuous on the CPU, static on CUDA.")
+                   "leaves it at its end (ort over the shared KV cache; on CUDA its steps are captured as CUDA graphs, "
+                   "not yet measured on a GPU). static: each batch the dynamic batcher forms runs to its end. auto: "
+                   "continuous on the CPU, static on CUDA.")
 @click.option("--draft-depth", help="A multi-depth export's pruned depth (e.g. 2x) that drafts for requests sending "
                                     "\"depth\": \"speculative\": the full depth verifies, the tokens are its own.")
 @click.option("--draft-tokens", type=int, default=4, show_default=True, help="With --draft-depth: tokens drafted per verify.")

@@ -34,6 +34,7 @@ from ..errors import UserError
 from .base import greedy_tokens
 
 DEFAULT_SLOTS = 8
+ENGINE_GRAPH_IDS = 10_000   # + batch size: the engine's captured steps, apart from the decoder's own graph ids
 
 
 @dataclass(eq=False)
@@ -78,8 +79,9 @@ class _Slots:
         if not decoder.shared_cache:
             raise UserError("the decode engine needs an export with the shared KV cache (ulsexport onnx, the "
                             "default --kv-cache shared); this one concatenates its cache")
-        if decoder.fixed_width:
-            raise UserError("the decode engine runs the plain decode step: open the export with cuda_graph=False")
+        if decoder.fixed_width and decoder.device_argmax:
+            raise UserError("the decode engine reads each step's logits itself: open the export with "
+                            "device_argmax=False")
         self.decoder, self.capacity = decoder, capacity
         self.rows: list[Request | None] = [None] * slots
         shape = decoder.cache_shape(slots, capacity)
@@ -87,6 +89,16 @@ class _Slots:
         self.row_bytes = int(np.prod(shape[1:])) * np.dtype(decoder.dtype).itemsize
         self.lengths = np.zeros(slots, np.int64)      # tokens in each row's cache
         self.vocab = decoder.onnx["io_shapes"]["logits"][-1]
+        # the fixed-width step (a decoder with one, as on CUDA): ids, a mask as wide as the cache and the logits
+        # at fixed addresses, one binding per batch size run, each a CUDA graph where the session captures
+        self.fixed = decoder.fixed_width
+        if self.fixed:
+            self.ids = decoder.to_device(np.zeros((slots, 1), np.int64))
+            self.mask = np.zeros((slots, capacity), np.int64)
+            self.mask[:, 0] = 1                           # free rows: one dummy position
+            self.mask_value = decoder.to_device(self.mask)
+            self.logits = decoder.to_device(np.zeros((slots, 1, self.vocab), decoder.dtype))
+            self.step_bindings: dict[int, tuple] = {}
 
     def free(self) -> int | None:
         return next((i for i, r in enumerate(self.rows) if r is None), None)
@@ -103,14 +115,29 @@ class _Slots:
                 bind(name, decoder.device, 0, decoder.dtype, shape, address)
 
     def _run(self, binding, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One uncaptured pass (a prompt's, or the plain decode step)."""
         import onnxruntime as ort
 
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         logits = np.empty((ids.shape[0], ids.shape[1], self.vocab), self.decoder.dtype)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        self.decoder.session.run_with_iobinding(binding)
+        self.decoder.session.run_with_iobinding(binding, self.decoder.run_options(-1))
         return logits
+
+    def _step_binding(self, count: int):
+        """The fixed-width step over rows 0..count-1 (bound by address, so a captured graph replays on them)."""
+        if count not in self.step_bindings:
+            decoder = self.decoder
+            binding = decoder.session.io_binding()
+            binding.bind_input("input_ids", decoder.device, 0, np.int64, [count, 1], self.ids.data_ptr())
+            binding.bind_input("attention_mask", decoder.device, 0, np.int64, [count, self.capacity],
+                               self.mask_value.data_ptr())
+            binding.bind_output("logits", decoder.device, 0, decoder.dtype, [count, 1, self.vocab],
+                                self.logits.data_ptr())
+            self._bind_cache(binding, 0, count)
+            self.step_bindings[count] = binding, ENGINE_GRAPH_IDS + count
+        return self.step_bindings[count]
 
     def prefill(self, slot: int, request: Request) -> int:
         """The prompt into row `slot`; its first token."""
@@ -119,11 +146,22 @@ class _Slots:
         ids = np.array([request.prompt], np.int64)
         logits = self._run(binding, ids, np.ones_like(ids))
         self.rows[slot], self.lengths[slot] = request, len(request.prompt)
+        if self.fixed:
+            self.mask[slot] = 0
+            self.mask[slot, :len(request.prompt)] = 1
         return int(greedy_tokens(logits[0, -1]))
+
+    def release(self, slot: int) -> None:
+        self.rows[slot], self.lengths[slot] = None, 0
+        if self.fixed:
+            self.mask[slot] = 0
+            self.mask[slot, 0] = 1
 
     def decode(self) -> dict[int, int]:
         """One step over rows 0..highest running: each running row's newest token in, its next token out."""
         running = self.running()
+        if self.fixed:
+            return self._fixed_decode(running)
         count = running[-1] + 1
         ids = np.zeros((count, 1), np.int64)
         lengths = np.zeros(count, np.int64)              # free rows: one dummy token at position 0
@@ -133,6 +171,24 @@ class _Slots:
         binding = self.decoder.session.io_binding()
         self._bind_cache(binding, 0, count)
         chosen = greedy_tokens(self._run(binding, ids, mask)[:, -1])
+        for i in running:
+            self.lengths[i] += 1
+        return {i: int(chosen[i]) for i in running}
+
+
+    def _fixed_decode(self, running: list[int]) -> dict[int, int]:
+        """The fixed-width step over the rows up to the highest running one, rounded up to a power of two (few
+        batch sizes, so few captured graphs): each running row's newest token in, one mask column more."""
+        count = min(1 << running[-1].bit_length(), len(self.rows))
+        ids = np.zeros((len(self.rows), 1), np.int64)
+        for i in running:
+            ids[i, 0] = self.rows[i].tokens[-1]
+            self.mask[i, self.lengths[i]] = 1
+        self.ids.update_inplace(ids)
+        self.mask_value.update_inplace(self.mask)
+        binding, graph_id = self._step_binding(count)
+        self.decoder.session.run_with_iobinding(binding, self.decoder.run_options(graph_id))
+        chosen = greedy_tokens(self.logits.numpy()[:count, 0])
         for i in running:
             self.lengths[i] += 1
         return {i: int(chosen[i]) for i in running}
@@ -288,7 +344,7 @@ class DecodeEngine:
     def _finish(self, slots: _Slots, slot: int, request: Request) -> None:
         request.finish_reason = request.finish_reason or "cancelled"
         request.finished_at = time.perf_counter()
-        slots.rows[slot], slots.lengths[slot] = None, 0
+        slots.release(slot)
 
     def run(self, requests: list[Request]) -> list[Request]:
         """Add `requests` and step until every request here has finished."""
@@ -308,7 +364,7 @@ class DecodeEngine:
         for slots in self.depths.values():
             for slot in slots.running():
                 failed.append(slots.rows[slot])
-                slots.rows[slot], slots.lengths[slot] = None, 0
+                slots.release(slot)
         for request in failed:
             request.finish_reason, request.finished_at = "error", time.perf_counter()
             if request.on_error is not None:

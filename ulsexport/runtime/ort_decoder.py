@@ -134,16 +134,20 @@ class OnnxDecoder(Runtime):
         self.uses_position_ids = "position_ids" in self.onnx["inputs"]
         self.dtype = NUMPY_DTYPES[self.onnx["dtype"]]
 
-    def prefill(self, input_ids, attention_mask, max_new_tokens: int):
-        """The prompt's pass; the logits come back to the host, so the step has finished."""
-        stream = self.stream(input_ids, attention_mask, max_new_tokens)
+    def prefill(self, input_ids, attention_mask, max_new_tokens: int, plain: bool = False):
+        """The prompt's pass; the logits come back to the host, so the step has finished. `plain`: decode
+        with the plain loop even where this decoder has the fixed-width step (several tokens per pass and
+        rollbacks, as speculative decoding needs, run only there)."""
+        stream = self.stream(input_ids, attention_mask, max_new_tokens, plain=plain)
         return stream, stream.forward(None)
 
-    def stream(self, input_ids, attention_mask, max_new_tokens: int, cache=None):
+    def stream(self, input_ids, attention_mask, max_new_tokens: int, cache=None, plain: bool = False):
         """A decoding stream over this graph; `cache` (one value per cache input) continues from a prompt
         another graph ran, its first forward being a decode step."""
-        return (SharedCacheStream if self.shared_cache else ConcatCacheStream)(
-            self, np.asarray(input_ids), np.asarray(attention_mask), max_new_tokens, cache)
+        if not self.shared_cache:
+            return ConcatCacheStream(self, np.asarray(input_ids), np.asarray(attention_mask), max_new_tokens, cache)
+        return SharedCacheStream(self, np.asarray(input_ids), np.asarray(attention_mask), max_new_tokens, cache,
+                                 plain=plain)
 
     def step(self, state, next_ids):
         return state.forward(np.asarray(next_ids))

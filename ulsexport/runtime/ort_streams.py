@@ -93,7 +93,7 @@ class SharedCacheStream:
     """Right-padded rows over one cache buffer per tensor, bound as past and present for every step."""
 
     def __init__(self, decoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
-                 cache=None):
+                 cache=None, plain: bool = False):
         batch, prompt = input_ids.shape
         capacity = decoder.onnx.get("max_sequence_length")
         if capacity and prompt + max_new_tokens > capacity:
@@ -103,7 +103,8 @@ class SharedCacheStream:
         self.binding = decoder.session.io_binding()
         self.steps = 0
         self.phase, self.chosen = 0, None  # the fixed-width step's phase; the ids its graph chose last
-        self.fixed_width = decoder.fixed_width and cache is None  # given buffers are not the fixed ones
+        # given buffers are not the fixed ones; `plain` asks for the plain loop
+        self.fixed_width = decoder.fixed_width and cache is None and not plain
         # rows past the caller's `rows` (a given cache's, or a fixed-width step's batch rounded up): one
         # token each, run and dropped from every result
         self.rows, extra = batch, 0

@@ -74,9 +74,7 @@ def check_draft(runtime, draft: str, draft_tokens: int, verify: str | None = Non
                         f"({', '.join(d for d in runtime.depths if d != verify)})")
     if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise UserError(f"--draft-tokens {draft_tokens} must be between 1 and {MAX_DRAFT_TOKENS}")
-    drafter, verifier = runtime.decoder(draft), runtime.decoder(verify)
-    if drafter.fixed_width or verifier.fixed_width:
-        raise UserError("speculative decoding runs the plain decode loop: open the export with cuda_graph=False")
+    runtime.decoder(draft), runtime.decoder(verify)   # an unknown depth is refused, naming the export's
     return verify
 
 
@@ -85,7 +83,7 @@ def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draf
     """`new_tokens` greedy tokens per row of the `verify` depth (default: the export's default graph, the
     full depth), drafted `draft_tokens` at a time by the `draft` depth. With `eos_id` a row stops after its
     first EOS. `adaptive` chooses K each round, at most `draft_tokens` (`SpeculativeRow.choose_k`).
-    `runtime` is a MultiDepthDecoder opened without CUDA-graph capture (cuda_graph=False)."""
+    `runtime` is a MultiDepthDecoder; its streams here run the plain (uncaptured) loop."""
     verify = check_draft(runtime, draft, draft_tokens, verify)
     if new_tokens < 1:
         raise UserError(f"new tokens {new_tokens} must be at least 1")
@@ -119,8 +117,9 @@ class SpeculativeRow:
         capacity = new_tokens + draft_tokens + 1      # a verify pass may run K past the last token kept
         ones = np.ones_like(prompt)
         started = time.perf_counter()
-        self.full, logits = verifier.prefill(prompt, ones, capacity)
-        self.small, _ = drafter.prefill(prompt, ones, capacity)
+        # the plain loop (several tokens per pass, rollbacks), uncaptured where the session captures its steps
+        self.full, logits = verifier.prefill(prompt, ones, capacity, plain=True)
+        self.small, _ = drafter.prefill(prompt, ones, capacity, plain=True)
         self.run.prefill_seconds += time.perf_counter() - started
         self.tokens = [int(greedy_tokens(np.asarray(logits))[0])]
         self.pending = [self.tokens[-1]]               # kept tokens the draft has not run yet

@@ -115,14 +115,18 @@ class Generator:
         manifest = read_manifest(self.folder) or {}
         onnx = manifest.get("onnx") if isinstance(manifest.get("onnx"), dict) else {}
         # continuous batching (the decode engine) where the artifact allows it: ort over the shared cache; by
-        # default on the CPU only, as the engine's steps are not captured as CUDA graphs yet
+        # default on the CPU only: the engine's captured steps on CUDA have not been measured on a GPU yet
         engine = (self.runtime_name == "ort" and onnx.get("kv_cache") == "shared"
                   and (batching == "continuous" or batching == "auto" and device == "cpu"))
         self.batching_off = None if engine or batching == "static" else (
             "the decode engine needs --runtime ort over an export with the shared KV cache"
-            if batching == "continuous" or device == "cpu" else "on CUDA the captured fixed-batch loop is the default")
-        # ort on CUDA captures decode steps where it can; cuda_graph=False (or the engine) turns that off
-        options = {"cuda_graph": False} if (not cuda_graph or engine) and self.runtime_name == "ort" else {}
+            if batching == "continuous" or device == "cpu"
+            else "on CUDA the fixed-batch loop stays the default until the engine is measured there")
+        # ort on CUDA captures decode steps where it can (cuda_graph=False turns that off); the engine reads each
+        # step's logits itself, so its sessions run the graph as exported (no argmax added)
+        options = {}
+        if self.runtime_name == "ort":
+            options = {**({"cuda_graph": False} if not cuda_graph else {}), **({"device_argmax": False} if engine else {})}
         self.runtime = open_runtime(self.folder, self.runtime_name, dtype, device, **options)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_tokens = int(max_tokens)
