@@ -19,7 +19,8 @@ from ulsexport.plan import make_plan, num_kept_for_speedup
 from ulsexport.prune import prune_checkpoint
 from ulsexport.quality import perplexity
 
-KJV = Path(__file__).parent / "fixtures" / "data" / "kjv-valid.txt"
+DATA = Path(__file__).parent / "fixtures" / "data"
+KJV = DATA / "kjv-valid.txt"
 NUM_LAYERS = 8
 
 
@@ -205,3 +206,25 @@ def test_compare_plans_says_when_calibration_is_evaluation_text(tiny, texts):
 def test_unknown_strategy_is_refused(tiny, texts):
     with pytest.raises(UserError, match="unknown strategy"):
         scoring.layer_plan_for_model(tiny, 2, "random", calib=None)
+
+
+def test_compare_plans_with_held_out_domains_adds_the_generality_table(tiny, texts, tmp_path):
+    """--eval-text per domain: every distinct plan's perplexity per domain, top-1 agreement with the full model
+    on its own samples (the tiny model's tokenizer has no chat template: no chat column)."""
+    stories = tmp_path / "stories.txt"
+    stories.write_text((DATA / "tinystories-valid-excerpt.txt").read_text()[:2000])
+    out = tmp_path / "r.json"
+    code, output = _run("compare-plans", "--model", tiny, "--speedups", "2", "--text", texts["both"],
+                        "--calib-tokens", 256, "--strategies", "uls,even,bi", "--eval-text", texts["eval"],
+                        "--eval-text", stories, "--eval-samples", 2, "--json", out)
+    assert code == 0, output
+    g = json.loads(out.read_text())["generality"]
+    assert set(g["rows"]["full"]["perplexity"]) == {"eval", "stories"} and g["sampled_windows"] == 2
+    assert g["rows"]["full"]["top1_agreement"] == 1.0 and g["rows"]["full"]["chat_agreement"] is None
+    plans = [label for label in g["rows"] if label != "full"]
+    assert plans and all(label.endswith(" 2x") for label in plans)
+    assert all(0 <= g["rows"][p]["top1_agreement"] <= 1 for p in plans)
+    assert "| model | ppl eval | ppl stories | top-1 agreement | chat agreement |" in output
+    bad, message = _run("compare-plans", "--model", tiny, "--text", texts["both"], "--eval-text", stories,
+                        "--eval-samples", -1)
+    assert bad == 2 and "--eval-samples -1" in message

@@ -64,6 +64,7 @@ def perplexity(model, windows: list[list[int]], batch_size: int = 8, progress=No
 
 # --- generality: how much of the teacher's behaviour a pruned model keeps, as a small table ---
 
+EVAL_SEED_OFFSET = 1_000_003   # held-out teacher samples: a seed training samples never use
 CHAT_PROMPTS = Path(__file__).parent / "data" / "chat_prompts.txt"
 CHAT_TOKENS = 32          # greedy answer tokens compared per chat prompt
 EVAL_WINDOW = 256

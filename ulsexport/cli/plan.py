@@ -57,13 +57,18 @@ def plan(model, num_layers, speedup, strategy, keep, skip, calib, calib_tokens, 
 @calib_options
 @click.option("--strategies", default=",".join(PLAN_STRATEGIES),
               show_default=True, help="Comma-separated strategies to compare.")
+@click.option("--eval-text", multiple=True, type=click.Path(path_type=Path),
+              help="Held-out text of another domain, repeatable: adds the generality table of every plan "
+                   "(perplexity per domain, top-1 agreement with the full model on its samples, chat answers).")
+@click.option("--eval-samples", default=16, show_default=True,
+              help="With --eval-text: windows the full model samples for the top-1 agreement column (0: none).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the Markdown report here.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG plot (perplexity vs speedup) here.")
 @quiet_option
 @click.pass_context
-def compare_plans_command(ctx, model, speedups, text, calib, calib_tokens, device, strategies, json_path,
-                          report, plot):
+def compare_plans_command(ctx, model, speedups, text, calib, calib_tokens, device, strategies, eval_text,
+                          eval_samples, json_path, report, plot):
     """Perplexity after pruning (no fine-tuning) of every strategy at every speedup, side by side.
 
     Layers are dropped in memory; nothing is written but the reports asked for. Calibration
@@ -83,9 +88,12 @@ def compare_plans_command(ctx, model, speedups, text, calib, calib_tokens, devic
     for option, path in (("--json", json_path), ("--report", report), ("--plot", plot)):
         check_writable_file(path, option)
 
+    if not 0 <= eval_samples <= 100_000:
+        raise UserError(f"--eval-samples {eval_samples} must be between 0 and 100000")
     result = compare_plans(model, parse_speedups(speedups), text, calib, calib_tokens=calib_tokens,
                            device=device, quiet=ctx.obj["quiet"],
-                           strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()))
+                           strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
+                           eval_texts=list(eval_text) or None, eval_samples=eval_samples)
     command = "ulsexport " + " ".join(sys.argv[1:])
     write_outputs(result, json_path, report, plot, command)
     click.echo(markdown_report(result))

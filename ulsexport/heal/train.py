@@ -47,12 +47,11 @@ from ..precision import resolve_device
 from ..outputs import atomic_output_dir, check_output_dir, resolve_path
 from ..progress import progress_bar
 from ..checkpoint import load_model_info
-from ..quality import domain_windows, generality, prepare_generality
+from ..quality import EVAL_SEED_OFFSET, domain_windows, generality, prepare_generality
 
 LOSSES = ("kd", "lm", "kd+lm")
 TRAIN_DTYPES = ("fp32", "bf16")
 EVAL_MAX_TOKENS = 200_000
-EVAL_SEED_OFFSET = 1_000_003   # held-out teacher samples: a seed training samples never use
 CHECKPOINT_PREFIX = "step-"
 MAX_LR = 1.0   # an AdamW learning rate above 1 turns the weights to noise within a step
 MAX_AUTO_SAMPLES = 4096   # teacher samples made when no count is given (fewer if the run draws fewer)

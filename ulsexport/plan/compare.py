@@ -11,6 +11,9 @@ from .scoring import (CALIB_WINDOW, DATA_STRATEGIES, DEFAULT_CALIB_TOKENS, STRAT
                       data_plans, kept_layers_only, strategy_name)
 
 
+GENERALITY_TOKENS = 50_000   # of each held-out domain in the generality table
+
+
 def split_paragraphs(text: str) -> tuple[str, str]:
     """(first half, second half) of the text's non-empty lines (paragraphs)."""
     paragraphs = [p for p in text.split("\n") if p.strip()]
@@ -44,8 +47,12 @@ def parse_speedups(text: str) -> list[float]:
 
 def compare_plans(model: str | Path, speedups: list[float], text_path, calib_path=None, *,
                   calib_tokens: int = DEFAULT_CALIB_TOKENS, eval_tokens: int | None = None,
-                  strategies=STRATEGIES, device: str = "cpu", quiet: bool = False) -> dict:
-    """Perplexity on the evaluation text of every (strategy, speedup) plan, layers dropped in memory."""
+                  strategies=STRATEGIES, device: str = "cpu", quiet: bool = False, eval_texts=None,
+                  eval_samples: int = 16) -> dict:
+    """Perplexity on the evaluation text of every (strategy, speedup) plan, layers dropped in memory. With
+    `eval_texts` (held-out text, one per domain) also the generality table of every distinct plan: perplexity
+    per domain, top-1 agreement with the full model on `eval_samples` windows it samples, and, where the
+    tokenizer has a chat template, the greedy chat answers' agreement (`quality.generality`)."""
     from ..models import load_causal_lm
     from ..tokenizer import load_tokenizer
     from ..precision import resolve_device
@@ -92,6 +99,7 @@ def compare_plans(model: str | Path, speedups: list[float], text_path, calib_pat
                          "predicted_speedup": plan.to_dict()["predicted_speedup"],
                          "ppl": round(evaluated[plan.kept], 4),
                          "scoring_seconds": plan.scores.get("seconds")})
+    general = _generality(model, tokenizer, model_dir, plans, eval_texts, eval_samples, quiet) if eval_texts else None
     notes = [f"Data: {split}."]
     overlap = _overlap_note(calib_text, eval_text)
     notes.append(overlap or "Calibration and evaluation text are disjoint (no evaluation paragraph appears "
@@ -102,8 +110,38 @@ def compare_plans(model: str | Path, speedups: list[float], text_path, calib_pat
                        "sha256": hashlib.sha256(eval_text.encode("utf-8")).hexdigest()},
         "calibration": calib.describe(), "notes": notes,
         "baseline_ppl": round(baseline, 4), "speedups": speedups, "strategies": list(strategies),
-        "rows": rows, "seconds": round(time.perf_counter() - start, 2),
+        "rows": rows, **({"generality": general} if general else {}), "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _generality(model, tokenizer, model_dir: Path, plans, eval_texts, eval_samples: int, quiet: bool) -> dict:
+    """The generality rows of the full model and of each distinct plan ("strategy speedup"), each plan's layers
+    dropped in memory."""
+    from ..heal.samples import SampleSettings, teacher_samples
+    from ..progress import progress_bar
+    from ..quality import EVAL_SEED_OFFSET, EVAL_WINDOW, domain_windows, generality, prepare_generality
+
+    texts = [eval_texts] if isinstance(eval_texts, (str, Path)) else list(eval_texts)
+    domains = domain_windows(tokenizer, texts, GENERALITY_TOKENS)
+    sampled = []
+    if eval_samples:
+        array, _ = teacher_samples(model, tokenizer, Path(model_dir), None, None,
+                                   SampleSettings(eval_samples, EVAL_WINDOW, seed=EVAL_SEED_OFFSET), quiet=True)
+        sampled = array.tolist()
+    g = prepare_generality(model, tokenizer, domains, sampled)
+    distinct = {}
+    for plan in plans:
+        distinct.setdefault(plan.kept, f"{plan.strategy} {plan.speedup_target:g}x")
+    rows = {"full": generality(model, g)}
+    with progress_bar(len(distinct), "generality of each plan", unit="plan", quiet=quiet) as bar:
+        for kept, label in distinct.items():
+            with kept_layers_only(model, kept):
+                rows[label] = generality(model, g)
+            bar.update(1)
+    same = {label: [f"{p.strategy} {p.speedup_target:g}x" for p in plans if p.kept == kept]
+            for kept, label in distinct.items()}
+    return {**g.describe(), "texts": [str(t) for t in texts], "rows": rows,
+            "same_layers": {k: v for k, v in same.items() if len(v) > 1}}
 
 
 def winners(result: dict) -> list[dict]:
@@ -155,6 +193,16 @@ def markdown_report(result: dict, command: str | None = None) -> str:
             line += (f"; best position-only plan: {w['best_positional']} ({w['best_positional_ppl']:.2f}, "
                      f"{100 * (w['best_positional_ppl'] / w['best_ppl'] - 1):.1f}% higher)")
         lines.append(line)
+    if result.get("generality"):
+        from ..quality import generality_table
+
+        g = result["generality"]
+        lines += ["", f"Generality (held-out text per domain, at most {GENERALITY_TOKENS} tokens each; top-1 "
+                      f"agreement with the full model on {g['sampled_windows']} windows it sampled; chat answers' "
+                      "agreement over the first 32 greedy tokens where there is a chat template):", "",
+                  generality_table(g["rows"], reference="full")]
+        for label, others in g.get("same_layers", {}).items():
+            lines.append(f"\n{label} keeps the same layers as {', '.join(o for o in others if o != label)}.")
     lines += [""] + [f"{note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
 

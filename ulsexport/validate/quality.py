@@ -18,9 +18,8 @@ def generality_report(reference_dir: Path, pruned_dir: Path, texts, device: str,
     agreement where there is a chat template (`samples` windows; 0: no agreement column). The first text's perplexities are kept as `perplexity`
     (full / pruned) too."""
     from ..heal.samples import SampleSettings, teacher_samples
-    from ..heal.train import EVAL_SEED_OFFSET
     from ..models import load_causal_lm
-    from ..quality import EVAL_WINDOW, domain_windows, generality, prepare_generality
+    from ..quality import EVAL_SEED_OFFSET, EVAL_WINDOW, domain_windows, generality, prepare_generality
     from ..tokenizer import load_tokenizer
 
     texts = [texts] if isinstance(texts, (str, Path)) else list(texts)
