@@ -2,8 +2,9 @@
 # Every GPU measurement of the project, run in the background on the device machine: healing kjv16,
 # fp16 ONNX parity of a 1B-shaped model, then the 7B-shaped speed benchmark (both ONNX builders).
 #
-# The machine needs onnxruntime-gpu in /root/ortsite (carried in parts, as ../shared/device/ortgpu-chunks.sh
-# describes) and the wheels of onnxruntime-genai-cuda 0.18.0 and onnx_ir 1.1.0 installed there too. Then one
+# The machine needs onnxruntime-gpu installed in /root/ortsite, with onnxruntime-genai-cuda 0.18.0 and onnx_ir
+# 1.1.0 beside it (carried as wheels in parts: `bash ../shared/device/carry.sh onnxruntime-gpu==1.31.1
+# onnxruntime-genai-cuda==0.18.0 onnx_ir==1.1.0` prints the calls; install with --target /root/ortsite). Then one
 # call starts this script in the background, and later calls (each within 30 s of the last, so the machine
 # stays warm) sleep, print $RESULTS/progress.txt and copy the result files out.
 # The repository is copied to /root/repo first, so that later calls (which re-sync the working

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ulsexport.artifact import read_manifest  # noqa: E402
-from ulsexport.heal.train import quality_rows  # noqa: E402
-from ulsexport.quality import generality_table  # noqa: E402
-from ulsexport.testing import write_results  # noqa: E402
+from ulsexport.artifact import read_manifest
+from ulsexport.heal.train import quality_rows
+from ulsexport.quality import generality_table
+from ulsexport.testing import write_results
 
 DATA = ROOT.parent / "shared" / "data"   # the project's shared text; --data-dir names another copy
 HOLDOUT_SHARE = 0.05

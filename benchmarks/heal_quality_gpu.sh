@@ -14,6 +14,7 @@ set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
 device=${DEVICE:-cuda}; name=$(basename "$model")
 here=$(cd "$(dirname "$0")/.." && pwd); data=${DATA_DIR:-$here/../shared/data}
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"   # ulsexport from this checkout
 mkdir -p "$work" "$results"
 eval "$(python3 "$here/benchmarks/heal_quality.py" prepare --work "$work" --model "$model" --data-dir "$data")"
 HEAL_TEXT=${HEAL_TEXT_FILE:-$HEAL_TEXT}   # the user's own text: the Python docs unless HEAL_TEXT_FILE names another

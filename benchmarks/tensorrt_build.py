@@ -25,14 +25,11 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ulsexport.testing import SEVEN_B  # noqa: E402
+from ulsexport.testing import SEVEN_B
 
 START = time.perf_counter()
 

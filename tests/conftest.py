@@ -20,7 +20,7 @@ def sampled(values, default_run):
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """One tiny random checkpoint per family, built once per test session."""
-    from tiny_models import FAMILIES, make_tiny_checkpoint
+    from ulsexport.testing import FAMILIES, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: make_tiny_checkpoint(family, root / family) for family in FAMILIES}
@@ -34,7 +34,7 @@ MULTI_DEPTH_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_
 def multi_depth_exports(tmp_path_factory):
     """Tiny Llama multi-depth exports, built once per session (each takes 15-50 s here), by cache layout:
     (source checkpoint, export folder). shared: 6 layers at 1, 2 and 3; concat: 4 layers at 1 and 2."""
-    from tiny_models import make_tiny_checkpoint
+    from ulsexport.testing import make_tiny_checkpoint
     from ulsexport.export.multi_depth import export_multi_depth
 
     built = {}

@@ -15,7 +15,7 @@ from ulsexport.artifact import GENAI_CONFIG
 from ulsexport.export.genai import build_genai
 from ulsexport.runtime.genai import GenaiRuntime
 from ulsexport.prune import plan_for_model, prune_checkpoint
-from tiny_models import save_word_tokenizer
+from ulsexport.testing import save_word_tokenizer
 
 pytest.importorskip("onnxruntime_genai")
 
@@ -33,7 +33,7 @@ PROMPT_LEN = 12  # longer than the tiny sliding window (8) of qwen3 and gemma2
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """Pruned (2x) checkpoints by name: the tiny genai-shaped families, kjv16 and stories260K."""
-    from tiny_models import make_tiny_checkpoint
+    from ulsexport.testing import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("genai")
     sources = {}
@@ -152,7 +152,7 @@ def test_torch_builder_shared_cache_runs_in_genai(name, pruned, references, tmp_
     ("llama", dict(intermediate_size=160), "vocab_size (160)"),
 ])
 def test_models_the_builder_gets_wrong_are_refused(name, overrides, message, pruned, tmp_path):
-    from tiny_models import make_tiny_checkpoint
+    from ulsexport.testing import make_tiny_checkpoint
 
     source = pruned[name] if overrides is None else \
         make_tiny_checkpoint(name, tmp_path / name, 2, overrides={**GENAI_SHAPE, **overrides})
@@ -163,7 +163,7 @@ def test_models_the_builder_gets_wrong_are_refused(name, overrides, message, pru
 
 
 def test_family_the_builder_lacks_is_refused(tmp_path):
-    from tiny_models import VOCAB, make_tiny_checkpoint
+    from ulsexport.testing import VOCAB, make_tiny_checkpoint
 
     source = make_tiny_checkpoint("opt", tmp_path / "opt", 2, overrides=dict(hidden_size=64, word_embed_proj_dim=64))
     save_word_tokenizer(source, VOCAB)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-import tiny_models
+from ulsexport import testing
 from conftest import DATA, KJV16, run_cli
 from ulsexport.heal import train as heal_module
 from ulsexport.heal.corpus import corpus_files, documents, packed_windows, training_windows
@@ -24,7 +24,7 @@ KEEP = [0, 3]
 
 
 def _tiny_llama_with_kjv_tokenizer(directory, seed=0, vocab=4096):
-    tiny_models.make_tiny_checkpoint("llama", directory, num_layers=4, seed=seed, overrides={"vocab_size": vocab})
+    testing.make_tiny_checkpoint("llama", directory, num_layers=4, seed=seed, overrides={"vocab_size": vocab})
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(KJV16 / name, directory / name)
     return directory
@@ -200,8 +200,8 @@ def strangers(models):
     (root / "empty.txt").write_text("\n\n")
     (root / "no-text").mkdir()
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    return {"other-vocab": tiny_models.make_tiny_checkpoint("llama", root / "other-vocab", num_layers=4),
-            "other-family": tiny_models.make_tiny_checkpoint("mistral", root / "other-family", num_layers=4),
+    return {"other-vocab": testing.make_tiny_checkpoint("llama", root / "other-vocab", num_layers=4),
+            "other-family": testing.make_tiny_checkpoint("mistral", root / "other-family", num_layers=4),
             "other-weights": other_weights, "plain-student": plain}
 
 

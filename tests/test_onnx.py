@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import STORIES, run_cli, sampled
-from tiny_models import FAMILIES, make_tiny_checkpoint
+from ulsexport.testing import FAMILIES, make_tiny_checkpoint
 
 pytest.importorskip("onnxruntime")
 

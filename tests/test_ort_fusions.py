@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tiny_models import make_tiny_checkpoint
+from ulsexport.testing import make_tiny_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -174,7 +174,7 @@ def test_rotary_tables_only_where_one_table_is_exact(family, overrides, shared):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tiny_models import tiny_config
+    from ulsexport.testing import tiny_config
     from ulsexport.export.trace import rotary_tables
 
     model = AutoModelForCausalLM.from_config(tiny_config(family, 1, {**SHARED_SHAPE, **overrides}))

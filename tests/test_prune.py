@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import STORIES, run_cli
 from identity_reference import skipped_layers_as_identity
-from tiny_models import FAMILIES, SLIDING_WINDOW
+from ulsexport.testing import FAMILIES, SLIDING_WINDOW
 from ulsexport.errors import UserError
 from ulsexport.artifact import read_manifest
 from ulsexport.prune import plan_for_model, prune_checkpoint

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tiny_models import make_tiny_checkpoint
+from ulsexport.testing import make_tiny_checkpoint
 from ulsexport.plan import scoring
 from ulsexport.cli import main
 from ulsexport.errors import UserError

@@ -14,7 +14,6 @@ from .errors import UserError
 
 MANIFEST_NAME = "ulsexport.json"
 GENAI_CONFIG = "genai_config.json"
-KINDS = ("hf-checkpoint", "onnx", "genai")
 
 
 @dataclass(frozen=True)
