@@ -121,25 +121,34 @@ def prepare_generality(teacher, tokenizer, domains: dict, sampled: list[list[int
                       eos=tokenizer.eos_token_id)
 
 
-def generality(model, g: Generality) -> dict:
+def generality(model, g: Generality, what: str | None = None) -> dict:
     """Perplexity per domain, top-1 agreement with the teacher on its own samples, and the greedy chat
-    answers' token agreement with the teacher's (None where there is nothing to measure)."""
+    answers' token agreement with the teacher's (None where there is nothing to measure). With `what` (the
+    model's name), a progress bar over the parts."""
     from .models import continue_prompts
+    from .progress import progress_bar
 
-    top1 = None
-    if g.sampled:
-        matches = [(mine == theirs).sum().item() for mine, theirs in zip(_top1(model, g.sampled), g.teacher_top1)]
-        top1 = sum(matches) / sum(t.numel() for t in g.teacher_top1)
-    chat = None
-    if g.chat_prompts:
-        compared = agreed = 0
-        for mine, theirs in zip(_answers(model, g.chat_prompts, continue_prompts), g.teacher_answers):
-            length = theirs.index(g.eos) + 1 if g.eos in theirs else len(theirs)
-            compared += length
-            agreed += sum(a == b for a, b in zip(mine[:length], theirs[:length]))
-        chat = agreed / compared
-    return {"perplexity": {name: perplexity(model, windows) for name, windows in g.domains.items()},
-            "top1_agreement": top1, "chat_agreement": chat}
+    parts = len(g.domains) + bool(g.sampled) + bool(g.chat_prompts)
+    with progress_bar(parts, f"evaluating {what}", unit="part", quiet=what is None) as bar:
+        ppl = {}
+        for name, windows in g.domains.items():
+            ppl[name] = perplexity(model, windows)
+            bar.update(1)
+        top1 = None
+        if g.sampled:
+            matches = [(mine == theirs).sum().item() for mine, theirs in zip(_top1(model, g.sampled), g.teacher_top1)]
+            top1 = sum(matches) / sum(t.numel() for t in g.teacher_top1)
+            bar.update(1)
+        chat = None
+        if g.chat_prompts:
+            compared = agreed = 0
+            for mine, theirs in zip(_answers(model, g.chat_prompts, continue_prompts), g.teacher_answers):
+                length = theirs.index(g.eos) + 1 if g.eos in theirs else len(theirs)
+                compared += length
+                agreed += sum(a == b for a, b in zip(mine[:length], theirs[:length]))
+            chat = agreed / compared
+            bar.update(1)
+    return {"perplexity": ppl, "top1_agreement": top1, "chat_agreement": chat}
 
 
 def _top1(model, windows: list[list[int]], batch_size: int = 8) -> list:

@@ -546,9 +546,7 @@ def _evaluation(teacher, tokenizer, teacher_dir, files, files_sha256, domains, e
 def _quality(model, evaluation, quiet: bool, what: str) -> dict | None:
     if evaluation is None:
         return None
-    if not quiet:
-        print(f"evaluating the {what} ({', '.join(evaluation.domains)})", file=sys.stderr, flush=True)
-    return generality(model, evaluation)
+    return generality(model, evaluation, None if quiet else f"the {what} ({', '.join(evaluation.domains)})")
 
 
 def _depth_quality(model, evaluation, depths, quiet: bool, what: str):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .positional import POSITIONAL_STRATEGIES, make_plan
-from .scoring import (CALIB_WINDOW, DATA_STRATEGIES, DEFAULT_CALIB_TOKENS, STRATEGIES, calibration_from_text,
+from .scoring import (CALIB_WINDOW, DEFAULT_CALIB_TOKENS, STRATEGIES, calibration_from_text,
                       data_plans, kept_layers_only, strategy_name)
 
 
@@ -132,7 +132,7 @@ def _generality(model, tokenizer, model_dir: Path, plans, eval_texts, eval_sampl
     distinct = {}
     for plan in plans:
         distinct.setdefault(plan.kept, f"{plan.strategy} {plan.speedup_target:g}x")
-    rows = {"full": generality(model, g)}
+    rows = {"full": generality(model, g, None if quiet else "the full model")}
     with progress_bar(len(distinct), "generality of each plan", unit="plan", quiet=quiet) as bar:
         for kept, label in distinct.items():
             with kept_layers_only(model, kept):
