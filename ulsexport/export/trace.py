@@ -95,12 +95,14 @@ def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int
         raise UserError(f"ONNX export of '{adapter.model_type}' is not supported: {adapter.onnx_note}")
     out = Path(out)
     with atomic_output_dir(out, force, protect=(model_dir,)) as tmp, \
-            progress_bar(3, "onnx export", unit="stage", quiet=quiet) as bar:
+            progress_bar(3, "onnx export: loading the model", unit="stage", quiet=quiet) as bar:
         torch_model = load_causal_lm(model_dir, dtype, device, allow_pickle=allow_pickle)
         if adapter.onnx_experts_implementation:
             torch_model.set_experts_implementation(adapter.onnx_experts_implementation)
+        bar.set_description("onnx export: tracing the graph")
         bar.update()
         program, shapes = _export_program(torch_model, adapter, opset)
+        bar.set_description("onnx export: optimising and checking against PyTorch")
         bar.update()
         # onnxruntime's CPU kernel rotates only head sizes that are multiples of 16: unverifiable on CPU
         cpu_rotary = device != "cpu" or shapes["head_dim"] % CPU_GQA_HEAD_MULTIPLE == 0
