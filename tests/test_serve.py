@@ -145,6 +145,7 @@ def test_every_config_parses_as_model_config(repo):
         params = {k: v.string_value for k, v in cfg.parameters.items()}
         assert params["runtime"] == "ort" and params["device"] == "cpu" and params["max_tokens"] == "511"
         assert params["cuda_graph"] == "true"  # the runtime captures where it can (CUDA); --no-cuda-graph: "false"
+        assert params["batching"] == "auto" and params["decode_kernels"] == "false" and params["draft_depth"] == ""
         assert (repo / "models" / name / params["artifact"] / "model.onnx").is_file()
         assert "from ulsexport.serve.generate_model import TritonPythonModel" in (
             repo / "models" / name / "1" / "model.py").read_text()
@@ -174,6 +175,7 @@ def test_artifact_is_hard_linked_where_it_can_be(repo, artifact):
     (["--name", "a/b"], "--name"),
     (["--out", "{onnx}/inside"], "would overwrite the input"),
     (["--runtime", "torch"], "--runtime torch runs hf-checkpoint"),
+    (["--decode-kernels"], "--decode-kernels serves with ulsexport's CUDA kernels: it needs --device cuda"),
 ])
 def test_triton_refusals(artifact, tmp_path, args, message):
     args = [a.format(root=artifact["root"], onnx=artifact["onnx"]) for a in args]

@@ -38,10 +38,14 @@ from .options import Terminated, quiet_option
 @click.option("--draft-depth", help="A multi-depth export's pruned depth (e.g. 2x) that drafts for requests sending "
                                     "\"depth\": \"speculative\": the full depth verifies, the tokens are its own.")
 @click.option("--draft-tokens", type=int, default=4, show_default=True, help="With --draft-depth: tokens drafted per verify.")
+@click.option("--decode-kernels", is_flag=True,
+              help="--device cuda, --runtime ort: decode with ulsexport's own CUDA kernels (fp16 exports; built with nvcc "
+                   "on the server's first load, needs onnxruntime's headers: ORT_INCLUDE_DIR), as `validate "
+                   "--decode-kernels` does.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the repository's manifest as JSON.")
 def triton(model, out, name, device, runtime, instances, max_batch, no_cuda_graph, max_tokens, default_max_tokens,
-           queue_delay_us, batching, draft_depth, draft_tokens, force, as_json):
+           queue_delay_us, batching, draft_depth, draft_tokens, decode_kernels, force, as_json):
     """Write a Triton Inference Server model repository that serves an artifact.
 
     It holds a generate model (Python backend, dynamic batching; inputs text_input or input_ids,
@@ -62,7 +66,8 @@ def triton(model, out, name, device, runtime, instances, max_batch, no_cuda_grap
     result = write_repository(model, out, name=name, device=device, runtime=runtime, instances=instances,
                               max_batch=max_batch, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
                               queue_delay_us=queue_delay_us, force=force, cuda_graph=not no_cuda_graph,
-                              batching=batching, draft_depth=draft_depth, draft_tokens=draft_tokens)
+                              batching=batching, draft_depth=draft_depth, draft_tokens=draft_tokens,
+                              decode_kernels=decode_kernels)
     manifest = result.manifest
     if as_json:
         click.echo(json_text(manifest))

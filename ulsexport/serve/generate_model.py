@@ -101,7 +101,8 @@ class Generator:
 
     def __init__(self, folder: str | Path, runtime: str | None = None, device: str = "cpu", dtype: str | None = None,
                  max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS, cuda_graph: bool = True,
-                 batching: str = "auto", slots: int = 8, draft: str | None = None, draft_tokens: int = 4):
+                 batching: str = "auto", slots: int = 8, draft: str | None = None, draft_tokens: int = 4,
+                 decode_kernels: bool = False):
         from ..artifact import artifact_kind, read_manifest
         from ..tokenizer import load_tokenizer
         from ..runtime import default_runtime, open_runtime
@@ -126,7 +127,8 @@ class Generator:
         # step's logits itself, so its sessions run the graph as exported (no argmax added)
         options = {}
         if self.runtime_name == "ort":
-            options = {**({"cuda_graph": False} if not cuda_graph else {}), **({"device_argmax": False} if engine else {})}
+            options = {**({"cuda_graph": False} if not cuda_graph else {}), **({"device_argmax": False} if engine else {}),
+                       **({"decode_kernels": True} if decode_kernels else {})}
         self.runtime = open_runtime(self.folder, self.runtime_name, dtype, device, **options)
         self.tokenizer = load_tokenizer(self.folder)
         self.max_tokens = int(max_tokens)
@@ -353,7 +355,8 @@ class TritonPythonModel:
                                    batching=params.get("batching") or "auto",
                                    slots=int(config.get("max_batch_size") or 8),
                                    draft=params.get("draft_depth") or None,
-                                   draft_tokens=int(params.get("draft_tokens") or 4))
+                                   draft_tokens=int(params.get("draft_tokens") or 4),
+                                   decode_kernels=params.get("decode_kernels") == "true")
         self.stop, self.loop, self.metrics = threading.Event(), None, {}
         if self.generator.engine is not None:
             self.metrics, why = _metrics(pb_utils, self.name)

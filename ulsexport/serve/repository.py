@@ -64,13 +64,14 @@ def _parameters(params: dict) -> str:
 def generate_config(name: str, *, artifact: str, runtime: str, device: str, dtype: str | None, max_batch: int,
                     max_tokens: int, default_max_tokens: int, instances: int, queue_delay_us: int,
                     decoupled: bool, cuda_graph: bool = True, batching: str = "auto", draft_depth: str | None = None,
-                    draft_tokens: int = 4) -> str:
+                    draft_tokens: int = 4, decode_kernels: bool = False) -> str:
     """config.pbtxt of a generate model (inputs and outputs of Triton's generate extension)."""
     kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
     params = {"artifact": artifact, "runtime": runtime, "device": device, "dtype": dtype or "",
               "max_tokens": max_tokens, "default_max_tokens": default_max_tokens,
               "cuda_graph": "true" if cuda_graph else "false", "batching": batching,
-              "draft_depth": draft_depth or "", "draft_tokens": draft_tokens}
+              "draft_depth": draft_depth or "", "draft_tokens": draft_tokens,
+              "decode_kernels": "true" if decode_kernels else "false"}
     lines = [
         f"# Written by `ulsexport triton`: {'streaming (decoupled, one response per token)' if decoupled else 'one response per request'}.",
         f"name: {pbtxt_string(name)}",
@@ -228,7 +229,8 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
                      runtime: str | None = None, dtype: str | None = None, instances: int = 1, max_batch: int = 8,
                      max_tokens: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                      queue_delay_us: int = 2000, force: bool = False, cuda_graph: bool = True,
-                     batching: str = "auto", draft_depth: str | None = None, draft_tokens: int = 4) -> BuildResult:
+                     batching: str = "auto", draft_depth: str | None = None, draft_tokens: int = 4,
+                     decode_kernels: bool = False) -> BuildResult:
     """Write a Triton model repository serving `artifact` (see the module docstring); whole or nothing."""
     from ..runtime import RUNTIMES, default_runtime
 
@@ -289,6 +291,10 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
         depths = [{"tag": DEFAULT_DEPTH, "speedup": (source.get("plan") or {}).get("speedup_target"),
                    "kept": source.get("kept"), "file": onnx.get("file")}]
         default_depth = DEFAULT_DEPTH
+    if decode_kernels and (device != "cuda" or runtime != "ort" or source.get("multi_depth")):
+        raise UserError("--decode-kernels serves with ulsexport's CUDA kernels: it needs --device cuda, --runtime ort "
+                        "and a single-depth ONNX export (each depth of a multi-depth export would hold its own "
+                        "transposed copy of the weights)")
     if draft_depth is not None:
         tags = [d["tag"] for d in depths]
         if not source.get("multi_depth") or draft_depth not in tags or draft_depth == default_depth:
@@ -302,7 +308,8 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
     stream_name = f"{name}_stream"
     common = dict(runtime=runtime, device=device, dtype=dtype, max_batch=max_batch, max_tokens=max_tokens,
                   default_max_tokens=min(default_max_tokens, max_tokens), instances=instances, cuda_graph=cuda_graph,
-                  queue_delay_us=queue_delay_us, batching=batching, draft_depth=draft_depth, draft_tokens=draft_tokens)
+                  queue_delay_us=queue_delay_us, batching=batching, draft_depth=draft_depth, draft_tokens=draft_tokens,
+                  decode_kernels=decode_kernels)
     with atomic_output_dir(Path(out), force, protect=(artifact,)) as tmp:
         served = tmp / SERVED
         for model, decoupled in ((name, False), (stream_name, True)):
@@ -352,6 +359,7 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
             "runtime": runtime, "device": device, "dtype": dtype or onnx.get("dtype"), "instances": instances,
             "max_batch": max_batch, "max_tokens": max_tokens, "default_max_tokens": common["default_max_tokens"],
             "positions": positions, "queue_delay_us": queue_delay_us, "batching": batching,
+            "decode_kernels": decode_kernels,
             "draft_depth": draft_depth, "draft_tokens": draft_tokens if draft_depth else None,
             "stop": "a row stops at an eos token or its max_tokens",
             "multi_depth": bool(source.get("multi_depth")), "depths": depths, "default_depth": default_depth,
@@ -367,6 +375,7 @@ RECIPE_FIELDS: dict[str, tuple[type | tuple, object]] = {
     "name": (str, None), "device": (str, "cpu"), "runtime": (str, None), "instances": (int, 1),
     "max_batch": (int, 8), "max_tokens": (int, None), "default_max_tokens": (int, DEFAULT_MAX_TOKENS),
     "queue_delay_us": (int, 2000), "batching": (str, "auto"), "draft_depth": (str, None), "draft_tokens": (int, 4),
+    "decode_kernels": (bool, False),
 }
 
 
