@@ -65,7 +65,7 @@ def test_no_import_cycle():
 # gets a line here; a test fails until it has one.
 LAYERS = [
     # 0: no ulsexport imports of note
-    ("ulsexport.errors", 0), ("ulsexport.progress", 0), ("ulsexport.compat", 0), ("ulsexport.version", 0),
+    ("ulsexport.errors", 0), ("ulsexport.progress", 0), ("ulsexport.compat", 0), ("ulsexport.version", 0), ("ulsexport.processes", 0),
     ("ulsexport.runtime.base", 0), ("ulsexport.engine.ops", 0), ("ulsexport.export.ort_fusions", 0),
     # 1: files, settings, text
     ("ulsexport.precision", 1), ("ulsexport.outputs", 1), ("ulsexport.tokenizer", 1), ("ulsexport.artifact", 1),
@@ -78,7 +78,7 @@ LAYERS = [
     ("ulsexport.models", 4), ("ulsexport.prune", 4), ("ulsexport.quality", 4),
     # 5-6: data-driven plans, healing, the runtimes
     ("ulsexport.plan.scoring", 5), ("ulsexport.plan.compare", 5), ("ulsexport.heal.corpus", 5),
-    ("ulsexport.heal.samples", 5), ("ulsexport.runtime.pytorch", 5), ("ulsexport.runtime.speculative", 5),
+    ("ulsexport.heal.samples", 5), ("ulsexport.heal.distributed", 5), ("ulsexport.runtime.pytorch", 5), ("ulsexport.runtime.speculative", 5),
     ("ulsexport.runtime.ort_session", 5), ("ulsexport.runtime.ort_streams", 5), ("ulsexport.runtime.genai", 5),
     ("ulsexport.heal", 6), ("ulsexport.runtime.ort_decoder", 6), ("ulsexport.runtime.tensorrt", 6),
     ("ulsexport.runtime.decode_engine", 6), ("ulsexport.runtime.ort_multi_depth", 7), ("ulsexport.runtime.ort", 8),

@@ -54,6 +54,8 @@ from .options import quiet_option
 @click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists; discard an earlier run's checkpoints.")
+@click.option("--nproc", type=int, help="Heal over N processes of this host with FSDP2 (one per GPU; gloo on "
+                                        "the CPU), started through torchrun; the same output as one process.")
 @click.option("--json", "as_json", is_flag=True, help="Print the output's manifest as JSON.")
 @quiet_option
 @click.pass_context
@@ -69,11 +71,24 @@ def heal(ctx, as_json, **options):
       ulsexport heal --teacher kjv16 --student kjv16-2x --data kjv-train.txt \\
           --eval-text kjv-valid.txt --out kjv16-2x-healed --device cuda
       ulsexport heal --teacher kjv16 --speedups 2,3 --data kjv-train.txt --out kjv16-healed-multi
+      ulsexport heal --nproc 4 --teacher llama-70b --student llama-70b-2x --data mine.txt \
+          --dtype bf16 --out llama-70b-2x-healed      # FSDP2 over 4 GPUs
       ulsexport onnx --model kjv16-healed-multi --speedups 2,3 --out kjv16-multi/onnx
     """
     from ..errors import UserError
     from ..heal import heal as heal_model
     from ..plan.compare import parse_speedups
+
+    nproc = options.pop("nproc")
+    if nproc is not None:   # this process only launches the ranks, each of which runs this command
+        import sys
+
+        from ..heal.distributed import launch
+
+        code = launch(nproc, sys.argv[1:])
+        if code:
+            raise SystemExit(code)
+        return
 
     if options["data_weights"]:
         options["data_weights"] = _numbers(options["data_weights"], "--data-weights")

@@ -8,7 +8,9 @@ general behaviour back into the student ("self-data distillation"). Three kinds,
 - `chat`: where the tokenizer has a chat template, a dialogue: the user turn is a sentence of the
   user's text (every other one) or written by the teacher itself, then the teacher answers and goes on.
 Sampling never stops at EOS (the teacher goes on as after any document end), so every window is
-full. Samples are generated in batches on the teacher's device and cached as an int32 array under
+full. Samples are generated in batches on the teacher's device (each batch from its own seeded generator,
+so the samples do not depend on how many processes make them: healing over several ranks shares the
+batches out, `distributed.py`) and cached as an int32 array under
 `$XDG_CACHE_HOME/ulsexport/teacher-samples/<key>.npy` (the key covers the teacher's config and
 weights' sizes, the data, the count, the length, the temperature and the seed), written whole.
 """
@@ -25,7 +27,9 @@ from pathlib import Path
 from ..errors import UserError
 from ..models import continue_prompts
 from ..progress import progress_bar
+from . import distributed
 from .corpus import documents
+from .distributed import World
 
 KINDS = ("unconditional", "continuation", "chat")
 PROMPT_TOKENS = 32       # tokens of a user document a continuation starts from
@@ -63,23 +67,31 @@ def cache_key(teacher_dir: Path, data_sha256: str | None, settings: SampleSettin
 
 
 def teacher_samples(teacher, tokenizer, teacher_dir: Path, files: list[Path] | None, data_sha256: str | None,
-                    settings: SampleSettings, quiet: bool = False):
-    """(int32 array [count, seq_len], record for the manifest): cached, else sampled now."""
+                    settings: SampleSettings, quiet: bool = False, world: World = World()):
+    """(int32 array [count, seq_len], record for the manifest): cached, else sampled now (by every rank, a
+    share each; the leader writes the cache)."""
     import numpy as np
 
     key = cache_key(teacher_dir, data_sha256, settings)
     path = cache_root() / f"{key}.npy"
     record = {**settings.record(), "cache": str(path), "kinds": list(_kinds(tokenizer) if files else KINDS[:1])}
-    try:
-        array = np.load(path) if path.is_file() else None
-    except (OSError, ValueError):  # a cache file cut short: made again below
-        array = None
-    if array is not None and array.shape == (settings.count, settings.seq_len):
+    array = None
+    if world.leader:
+        try:
+            array = np.load(path) if path.is_file() else None
+        except (OSError, ValueError):  # a cache file cut short: made again below
+            array = None
+        if array is not None and array.shape != (settings.count, settings.seq_len):
+            array = None
+    array = distributed.broadcast_object(world, array)
+    if array is not None:
         return array, {**record, "cached": True}
     started = time.perf_counter()
     prompts = _prompts(tokenizer, files, settings)
-    rows = _sample_all(teacher, prompts, settings, quiet)
+    rows = _sample_all(teacher, prompts, settings, quiet, world)
     array = np.asarray(rows, dtype=np.int32)
+    if not world.leader:
+        return array, {**record, "cached": False}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -150,17 +162,28 @@ def _chat_prompt(tokenizer, user_text: str | None) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def _sample_all(model, prompts: list[list[int]], settings: SampleSettings, quiet: bool) -> list[list[int]]:
+def _sample_all(model, prompts: list[list[int]], settings: SampleSettings, quiet: bool,
+                world: World = World()) -> list[list[int]]:
+    """Every prompt continued to seq_len tokens, a batch at a time; with several ranks, batch i is made by
+    rank i % size (all ranks step together: a sharded teacher's forward passes are collective) and the
+    rows are gathered on every rank, in prompt order."""
     import torch
 
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings.seed)
-    rows: list[list[int]] = []
-    step = settings.rows_at_once(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    step = settings.rows_at_once(device)
+    starts = list(range(0, len(prompts), step))
+    mine = starts[world.rank::world.size]
+    rounds = -(-len(starts) // world.size)
+    rows: list[tuple[int, list[int]]] = []
     with progress_bar(len(prompts), "teacher samples", unit="seq", quiet=quiet) as bar:
-        for start in range(0, len(prompts), step):
-            chunk = prompts[start:start + step]
-            new = continue_prompts(model, chunk, settings.seq_len - min(len(p) for p in chunk),
-                                   settings.temperature, generator)
-            rows.extend((p + g)[:settings.seq_len] for p, g in zip(chunk, new))
-            bar.update(len(chunk))
-    return rows
+        for r in range(rounds):
+            start = mine[r] if r < len(mine) else None     # None: this rank has no batch left this round
+            chunk = prompts[start:start + step] if start is not None else prompts[:1]
+            need = settings.seq_len - min(len(p) for p in chunk)
+            new_tokens = int(distributed.maximum(world, need))
+            generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + (start or 0))
+            new = continue_prompts(model, chunk, new_tokens, settings.temperature, generator)
+            if start is not None:
+                rows.extend((start + i, (p + g)[:settings.seq_len]) for i, (p, g) in enumerate(zip(chunk, new)))
+            bar.update(min(len(prompts), (r + 1) * step * world.size) - bar.n)
+    return [row for _, row in sorted(distributed.gather_rows(world, rows))]

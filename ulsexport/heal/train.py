@@ -38,6 +38,8 @@ from typing import Callable
 from .. import checkpoint as ckpt
 from ..families import adapter_for
 from .corpus import array_windows, check_corpus, corpus_files, corpus_sha256, mixture_windows, training_windows
+from . import distributed
+from .distributed import World, world_from_env
 from .samples import SampleSettings, teacher_samples
 from ..errors import UserError
 from ..artifact import file_sha256, read_manifest, write_manifest
@@ -166,7 +168,27 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
     keeps stay as they were. The output is a checkpoint of the original depth whose manifest records the
     plan of every trained depth (`trained_depths`), which `ulsexport prune --speedup` and
     `ulsexport onnx --speedups` then reuse.
+
+    Under torchrun (`ulsexport heal --nproc N`), each process runs this function as one rank of an FSDP2
+    run (`distributed.py`): the same windows and output as one process, the work shared.
     """
+    world = world_from_env()
+    quiet = quiet or not world.leader
+    try:
+        with distributed.only_leader_prints(world):
+            return _heal(world, teacher, student, data, out, loss, kd_weight, temperature, steps, batch, seq_len,
+                         lr, warmup_steps, lora_rank, device, dtype, eval_text, resume, save_every, seed, quiet,
+                         force, on_step, speedups, strategy, calib, data_weights, teacher_samples, teacher_weight,
+                         eval_samples, eval_tokens, hidden_weight)
+    finally:
+        if world.distributed:
+            distributed.shutdown()
+
+
+def _heal(world: World, teacher, student, data, out, loss, kd_weight, temperature, steps, batch, seq_len, lr,
+          warmup_steps, lora_rank, device, dtype, eval_text, resume, save_every, seed, quiet, force, on_step,
+          speedups, strategy, calib, data_weights, teacher_samples, teacher_weight, eval_samples, eval_tokens,
+          hidden_weight) -> HealResult:
     start = time.perf_counter()
     weight_kd = {"kd": 1.0, "lm": 0.0}.get(loss, kd_weight)
     warmup_steps = steps // 20 if warmup_steps is None else warmup_steps
@@ -178,6 +200,7 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
         raise UserError(f"--hidden-weight {hidden_weight} must be between 0 and 100")
     if hidden_weight and weight_kd == 0:
         raise UserError("--hidden-weight distils the teacher's hidden states: it needs --loss kd or kd+lm")
+    distributed.local_rows(world, batch)   # refuses a batch the ranks cannot share evenly
     depths = None
     if speedups:
         if teacher is None:
@@ -190,7 +213,8 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
     teacher_dir = load_model_info(teacher)[0] if depths else _check_teacher(teacher, student_dir, student_config,
                                                                             needs_teacher=weight_kd > 0)
     protect = (student_dir, *(p for p in (teacher_dir, *data, *eval_texts) if p))
-    check_output_dir(out, force, protect)  # before the data is read and the models loaded
+    if world.leader:
+        check_output_dir(out, force, protect)  # before the data is read and the models loaded
     sources = [corpus_files(d) for d in data]
     tokenizer = load_tokenizer(student_dir)
     for files in sources:
@@ -204,6 +228,8 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
     import torch
 
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world.distributed:
+        device = distributed.init(world, device)
     samples = (SampleSettings(_sample_count(teacher_samples, steps, batch, teacher_weight), seq_len, seed=seed)
                if teacher_dir and teacher_weight > 0 and (teacher_samples or teacher_samples is None and weight_kd > 0)
                else None)
@@ -213,17 +239,19 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
            "student_config_sha256": file_sha256(student_dir / ckpt.CONFIG_NAME),
            "depths": [d["kept"] for d in depths] if depths else None, "hidden_weight": hidden_weight,
            "kept": (read_manifest(student_dir) or {}).get("kept") if hidden_weight and not depths else None}
-    work = claim_work_dir(out, protect)
+    work = claim_work_dir(out, protect) if world.leader else work_dir(out)
     checkpoints = work / "checkpoints"
+    output = atomic_output_dir(Path(out), force, protect=protect) if world.leader else contextlib.nullcontext()
     try:  # checkpoints stay for --resume if the run fails; an empty work folder goes
-        with atomic_output_dir(Path(out), force, protect=protect) as tmp, transformers_bars(False):
-            saved = _starting_checkpoint(checkpoints, resume, force, run)
-            teacher_model = load_causal_lm(teacher_dir, dtype, device) if teacher_dir else None
+        with output as tmp, transformers_bars(False):
+            saved = _starting_checkpoint(checkpoints, resume, force, run) if world.leader else None
+            saved = _share_checkpoint(world, saved)
+            teacher_model = _load_teacher(world, teacher_dir, dtype, device) if teacher_dir else None
             mixture, sample_record = _mixture(tokenizer, sources, hashes, data_weights, seq_len, teacher_model,
-                                              teacher_dir, samples, teacher_weight, quiet)
+                                              teacher_dir, samples, teacher_weight, quiet, world)
             evaluation = _evaluation(teacher_model, tokenizer, teacher_dir, sources[0], hashes[0], domains,
-                                     eval_samples, seq_len, seed, quiet)
-            model = _load_student(student_dir, lora_rank, dtype, device)
+                                     eval_samples, seq_len, seed, quiet, world)
+            model = _load_student(student_dir, lora_rank, dtype, device, world)
             if saved:
                 # checkpoints of earlier versions hold no quality rows
                 before, teacher_row = saved.get("quality_before"), saved.get("quality_teacher")
@@ -235,23 +263,30 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
                 teacher_model = None
             losses, train_seconds = _train(model, teacher_model, mixture, run, device, checkpoints,
                                            saved, save_every, quiet, on_step,
-                                           extra={"quality_before": before, "quality_teacher": teacher_row})
+                                           extra={"quality_before": before, "quality_teacher": teacher_row},
+                                           world=world)
             del teacher_model
             model.eval()
             after = _depth_quality(model, evaluation, depths, quiet, "student after")
             manifest = _manifest(student_dir, teacher_dir, data, data_weights, eval_texts, domains, evaluation, run,
                                  before, after, teacher_row, sample_record, losses, train_seconds,
-                                 time.perf_counter() - start, device)
+                                 time.perf_counter() - start, device, world)
             if depths:
                 manifest["trained_depths"] = [
                     {**d, "perplexity_before": _first_ppl(before[i]), "perplexity_after": _first_ppl(after[i]),
                      "quality_before": before[i], "quality_after": after[i]} for i, d in enumerate(depths)]
                 manifest["healing"].update(mode="joint", perplexity_before=None, perplexity_after=None,
                                            quality_before=None, quality_after=None)
-            _save(model, lora_rank, student_dir, student_config, tmp, manifest)
-        shutil.rmtree(checkpoints, ignore_errors=True)
+            if world.distributed:
+                model = _gathered_student(world, model, student_dir, lora_rank, dtype)
+            if world.leader:
+                _save(model, lora_rank, student_dir, student_config, tmp, manifest)
+        if world.leader:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     finally:
-        release_work_dir(work)
+        if world.leader:
+            release_work_dir(work)
+    distributed.barrier(world)   # the output is in place before any rank returns
     return HealResult(Path(out), manifest, losses, manifest["healing"]["seconds"])
 
 
@@ -293,13 +328,13 @@ def _mixture_sha256(hashes, weights, samples, teacher_weight) -> str:
 
 
 def _mixture(tokenizer, sources, hashes, weights, seq_len, teacher_model, teacher_dir, samples, teacher_weight,
-             quiet):
+             quiet, world: World = World()):
     """(windows(seed, skip): the endless training stream, the teacher samples' record for the manifest)."""
     streams = [functools.partial(training_windows, tokenizer, files, seq_len) for files in sources]
     record = None
     if samples:
         array, record = teacher_samples(teacher_model, tokenizer, teacher_dir, sources[0],
-                                        hashes[0], samples, quiet)
+                                        hashes[0], samples, quiet, world)
         record["weight"] = teacher_weight
         weights = [w / sum(weights) * (1 - teacher_weight) for w in weights] + [teacher_weight]
         streams.append(functools.partial(array_windows, array))
@@ -437,15 +472,55 @@ def _write_checkpoint(checkpoints: Path, step: int, state: dict) -> Path:
     return final
 
 
-def _load_student(student_dir: Path, lora_rank: int | None, dtype: str, device: str):
-    """Full training keeps fp32 master weights; LoRA freezes a base held in `dtype`."""
-    model = load_causal_lm(student_dir, dtype if lora_rank else "fp32", device)
-    if lora_rank:
-        from peft import LoraConfig, get_peft_model
+def _load_student(student_dir: Path, lora_rank: int | None, dtype: str, device: str, world: World = World()):
+    """Full training keeps fp32 master weights; LoRA freezes a base held in `dtype`. Several ranks: sharded."""
+    held = dtype if lora_rank else "fp32"
+    wrap = functools.partial(_lora, lora_rank) if lora_rank else None
+    if world.distributed:
+        return distributed.load_sharded(world, lambda: load_causal_lm(student_dir, held, "cpu"), student_dir,
+                                        held, device, wrap).train()
+    model = load_causal_lm(student_dir, held, device)
+    return (wrap(model) if wrap else model).train()
 
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                                 target_modules="all-linear"))
-    return model.train()
+
+def _lora(rank: int, model):
+    """LoRA adapters on every linear layer, initialised from a fixed seed (the same on any number of ranks)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                target_modules="all-linear"))
+
+
+def _load_teacher(world: World, teacher_dir: Path, dtype: str, device: str):
+    if not world.distributed:
+        return load_causal_lm(teacher_dir, dtype, device)
+    model = distributed.load_sharded(world, lambda: load_causal_lm(teacher_dir, dtype, "cpu"), teacher_dir,
+                                     dtype, device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _share_checkpoint(world: World, saved: dict | None) -> dict | None:
+    """The leader's checkpoint for every rank: the other ranks get all of it but the weights and optimizer
+    state, which reach their shards from the leader (`distributed.load_full_state`)."""
+    if not world.distributed:
+        return saved
+    light = {k: v for k, v in saved.items() if k not in ("trainable", "optimizer")} if saved else None
+    light = distributed.broadcast_object(world, light)
+    return saved if world.leader else light
+
+
+def _gathered_student(world: World, model, student_dir: Path, lora_rank, dtype: str):
+    """The trained weights of every rank in one CPU model on the leader (None elsewhere), to be saved."""
+    weights, _ = distributed.full_state(world, model, trainable_only=False)
+    if not world.leader:
+        return None
+    whole = _load_student(student_dir, lora_rank, dtype, "cpu")
+    whole.load_state_dict(weights)
+    return whole
 
 
 def _schedule(step: int, warmup: int, steps: int) -> float:
@@ -455,7 +530,7 @@ def _schedule(step: int, warmup: int, steps: int) -> float:
 
 
 def _train(model, teacher, mixture, run, device, checkpoints, saved, save_every, quiet, on_step,
-           extra) -> tuple[list[float], float]:
+           extra, world: World = World()) -> tuple[list[float], float]:
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -464,14 +539,11 @@ def _train(model, teacher, mixture, run, device, checkpoints, saved, save_every,
         optimizer, lambda s: _schedule(s, run["warmup_steps"], run["steps"]))
     step, losses, seconds = 0, [], 0.0
     if saved:
-        trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
-        with torch.no_grad():
-            for name, value in saved["trainable"].items():
-                trainable[name].copy_(value)
-        optimizer.load_state_dict(saved["optimizer"])
+        _restore(world, model, optimizer, saved)
         scheduler.load_state_dict(saved["scheduler"])
         step, losses, seconds = saved["step"], list(saved["losses"]), saved["seconds"]
     batch, steps = run["batch"], run["steps"]
+    mine = distributed.local_rows(world, batch)
     windows = mixture(run["seed"], skip=step * batch)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=run["dtype"] == "bf16")
     started = time.perf_counter()
@@ -479,13 +551,14 @@ def _train(model, teacher, mixture, run, device, checkpoints, saved, save_every,
         with progress_bar(steps, "healing", unit="step", quiet=quiet) as bar:
             bar.update(step)
             while step < steps:
-                ids = torch.tensor([next(windows) for _ in range(batch)], device=device)
+                ids = torch.tensor([next(windows) for _ in range(batch)][mine], device=device)
                 depth = run["depths"][step % len(run["depths"])] if run.get("depths") else None
                 with autocast, _only(model, depth):
                     value = _objective(model, teacher, ids, run, depth)
-                if not torch.isfinite(value.detach()).all():
+                shown = distributed.mean(world, value.detach())   # every rank sees the same loss
+                if not torch.isfinite(shown).all():
                     raise UserError(f"healing stopped at step {step + 1} of {steps}: the loss became "
-                                    f"{value.item()} (the training diverged; try a lower --lr); "
+                                    f"{shown.item()} (the training diverged; try a lower --lr); "
                                     "no output was written")
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
@@ -493,15 +566,17 @@ def _train(model, teacher, mixture, run, device, checkpoints, saved, save_every,
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                losses.append(value.item())
+                losses.append(shown.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if step % save_every == 0 or step == steps:
-                    _write_checkpoint(checkpoints, step, {
-                        "run": run, "step": step, "windows": step * batch, "losses": losses,
-                        "seconds": seconds + time.perf_counter() - started, **extra,
-                        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+                    trainable, optim = distributed.full_state(world, model, optimizer)
+                    if world.leader:
+                        _write_checkpoint(checkpoints, step, {
+                            "run": run, "step": step, "windows": step * batch, "losses": losses,
+                            "seconds": seconds + time.perf_counter() - started, **extra,
+                            "trainable": trainable, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                            "world_size": world.size})
                 if on_step:
                     on_step(step, losses[-1])
     except KeyboardInterrupt:
@@ -510,6 +585,21 @@ def _train(model, teacher, mixture, run, device, checkpoints, saved, save_every,
         print(f"healing interrupted at step {step}; {where}; rerun with --resume to continue", file=sys.stderr)
         raise
     return losses, seconds + time.perf_counter() - started
+
+
+def _restore(world: World, model, optimizer, saved: dict) -> None:
+    """A checkpoint's weights and optimizer state, from any world size (the leader holds them)."""
+    optim = saved.get("optimizer")
+    if not world.distributed and optim and all(isinstance(k, int) for k in optim.get("state", {})):
+        import torch   # a checkpoint of an earlier version: optimizer state keyed by position
+
+        trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        with torch.no_grad():
+            for name, value in saved["trainable"].items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(optim)
+        return
+    distributed.load_full_state(world, model, optimizer, saved.get("trainable"), optim)
 
 
 def _only(model, kept):
@@ -530,7 +620,8 @@ def _trained_depths(teacher, speedups, strategy: str, calib, quiet: bool) -> lis
     return depths
 
 
-def _evaluation(teacher, tokenizer, teacher_dir, files, files_sha256, domains, eval_samples, seq_len, seed, quiet):
+def _evaluation(teacher, tokenizer, teacher_dir, files, files_sha256, domains, eval_samples, seq_len, seed, quiet,
+                world: World = World()):
     """What the generality table is measured on (None without held-out text): the domains, and with a
     teacher, windows it samples with another seed than training's, and its chat answers."""
     if not domains:
@@ -538,7 +629,7 @@ def _evaluation(teacher, tokenizer, teacher_dir, files, files_sha256, domains, e
     sampled = []
     if teacher is not None and eval_samples:
         settings = SampleSettings(eval_samples, seq_len, seed=seed + EVAL_SEED_OFFSET)
-        array, _ = teacher_samples(teacher, tokenizer, teacher_dir, files, files_sha256, settings, quiet)
+        array, _ = teacher_samples(teacher, tokenizer, teacher_dir, files, files_sha256, settings, quiet, world)
         sampled = array.tolist()
     return prepare_generality(teacher, tokenizer, domains, sampled, chat=teacher is not None)
 
@@ -586,7 +677,7 @@ def _objective(model, teacher, ids, run, depth=None):
 
 
 def _manifest(student_dir, teacher_dir, data, data_weights, eval_texts, domains, evaluation, run, before, after,
-              teacher_row, sample_record, losses, train_seconds, seconds, device) -> dict:
+              teacher_row, sample_record, losses, train_seconds, seconds, device, world: World = World()) -> dict:
     manifest = dict(read_manifest(student_dir) or {"kind": "hf-checkpoint"})
     for written_by_write_manifest in ("tool", "version"):
         manifest.pop(written_by_write_manifest, None)
@@ -618,8 +709,10 @@ def _manifest(student_dir, teacher_dir, data, data_weights, eval_texts, domains,
         "seconds": round(seconds, 2),
         "tokens": run["steps"] * run["batch"] * run["seq_len"],
         "device": device,
-        "peak_memory_mib": _peak_memory_mib(device),
+        "peak_memory_mib": distributed.maximum(world, _peak_memory_mib(device) or 0.0) or None,
     })
+    if world.distributed:
+        record["processes"] = world.size   # peak_memory_mib: the largest of any one process
     if "healing" in manifest:
         record["previous"] = manifest["healing"]
     manifest["healing"] = record

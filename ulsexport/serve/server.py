@@ -23,7 +23,6 @@ What it takes care of (each seen failing otherwise):
 """
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import re
@@ -46,6 +45,7 @@ from pathlib import Path
 from ..artifact import MANIFEST_NAME, artifact_path, read_manifest
 from ..errors import UserError
 from ..outputs import check_writable_file, io_error, resolve_path
+from ..processes import die_with_parent
 
 INSTALL = "pip install --no-deps nvidia-pytriton==0.7.0 && pip install 'tritonclient[http,grpc]' && pip install -U 'protobuf>=7'"
 SHM_DIR = Path("/dev/shm")
@@ -202,19 +202,6 @@ def served_models(repository: Path) -> tuple[Path, list[str]]:
 
 MODEL_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 TMP_PREFIX = "ulsexport-triton-"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int):
-    """preexec_fn of the server: SIGTERM when `serve` dies, however it dies (SIGKILL too), so the server
-    stops its stubs and removes their shared memory."""
-    def preexec():
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # died before the prctl took hold
-            os._exit(1)
-    return preexec
-
-
 def remove_stale_temp() -> None:
     """Remove the temporary folders (log, working directory) of `serve` runs that were killed outright."""
     for path in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
@@ -398,7 +385,7 @@ class TritonServer:
         # a session of its own (a terminal's Ctrl-C reaches us only, and we forward it once), stopped when we die
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log_handle,
                                         stderr=subprocess.STDOUT, env=server_env(self.python), cwd=self._own_dir,
-                                        start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+                                        start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
         return self
 
     def log_text(self) -> str:
