@@ -141,3 +141,30 @@ def test_every_top_level_name_resolves():
 
     for name in ulsexport.__all__:
         assert getattr(ulsexport, name) is not None, name
+
+
+def test_the_manifest_is_read_only_through_artifact():
+    """`Artifact.open` is the one reader of ulsexport.json: no module but artifact.py calls read_manifest."""
+    callers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                     if p.name != "artifact.py" and re.search(r"\bread_manifest\(", p.read_text()))
+    assert callers == []
+
+
+def test_artifact_types_what_crosses_modules(tmp_path):
+    from ulsexport.artifact import Artifact, write_manifest
+    from ulsexport.errors import UserError
+
+    plain = Artifact.open(tmp_path)
+    assert plain.record is None and plain.manifest == {} and plain.trained_depths == [] and plain.onnx == {}
+    write_manifest(tmp_path, {"kind": "onnx", "multi_depth": True, "onnx": {"file": "model.onnx"}, "kept": [0, 3]})
+    export = Artifact.open(tmp_path)
+    assert (export.kind, export.multi_depth, export.kept, export.onnx["file"]) == ("onnx", True, [0, 3], "model.onnx")
+    assert export.path("model.onnx") == (tmp_path / "model.onnx").resolve()
+    try:
+        export.path("../elsewhere.onnx")
+    except UserError as exc:
+        assert "lies outside" in str(exc)
+    else:
+        raise AssertionError("a path out of the artifact was accepted")
+    write_manifest(tmp_path, {"kind": "onnx", "onnx": "not a record"})
+    assert Artifact.open(tmp_path).onnx == {}   # a manifest is input: an odd type is no record

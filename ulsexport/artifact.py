@@ -32,7 +32,62 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """A folder ulsexport reads: its manifest (`ulsexport.json`) read and checked once, and typed views of
+    the fields that cross modules. The manifest is input: never trusted to name paths outside the folder
+    (`path`), never written back. Open one with `Artifact.open(folder)`; a folder without a manifest (a
+    plain checkpoint) opens too, with `record` None."""
+    folder: Path
+    record: dict | None
+
+    @classmethod
+    def open(cls, folder) -> Artifact:
+        return cls(Path(folder), read_manifest(folder))
+
+    @property
+    def manifest(self) -> dict:
+        """The manifest's fields ({} without one)."""
+        return self.record or {}
+
+    def get(self, key: str, default=None):
+        return self.manifest.get(key, default)
+
+    @property
+    def kind(self) -> str:
+        return artifact_kind(self.folder, self.record)
+
+    @property
+    def multi_depth(self) -> bool:
+        return bool(self.manifest.get("multi_depth"))
+
+    @property
+    def onnx(self) -> dict:
+        """The export's `onnx` record (graph file, inputs; {} for other kinds)."""
+        value = self.manifest.get("onnx")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def kept(self) -> list | None:
+        """The original layers this artifact keeps, in order (None: all, or not recorded)."""
+        return self.manifest.get("kept")
+
+    @property
+    def trained_depths(self) -> list:
+        """Joint healing's depths (plans and kept layers), [] for other checkpoints."""
+        return self.manifest.get("trained_depths") or []
+
+    @property
+    def healing(self) -> dict | None:
+        return self.manifest.get("healing")
+
+    def path(self, relative, what: str = "a file") -> Path:
+        """A path the manifest names, checked to lie inside the folder (`artifact_path`)."""
+        return artifact_path(self.folder, relative, what)
+
+
 def read_manifest(directory: Path) -> dict | None:
+    """The raw manifest (None without one); the rest of the package reads it through `Artifact`."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         return None
@@ -90,9 +145,10 @@ def write_manifest(directory: Path, data: dict) -> Path:
     return path
 
 
-def artifact_kind(folder: Path) -> str:
-    """'hf-checkpoint', 'onnx' or 'genai', from the folder's manifest (or its files)."""
-    manifest = read_manifest(folder) or {}
+def artifact_kind(folder: Path, record: dict | None = None) -> str:
+    """'hf-checkpoint', 'onnx', 'genai', 'tensorrt' or 'triton-repository', from the folder's manifest
+    (`record`, read here if not given) or its files."""
+    manifest = (record if record is not None else read_manifest(folder)) or {}
     if (Path(folder) / GENAI_CONFIG).is_file() and manifest.get("builder") == "genai":
         return "genai"
     if manifest.get("kind"):

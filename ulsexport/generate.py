@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import artifact_kind, read_manifest
+from .artifact import Artifact, artifact_kind
 from .errors import UserError
 
 MAX_NEW_TOKENS = 100_000
@@ -51,7 +51,7 @@ def generate(model: str | Path, prompt: str, max_tokens: int = 64, depth: str | 
         raise UserError(f"--max-tokens {max_tokens} must be between 1 and {MAX_NEW_TOKENS}")
     if depth and speculative:
         raise UserError("give --depth or --speculative, not both (speculative decoding keeps the full depth's tokens)")
-    multi = bool((read_manifest(folder) or {}).get("multi_depth"))
+    multi = Artifact.open(folder).multi_depth
     if (depth or speculative) and not multi:
         raise UserError(f"{folder} has one depth; --depth and --speculative need a multi-depth export "
                         "(ulsexport onnx --speedups 1,2 ...)")

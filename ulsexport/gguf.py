@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .artifact import file_sha256, read_manifest, write_manifest
+from .artifact import Artifact, file_sha256, write_manifest
 from .errors import UserError
 from .outputs import atomic_output_dir
 
@@ -52,8 +52,8 @@ def checkpoint_from_gguf(path: str | Path, quiet: bool = True) -> Path:
 
 
 def _converted(out: Path, digest: str) -> bool:
-    manifest = read_manifest(out) if (out / "config.json").is_file() else None
-    return bool(manifest) and (manifest.get("converted_from_gguf") or {}).get("sha256") == digest
+    converted = Artifact.open(out).get("converted_from_gguf") if (out / "config.json").is_file() else None
+    return isinstance(converted, dict) and converted.get("sha256") == digest
 
 
 def _convert(path: Path, tmp: Path) -> None:

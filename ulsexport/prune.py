@@ -9,7 +9,7 @@ from . import checkpoint as ckpt
 from .checkpoint import load_model_info
 from .families import remap_config
 from .errors import UserError
-from .artifact import file_sha256, read_manifest, write_manifest
+from .artifact import Artifact, file_sha256, write_manifest
 from .outputs import atomic_output_dir
 from .plan.positional import LayerPlan, make_plan
 from .progress import progress_bar
@@ -47,7 +47,7 @@ def prune_checkpoint(
     entries = _renamed_entries(infos, adapter, plan, num_layers)
     new_config = remap_config(config, adapter, list(plan.kept),
                               ckpt.materialized_per_layer_fields(model_dir, adapter.per_layer_lists))
-    source_manifest = read_manifest(model_dir)
+    source_manifest = Artifact.open(model_dir).record
     manifest = {
         "kind": "hf-checkpoint",
         "source": str(Path(model_dir).absolute()),

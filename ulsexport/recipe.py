@@ -360,9 +360,9 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
 
 def summary(recipe: dict, out: Path, report: dict | None) -> list[str]:
     """A few lines of what the run measured: layers kept, parity, decode speedup, perplexities."""
-    from .artifact import read_manifest
+    from .artifact import Artifact
 
-    pruned = read_manifest(out / "hf") or {}
+    pruned = Artifact.open(out / "hf").manifest
     kept, total = pruned.get("kept") or [], pruned.get("num_layers_original")
     lines = [f"{recipe['name']}: {len(kept)} of {total} layers kept ({(pruned.get('plan') or {}).get('strategy')} "
              f"plan: {','.join(map(str, kept))})"]
@@ -377,7 +377,7 @@ def summary(recipe: dict, out: Path, report: dict | None) -> list[str]:
             lines.append(f"decode speed, batch {batch}: {measured['decode_tokens_per_s']:.2f}x the full model "
                          f"({speeds['full'][batch]['decode_tokens_per_s']['median']:.0f} -> "
                          f"{speeds['pruned'][batch]['decode_tokens_per_s']['median']:.0f} tokens/s, {report['runtime']})")
-    healing = (read_manifest(out / "healed") or {}).get("healing") if recipe.get("heal") else None
+    healing = Artifact.open(out / "healed").healing if recipe.get("heal") else None
     if healing and healing.get("perplexity_after") is not None and healing.get("teacher_perplexity"):
         lines.append(f"perplexity on {Path(healing['eval_text']).name}: full {healing['teacher_perplexity']:.2f}, "
                      f"pruned {healing['perplexity_before']:.2f}, healed {healing['perplexity_after']:.2f} "

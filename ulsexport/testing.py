@@ -315,9 +315,10 @@ def weight_bytes(folder, without_axis: int | None = None) -> int:
     with an axis of that length (the vocabulary: embedding and lm head)."""
     import onnx
 
-    from .artifact import artifact_path, read_manifest
+    from .artifact import Artifact
 
-    graph_file = artifact_path(folder, (read_manifest(folder) or {}).get("onnx", {}).get("file"), "onnx.file")
+    artifact = Artifact.open(folder)
+    graph_file = artifact.path(artifact.onnx.get("file"), "onnx.file")
     graph = onnx.load(str(graph_file), load_external_data=False).graph
     total = 0
     for tensor in graph.initializer:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..artifact import BuildResult, artifact_path, graph_entry, read_manifest, write_manifest
+from ..artifact import Artifact, BuildResult, artifact_path, graph_entry, write_manifest
 from ..errors import UserError, first_line
 from ..outputs import atomic_output_dir, io_error, resolve_path
 from .library import load_library
@@ -32,8 +32,8 @@ MAX_PARSER_ERRORS = 3  # named in the one-line refusal
 def read_export(model: Path) -> dict:
     """The manifest of a standard-ops, concat-cache ONNX export at `model`, or a one-line refusal."""
     model = Path(model)
-    manifest = read_manifest(model) if model.is_dir() else None
-    if not manifest or manifest.get("kind") != "onnx" or "onnx" not in manifest:
+    manifest = Artifact.open(model).manifest if model.is_dir() else {}
+    if manifest.get("kind") != "onnx" or "onnx" not in manifest:
         raise UserError(f"--model {model} is not an ONNX export of `ulsexport onnx` (no ulsexport.json of kind onnx)")
     onnx = manifest["onnx"]
     if not isinstance(onnx, dict):
@@ -150,7 +150,7 @@ def build_engine(model, out, precision: str | None = None, batch: str | tuple[in
         result["graphs"] = [graph_entry(ENGINE_FILE, result["cache_to_original_layer"], kv_cache="concat",
                                         library=lib.name)]
         write_manifest(tmp, result)
-    return BuildResult(out, read_manifest(out), time.perf_counter() - start)
+    return BuildResult(out, Artifact.open(out).manifest, time.perf_counter() - start)
 
 
 def check_timing_cache(path, model: Path, out: Path) -> Path:

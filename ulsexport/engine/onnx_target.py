@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..artifact import BuildResult, read_manifest, write_manifest
+from ..artifact import Artifact, BuildResult, write_manifest
 from ..errors import UserError
 from ..outputs import atomic_output_dir
 from .ops import standard_ops_check
@@ -35,9 +35,9 @@ def export_standard_onnx(model, out, dtype: str = "fp32", device: str = "cpu", f
         for path in inner.iterdir():
             shutil.move(str(path), tmp / path.name)
         inner.rmdir()
-        manifest = read_manifest(tmp)
+        manifest = dict(Artifact.open(tmp).manifest)
         manifest.pop("tool", None), manifest.pop("version", None)
         manifest["target"] = TARGET
         manifest["standard_ops"] = True
         write_manifest(tmp, manifest)
-    return BuildResult(out, read_manifest(out), time.perf_counter() - start)
+    return BuildResult(out, Artifact.open(out).manifest, time.perf_counter() - start)

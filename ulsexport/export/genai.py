@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..artifact import GENAI_CONFIG, BuildResult, graph_entry, lineage, read_manifest, write_manifest
+from ..artifact import GENAI_CONFIG, Artifact, BuildResult, graph_entry, lineage, write_manifest
 from ..errors import UserError, first_line
 from ..families import CPU_GQA_HEAD_MULTIPLE
 from ..outputs import atomic_output_dir
@@ -57,7 +57,7 @@ def build_genai(model, out, dtype: str = "fp32", device: str = "cpu", force: boo
             "device": device,
             "genai_config": GENAI_CONFIG,
             "onnx": _onnx_section(decoder, genai_config, dtype),
-            **lineage(read_manifest(model_dir), decoder["num_hidden_layers"]),
+            **lineage(Artifact.open(model_dir).record, decoder["num_hidden_layers"]),
         }
         manifest["graphs"] = [graph_entry(decoder["filename"], manifest["cache_to_original_layer"])]
         write_manifest(tmp, manifest)
@@ -147,7 +147,8 @@ def write_genai_config(onnx_dir) -> Path:
     from transformers import AutoConfig
 
     onnx_dir = Path(onnx_dir)
-    onnx = read_manifest(onnx_dir)["onnx"]
+    artifact = Artifact.open(onnx_dir)
+    onnx = artifact.manifest["onnx"]
     text = AutoConfig.from_pretrained(onnx_dir).get_text_config()
     generation = _generation_ids(onnx_dir, text)
     context = int(getattr(text, "max_position_embeddings", None) or 2048)
@@ -155,7 +156,7 @@ def write_genai_config(onnx_dir) -> Path:
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     if "position_ids" in onnx["inputs"]:
         inputs["position_ids"] = "position_ids"
-    on_cuda = read_manifest(onnx_dir).get("device", "cpu").startswith("cuda")
+    on_cuda = artifact.get("device", "cpu").startswith("cuda")
     providers = [{"cuda": {}}] if on_cuda else []
     config = {
         "model": {

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .. import checkpoint as ckpt
-from ..artifact import BuildResult, graph_entry, lineage, read_manifest, write_manifest
+from ..artifact import Artifact, BuildResult, graph_entry, lineage, write_manifest
 from ..checkpoint import load_model_info
 from ..compat import cache_argument, output_cache
 from ..errors import UserError
@@ -114,7 +114,7 @@ def export_onnx(model, out, dtype: str = "fp32", device: str = "cpu", opset: int
         bar.update()
         ckpt.copy_side_files(model_dir, tmp)
         (tmp / ckpt.CONFIG_NAME).write_text((model_dir / ckpt.CONFIG_NAME).read_text())
-        manifest = _manifest(model_dir, config, read_manifest(model_dir), shapes, dtype, device,
+        manifest = _manifest(model_dir, config, Artifact.open(model_dir).record, shapes, dtype, device,
                              program.model.opset_imports[""], data, fusions, parity)
         write_manifest(tmp, manifest)
         write_genai_config(tmp)

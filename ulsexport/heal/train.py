@@ -42,7 +42,7 @@ from . import distributed
 from .distributed import World, world_from_env
 from .samples import SampleSettings, teacher_samples
 from ..errors import UserError
-from ..artifact import file_sha256, read_manifest, write_manifest
+from ..artifact import Artifact, file_sha256, write_manifest
 from ..models import load_causal_lm, transformers_bars
 from ..tokenizer import load_tokenizer
 from ..precision import resolve_device
@@ -238,7 +238,7 @@ def _heal(world: World, teacher, student, data, out, loss, kd_weight, temperatur
            "dtype": dtype, "data_sha256": _mixture_sha256(hashes, data_weights, samples, teacher_weight),
            "student_config_sha256": file_sha256(student_dir / ckpt.CONFIG_NAME),
            "depths": [d["kept"] for d in depths] if depths else None, "hidden_weight": hidden_weight,
-           "kept": (read_manifest(student_dir) or {}).get("kept") if hidden_weight and not depths else None}
+           "kept": Artifact.open(student_dir).kept if hidden_weight and not depths else None}
     work = claim_work_dir(out, protect) if world.leader else work_dir(out)
     checkpoints = work / "checkpoints"
     output = atomic_output_dir(Path(out), force, protect=protect) if world.leader else contextlib.nullcontext()
@@ -383,7 +383,7 @@ def _check_teacher(teacher, student_dir: Path, student_config: dict, needs_teach
             teacher_dir, student_dir):
         raise UserError(f"the teacher {teacher_dir} and the student {student_dir} have different vocabularies")
     if needs_teacher:
-        manifest = read_manifest(student_dir) or {}
+        manifest = Artifact.open(student_dir).manifest
         if "source_config_sha256" not in manifest:
             raise UserError(f"the student {student_dir} has no ulsexport.json naming its source model; "
                             "distil only a model made by `ulsexport prune`, or use --loss lm")
@@ -678,7 +678,7 @@ def _objective(model, teacher, ids, run, depth=None):
 
 def _manifest(student_dir, teacher_dir, data, data_weights, eval_texts, domains, evaluation, run, before, after,
               teacher_row, sample_record, losses, train_seconds, seconds, device, world: World = World()) -> dict:
-    manifest = dict(read_manifest(student_dir) or {"kind": "hf-checkpoint"})
+    manifest = dict(Artifact.open(student_dir).record or {"kind": "hf-checkpoint"})
     for written_by_write_manifest in ("tool", "version"):
         manifest.pop(written_by_write_manifest, None)
     record = {k: run[k] for k in ("loss", "temperature", "steps", "batch", "seq_len", "lr", "warmup_steps",

@@ -425,13 +425,13 @@ def plan_from_data(model: str | Path, speedup: float, strategy: str, calib_path,
 
 def trained_plan(model: str | Path, speedup) -> LayerPlan | None:
     """The plan a jointly healed model was trained for at `speedup`, or None."""
-    from ..artifact import read_manifest
+    from ..artifact import Artifact
     from ..checkpoint import load_model_info
 
     if speedup is None:
         return None
     model_dir, config, adapter = load_model_info(model)
-    for depth in (read_manifest(model_dir) or {}).get("trained_depths") or []:
+    for depth in Artifact.open(model_dir).trained_depths:
         if float(depth["speedup"]) == float(speedup):
             return plan_for_kept(adapter.num_layers(config), depth["kept"], depth["strategy"], float(speedup),
                                  adapter.shape(config), scores={"trained_depth": True})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifact import read_manifest
+from ..artifact import Artifact
 from ..errors import UserError
 from .base import Runtime
 from .ort_decoder import CAPACITY_STEP, QUEUED_STEPS, OnnxDecoder, graph_section
@@ -25,7 +25,7 @@ class OrtRuntime:
         """An OnnxDecoder, or a MultiDepthDecoder for a multi-depth export; `options` are the decoder's
         (`cuda_graph` None captures decode steps where it can: CUDA, shared cache; False never; True or refuse)."""
         options = {k: v for k, v in options.items() if v is not None}
-        decoder = MultiDepthDecoder(folder, device, **options) if (read_manifest(folder) or {}).get("multi_depth") \
+        decoder = MultiDepthDecoder(folder, device, **options) if Artifact.open(folder).multi_depth \
             else OnnxDecoder(folder, device, **options)
         if dtype is not None and dtype != decoder.onnx["dtype"]:
             raise UserError(f"{folder} is a {decoder.onnx['dtype']} export; --runtime ort runs it in "

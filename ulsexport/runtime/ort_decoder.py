@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import artifact_path, read_manifest
+from ..artifact import Artifact, artifact_path
 from ..errors import UserError, first_line
 from . import kernels
 from .base import Runtime
@@ -75,8 +75,8 @@ class OnnxDecoder(Runtime):
         import onnxruntime as ort
 
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        if not manifest or manifest.get("kind") != "onnx":
+        manifest = Artifact.open(folder).manifest
+        if manifest.get("kind") != "onnx":
             raise UserError(f"{folder} has no ONNX export manifest (ulsexport.json of kind 'onnx')")
         if provider not in PROVIDERS:
             raise UserError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")

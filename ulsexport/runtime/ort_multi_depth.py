@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import artifact_path, read_manifest
+from ..artifact import Artifact, artifact_path
 from ..errors import UserError
 from .base import Runtime
 from .ort_decoder import OnnxDecoder
@@ -133,8 +133,9 @@ class MultiDepthDecoder(Runtime):
 
     def __init__(self, folder: str | Path, provider: str = "cpu", **decoder_options):
         folder = Path(folder)
-        manifest = read_manifest(folder) or {}
-        if not manifest.get("multi_depth"):
+        artifact = Artifact.open(folder)
+        manifest = artifact.manifest
+        if not artifact.multi_depth:
             raise UserError(f"{folder} is not a multi-depth export (ulsexport onnx --speedups ...)")
         if decoder_options.get("decode_kernels"):  # each depth's session would fold a transposed copy of its own
             raise UserError("ulsexport's decode kernels do not run multi-depth exports: their weights are held once, "

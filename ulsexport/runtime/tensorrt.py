@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import artifact_path, read_manifest
+from ..artifact import Artifact, artifact_path
 from ..errors import UserError, first_line
 from .base import Runtime
 from .ort_streams import position_ids_for
@@ -61,8 +61,8 @@ class TensorrtRuntime(Runtime):
         from ..engine.library import load_library
 
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        if not manifest or manifest.get("kind") != "tensorrt":
+        manifest = Artifact.open(folder).manifest
+        if manifest.get("kind") != "tensorrt":
             raise UserError(f"{folder} has no TensorRT engine manifest (ulsexport.json of kind 'tensorrt')")
         if not str(device).startswith("cuda") or not torch.cuda.is_available():
             raise UserError("--runtime tensorrt runs on a CUDA GPU only (--device cuda)")

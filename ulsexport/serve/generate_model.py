@@ -78,7 +78,7 @@ def _eos_ids(folder: Path, tokenizer) -> set[int]:
 def model_limits(folder: Path) -> tuple[int | None, int | None]:
     """(vocabulary size, positions) of an artifact: config.json, and the manifest's
     max_sequence_length where the export has one (shared cache)."""
-    from ..artifact import read_manifest
+    from ..artifact import Artifact
 
     try:
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
@@ -89,9 +89,8 @@ def model_limits(folder: Path) -> tuple[int | None, int | None]:
     config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     vocab = config.get("vocab_size")
     vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
-    onnx = (read_manifest(folder) or {}).get("onnx")
-    positions = [p for p in (config.get("max_position_embeddings"),
-                             onnx.get("max_sequence_length") if isinstance(onnx, dict) else None)
+    onnx = Artifact.open(folder).onnx
+    positions = [p for p in (config.get("max_position_embeddings"), onnx.get("max_sequence_length"))
                  if isinstance(p, int) and not isinstance(p, bool) and p > 0]
     return vocab, (min(positions) if positions else None)
 
@@ -103,7 +102,7 @@ class Generator:
                  max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS, cuda_graph: bool = True,
                  batching: str = "auto", slots: int = 8, draft: str | None = None, draft_tokens: int = 4,
                  decode_kernels: bool = False):
-        from ..artifact import artifact_kind, read_manifest
+        from ..artifact import Artifact, artifact_kind
         from ..tokenizer import load_tokenizer
         from ..runtime import default_runtime, open_runtime
 
@@ -113,8 +112,7 @@ class Generator:
         self.runtime_name = runtime or default_runtime(artifact_kind(self.folder))
         if dtype is None and self.runtime_name == "torch":  # TorchRuntime.open needs a dtype; the others read it
             dtype = "fp32"
-        manifest = read_manifest(self.folder) or {}
-        onnx = manifest.get("onnx") if isinstance(manifest.get("onnx"), dict) else {}
+        onnx = Artifact.open(self.folder).onnx
         # continuous batching (the decode engine) where the artifact allows it: ort over the shared cache; by
         # default on the CPU only: the engine's captured steps on CUDA have not been measured on a GPU yet
         engine = (self.runtime_name == "ort" and onnx.get("kv_cache") == "shared"

@@ -32,7 +32,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..artifact import BuildResult, artifact_kind, artifact_path, read_manifest, write_manifest
+from ..artifact import Artifact, BuildResult, artifact_kind, artifact_path, write_manifest
 from ..errors import UserError
 from ..outputs import atomic_output_dir, resolve_path
 from .generate_model import BATCHING, DEFAULT_DEPTH, DEFAULT_MAX_TOKENS, model_limits
@@ -273,9 +273,9 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
     if positions and max_tokens >= positions:
         raise UserError(f"--max-tokens {max_tokens} leaves no room for a prompt in the model's {positions} positions")
     plain_path(Path(out), "--out")
-    source = read_manifest(artifact) or {}
-    onnx = source.get("onnx") if isinstance(source.get("onnx"), dict) else {}  # multi-depth: the default graph's
-    if source.get("multi_depth"):
+    opened = Artifact.open(artifact)
+    source, onnx = opened.manifest, opened.onnx  # multi-depth: the default graph's
+    if opened.multi_depth:
         if runtime != "ort":
             raise UserError(f"{artifact} is a multi-depth export; --runtime ort serves its depths, not {runtime}")
         graphs = source.get("graphs")
@@ -366,7 +366,7 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
             "served_repository": SERVED, "models": models, "step_model": step,
         }
         write_manifest(tmp, manifest)
-        manifest = read_manifest(tmp)
+        manifest = Artifact.open(tmp).manifest
     return BuildResult(Path(out), manifest, time.perf_counter() - start)
 
 

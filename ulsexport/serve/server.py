@@ -42,7 +42,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifact import MANIFEST_NAME, artifact_path, read_manifest
+from ..artifact import MANIFEST_NAME, Artifact, artifact_path
 from ..errors import UserError
 from ..outputs import check_writable_file, io_error, resolve_path
 from ..processes import die_with_parent
@@ -179,7 +179,7 @@ def server_env(python: ModelPython) -> dict:
 def served_models(repository: Path) -> tuple[Path, list[str]]:
     """(the folder to pass as --model-repository, the model names to wait for)."""
     repository = Path(repository)
-    manifest = read_manifest(repository)  # not JSON, or not an object: one line
+    manifest = Artifact.open(repository).record  # not JSON, or not an object: one line
     if manifest is not None:
         if manifest.get("kind") != "triton-repository":
             raise UserError(f"{repository} is a {manifest.get('kind')} artifact, not a Triton repository; "

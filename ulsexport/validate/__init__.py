@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..artifact import artifact_kind, file_sha256, read_manifest
+from ..artifact import Artifact, artifact_kind, file_sha256
 from ..errors import UserError
 from ..precision import tolerance_for
 from ..progress import progress_bar
@@ -25,11 +25,11 @@ def _hf_source(candidate: Path) -> Path:
     """The Hugging Face checkpoint behind an artifact (the artifact itself for a checkpoint)."""
     if artifact_kind(candidate) == "hf-checkpoint":
         return candidate
-    return Path((read_manifest(candidate) or {}).get("source", ""))
+    return Path(Artifact.open(candidate).get("source", ""))
 
 
 def _check_lineage(reference: Path, candidate_source: Path) -> dict:
-    manifest = read_manifest(candidate_source) or {}
+    manifest = Artifact.open(candidate_source).manifest
     expected = manifest.get("source_config_sha256")
     if expected and expected != file_sha256(reference / "config.json"):
         raise UserError(f"{candidate_source} was not pruned from {reference} (its config hash differs)")
@@ -106,8 +106,8 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
     candidate = Path(candidate)
     if not candidate.is_dir():
         raise UserError(f"--candidate {candidate} does not exist")
-    candidate_manifest = read_manifest(candidate) or {}
-    multi_depth = bool(candidate_manifest.get("multi_depth"))
+    opened = Artifact.open(candidate)
+    candidate_manifest, multi_depth = opened.manifest, opened.multi_depth
     if depth is not None and not multi_depth:
         raise UserError(f"--depth picks a depth of a multi-depth export (onnx --speedups); {candidate} has one graph")
     if multi_depth and runtime != "ort":

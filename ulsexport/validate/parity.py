@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import artifact_kind, read_manifest
+from ..artifact import Artifact, artifact_kind
 from ..errors import UserError
 from ..precision import relative_error
 from ..runtime.base import GreedyRun
@@ -86,7 +86,7 @@ def parity_reference(reference_dir: Path, candidate: Path, kept: list[int], work
     with the reference pruned afresh to the same layers (so a corrupted tensor shows), unless it was
     healed, when its own weights are the reference.
     """
-    manifest = read_manifest(candidate) or {}
+    manifest = Artifact.open(candidate).manifest
     if artifact_kind(candidate) != "hf-checkpoint":
         source = Path(manifest.get("source", ""))
         if not (source / "config.json").is_file():

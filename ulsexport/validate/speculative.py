@@ -16,14 +16,14 @@ PROMPTS = 8   # of the package's chat prompts, as plain text: realistic drafts, 
 
 def validate_speculative(candidate: Path, draft: str, draft_tokens: int, device: str, parity_steps: int,
                          speed: SpeedSettings | None, quiet: bool = False, adaptive: bool = False) -> dict:
-    from ..artifact import read_manifest
+    from ..artifact import Artifact
     from ..progress import progress_bar
     from ..quality import CHAT_PROMPTS
     from ..runtime.ort import MultiDepthDecoder
     from ..runtime.speculative import speculative_greedy
     from ..tokenizer import load_tokenizer
 
-    if not (read_manifest(candidate) or {}).get("multi_depth"):
+    if not Artifact.open(candidate).multi_depth:
         raise UserError(f"--speculative needs a multi-depth export (ulsexport onnx --speedups 1,2 ...); {candidate} "
                         "has one depth")
     plain = MultiDepthDecoder(candidate, device, cuda_graph=False)
