@@ -24,7 +24,7 @@ import yaml
 
 from .errors import UserError
 from .export import BUILDERS
-from .heal.train import LOSSES, MAX_LR, TRAIN_DTYPES
+from .heal.train import LOSSES, MAX_LR, TRAIN_DTYPES, HealSettings
 from .plan.compare import STRATEGIES
 from .plan.scoring import DEFAULT_CALIB_TOKENS
 from .runtime import RUNTIMES
@@ -49,11 +49,14 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "": {"name": (str, REQUIRED), "model": (str, REQUIRED), "artifacts": (str, "artifacts")},
     "plan": {"strategy": (str, "uls"), "speedup": ((int, float), None), "keep": (LAYERS, None), "skip": (LAYERS, None),
              "calib": (str, None), "calib_tokens": (int, DEFAULT_CALIB_TOKENS), "device": (str, "cpu")},
-    "heal": {"data": ((str, list), REQUIRED), "data_weights": (list, None), "teacher_samples": (int, None),
-             "teacher_weight": ((int, float), 0.5), "hidden_weight": ((int, float), 0.0), "loss": (str, "kd"), "steps": (int, 600), "batch": (int, 32),
-             "seq_len": (int, 256), "lr": ((int, float), 5e-4), "lora_rank": (int, None), "device": (str, None),
-             "dtype": (str, "fp32"), "eval_text": ((str, list), None), "eval_tokens": (int, 200_000),
-             "eval_samples": (int, 32), "seed": (int, 0)},
+    # heal: HealSettings' fields (their defaults) but joint healing's, plus the texts
+    "heal": {"data": ((str, list), REQUIRED), "eval_text": ((str, list), None),
+             **{f: (t, getattr(HealSettings, f)) for f, t in [
+                 ("data_weights", list), ("teacher_samples", int), ("teacher_weight", (int, float)),
+                 ("hidden_weight", (int, float)), ("loss", str), ("kd_weight", (int, float)),
+                 ("temperature", (int, float)), ("steps", int), ("warmup_steps", int), ("batch", int),
+                 ("seq_len", int), ("lr", (int, float)), ("lora_rank", int), ("device", str), ("dtype", str),
+                 ("eval_tokens", int), ("eval_samples", int), ("save_every", int), ("seed", int)]}},
     "onnx": {"builder": (str, "torch"), "dtype": (str, "fp32"), "device": (str, "cpu")},
     "validate": {"runtime": (str, None), "device": (str, "cpu"), "batches": (IntList("batch sizes", 1), list(SpeedSettings.batches)),
                  "prompt_len": (int, SpeedSettings.prompt_len), "new_tokens": (int, SpeedSettings.new_tokens),
@@ -90,6 +93,8 @@ ALLOWED = {
                                          and w >= 0 for w in v) and sum(v) > 0), "a list of non-negative numbers"),
     "heal.teacher_samples": _between(0, 10_000_000), "heal.teacher_weight": _between(0, 0.999), "heal.hidden_weight": _between(0, 100),
     "heal.lora_rank": _between(1, 4096), "heal.eval_tokens": _between(2, 100_000_000),
+    "heal.kd_weight": _between(0, 1), "heal.temperature": _between(0, above=True), "heal.warmup_steps": _between(0),
+    "heal.save_every": _between(1),
     "heal.eval_samples": _between(0, 100_000),
     "onnx.builder": _one_of(*BUILDERS), "onnx.dtype": _one_of(*dict.fromkeys(d for b in BUILDERS.values()
                                                                             for d in b.dtypes)),
@@ -459,13 +464,9 @@ def _heal(recipe: dict, out: Path, quiet: bool) -> None:
     from .heal import heal
 
     section = recipe["heal"]
-    heal(recipe["model"], out / "hf", section["data"], out / "healed", loss=section["loss"], steps=section["steps"],
-         batch=section["batch"], seq_len=section["seq_len"], lr=float(section["lr"]), device=section["device"],
-         dtype=section["dtype"], eval_text=section["eval_text"], seed=section["seed"], quiet=quiet, force=True,
-         data_weights=section["data_weights"], teacher_samples=section["teacher_samples"],
-         teacher_weight=float(section["teacher_weight"]), hidden_weight=float(section["hidden_weight"]),
-         lora_rank=section["lora_rank"],
-         eval_tokens=section["eval_tokens"], eval_samples=section["eval_samples"])
+    settings = HealSettings(**{k: v for k, v in section.items() if k not in ("data", "eval_text")})
+    heal(recipe["model"], out / "hf", section["data"], out / "healed", settings, eval_text=section["eval_text"],
+         quiet=quiet, force=True)
 
 
 def _onnx(section: dict, checkpoint: Path, out: Path, quiet: bool) -> None:

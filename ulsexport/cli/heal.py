@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..artifact import json_text
+from ..heal.train import LOSSES, TRAIN_DTYPES, HealSettings
 from .options import quiet_option
 
 
@@ -15,7 +16,7 @@ from .options import quiet_option
 @click.option("--speedups", help="Joint healing: one set of weights for several depths, e.g. 2,3 (1 = the full "
                                  "depth). Starts from --teacher, trains each depth in turn; the output holds every "
                                  "layer and records each depth's plan for `prune --speedup` and `onnx --speedups`.")
-@click.option("--strategy", default="uls", show_default=True, help="With --speedups: the plan strategy.")
+@click.option("--strategy", default=HealSettings.strategy, show_default=True, help="With --speedups: the plan strategy.")
 @click.option("--calib", type=click.Path(path_type=Path), help="With --speedups: calibration text for bi|angular|greedy-ppl.")
 @click.option("--data", "-d", required=True, multiple=True, type=click.Path(path_type=Path),
               help="Training text: a .txt file (one document per paragraph), a .jsonl file (a 'text' "
@@ -25,34 +26,35 @@ from .options import quiet_option
               help="Windows the teacher samples to heal on beside --data (unconditional, continuations of your "
                    "documents, chat dialogues through the chat template), cached [default: as many as the run "
                    "draws, at most 4096]; 0 heals on --data alone (the student then forgets other text).")
-@click.option("--teacher-weight", type=float, default=0.5, show_default=True,
+@click.option("--teacher-weight", type=float, default=HealSettings.teacher_weight, show_default=True,
               help="Share of training windows taken from the teacher's samples.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--loss", type=click.Choice(["kd", "lm", "kd+lm"]), default="kd", show_default=True,
+@click.option("--loss", type=click.Choice(LOSSES), default=HealSettings.loss, show_default=True,
               help="kd: distil the teacher's token distributions; lm: next-token loss on --data; kd+lm: both.")
-@click.option("--kd-weight", type=float, default=0.5, show_default=True, help="Weight of kd in kd+lm.")
-@click.option("--hidden-weight", type=float, default=0.0, show_default=True,
+@click.option("--kd-weight", type=float, default=HealSettings.kd_weight, show_default=True, help="Weight of kd in kd+lm.")
+@click.option("--hidden-weight", type=float, default=HealSettings.hidden_weight, show_default=True,
               help="Add hidden-state distillation (kd): this weight times the normalised distance between each "
                    "kept layer's output and the teacher layer's it was.")
-@click.option("--temperature", "-T", type=float, default=1.0, show_default=True, help="Distillation temperature.")
-@click.option("--steps", type=int, default=600, show_default=True, help="Optimizer steps.")
-@click.option("--batch", type=int, default=32, show_default=True, help="Windows per step.")
-@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per window.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak AdamW learning rate (cosine decay).")
+@click.option("--temperature", "-T", type=float, default=HealSettings.temperature, show_default=True, help="Distillation temperature.")
+@click.option("--steps", type=int, default=HealSettings.steps, show_default=True, help="Optimizer steps.")
+@click.option("--warmup-steps", type=int, help="Linear warm-up steps before the cosine decay [default: --steps / 20].")
+@click.option("--batch", type=int, default=HealSettings.batch, show_default=True, help="Windows per step.")
+@click.option("--seq-len", type=int, default=HealSettings.seq_len, show_default=True, help="Tokens per window.")
+@click.option("--lr", type=float, default=HealSettings.lr, show_default=True, help="Peak AdamW learning rate (cosine decay).")
 @click.option("--lora-rank", type=int, help="Train LoRA adapters of this rank instead of all weights "
                                             "(merged when saved; needs peft).")
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+@click.option("--dtype", type=click.Choice(TRAIN_DTYPES), default=HealSettings.dtype, show_default=True,
               help="bf16: bf16 autocast and a bf16 teacher (trained weights stay fp32).")
 @click.option("--eval-text", multiple=True, type=click.Path(path_type=Path),
               help="Held-out text, repeatable (one per domain): the generality table before and after.")
-@click.option("--eval-tokens", type=int, default=200_000, show_default=True,
+@click.option("--eval-tokens", type=int, default=HealSettings.eval_tokens, show_default=True,
               help="Tokens of each --eval-text scored (from its start).")
-@click.option("--eval-samples", type=int, default=32, show_default=True,
+@click.option("--eval-samples", type=int, default=HealSettings.eval_samples, show_default=True,
               help="Teacher-sampled windows for the top-1 agreement column (0: none).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in <out>.work/.")
-@click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+@click.option("--save-every", type=int, default=HealSettings.save_every, show_default=True, help="Checkpoint every N steps.")
+@click.option("--seed", type=int, default=HealSettings.seed, show_default=True, help="Seed of the data order.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists; discard an earlier run's checkpoints.")
 @click.option("--nproc", type=int, help="Heal over N processes of this host with FSDP2 (one per GPU; gloo on "
                                         "the CPU), started through torchrun; the same output as one process.")

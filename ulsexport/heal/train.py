@@ -23,6 +23,7 @@ work directory is removed once it is in place.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -130,22 +131,46 @@ def next_token_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
-         loss: str = "kd", kd_weight: float = 0.5, temperature: float = 1.0, steps: int = 600,
-         batch: int = 32, seq_len: int = 256, lr: float = 5e-4, warmup_steps: int | None = None,
-         lora_rank: int | None = None, device: str | None = None, dtype: str = "fp32",
-         eval_text=None, resume: bool = False, save_every: int = 100,
-         seed: int = 0, quiet: bool = False, force: bool = False,
-         on_step: Callable[[int, float], None] | None = None, speedups=None, strategy: str = "uls",
-         calib=None, data_weights=None, teacher_samples: int | None = None, teacher_weight: float = 0.5,
-         eval_samples: int = 32, eval_tokens: int = EVAL_MAX_TOKENS, hidden_weight: float = 0.0) -> HealResult:
+@dataclass(frozen=True)
+class HealSettings:
+    """How a healing run trains and what it measures: the one declaration of heal's settings. The CLI's
+    options, a recipe's `heal:` section and heal()'s keyword arguments all build one (their defaults are
+    these); `tests/test_recipe.py` checks that the three name the same fields."""
+    loss: str = "kd"                  # kd, lm or kd+lm
+    kd_weight: float = 0.5            # weight of kd in kd+lm
+    hidden_weight: float = 0.0        # hidden-state distillation beside kd
+    temperature: float = 1.0
+    steps: int = 600
+    batch: int = 32                   # windows per step (over all processes)
+    seq_len: int = 256
+    lr: float = 5e-4
+    warmup_steps: int | None = None   # None: steps // 20
+    lora_rank: int | None = None
+    device: str | None = None         # None: cuda where available
+    dtype: str = "fp32"
+    data_weights: tuple[float, ...] | None = None
+    teacher_samples: int | None = None
+    teacher_weight: float = 0.5
+    eval_tokens: int = EVAL_MAX_TOKENS
+    eval_samples: int = 32
+    save_every: int = 100
+    seed: int = 0
+    speedups: tuple[float, ...] | None = None   # joint healing
+    strategy: str = "uls"                        # joint healing's plans
+    calib: Path | None = None                    # their calibration text
+
+
+def heal(teacher: str | Path | None, student: str | Path | None, data, out: str | Path,
+         settings: HealSettings | None = None, *, eval_text=None, resume: bool = False, force: bool = False,
+         quiet: bool = False, on_step: Callable[[int, float], None] | None = None, **fields) -> HealResult:
     """Train `student` towards `teacher` on `data` and write the result to `out`.
 
     `loss`: "kd" (distillation), "lm" (next-token cross-entropy; the teacher is then optional) or
     "kd+lm" (kd_weight * kd + (1 - kd_weight) * lm). `dtype` "bf16" runs forward passes under
     bf16 autocast and holds the teacher (and a LoRA student's frozen base) in bf16; the student's
     trained weights stay fp32 and are saved in the dtype the student was stored in.
-    `on_step(step, loss)` is called after every optimizer step.
+    `on_step(step, loss)` is called after every optimizer step. `settings` (a HealSettings; `fields`
+    replace any of its fields, so `heal(..., steps=100)` works too) says how it trains.
 
     Data: `data` is one source or a list (text or JSONL files, or folders), mixed window by window in
     the proportions `data_weights` (equal by default). With a teacher, a share `teacher_weight` of the
@@ -172,20 +197,19 @@ def heal(teacher: str | Path | None, student: str | Path, data, out: str | Path,
     Under torchrun (`ulsexport heal --nproc N`), each process runs this function as one rank of an FSDP2
     run (`distributed.py`): the same windows and output as one process, the work shared.
     """
+    settings = dataclasses.replace(settings or HealSettings(), **fields)
     world = world_from_env()
     quiet = quiet or not world.leader
     try:
         with distributed.only_leader_prints(world):
-            return _heal(world, teacher, student, data, out, loss, kd_weight, temperature, steps, batch, seq_len,
-                         lr, warmup_steps, lora_rank, device, dtype, eval_text, resume, save_every, seed, quiet,
-                         force, on_step, speedups, strategy, calib, data_weights, teacher_samples, teacher_weight,
-                         eval_samples, eval_tokens, hidden_weight)
+            return _heal(world, teacher, student, data, out, eval_text=eval_text, resume=resume, force=force,
+                         quiet=quiet, on_step=on_step, **dataclasses.asdict(settings))
     finally:
         if world.distributed:
             distributed.shutdown()
 
 
-def _heal(world: World, teacher, student, data, out, loss, kd_weight, temperature, steps, batch, seq_len, lr,
+def _heal(world: World, teacher, student, data, out, *, loss, kd_weight, temperature, steps, batch, seq_len, lr,
           warmup_steps, lora_rank, device, dtype, eval_text, resume, save_every, seed, quiet, force, on_step,
           speedups, strategy, calib, data_weights, teacher_samples, teacher_weight, eval_samples, eval_tokens,
           hidden_weight) -> HealResult:
