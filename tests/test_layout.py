@@ -168,3 +168,10 @@ def test_artifact_types_what_crosses_modules(tmp_path):
         raise AssertionError("a path out of the artifact was accepted")
     write_manifest(tmp_path, {"kind": "onnx", "onnx": "not a record"})
     assert Artifact.open(tmp_path).onnx == {}   # a manifest is input: an odd type is no record
+
+
+def test_the_tests_mirror_the_package():
+    """tests/<package>/ holds the tests of ulsexport/<package>/; no test file sits in a folder the package lacks."""
+    tests = Path(__file__).parent
+    folders = {p.parent.relative_to(tests) for p in tests.rglob("test_*.py")} - {Path(".")}
+    assert folders and all((PACKAGE / folder / "__init__.py").is_file() for folder in folders), folders

@@ -19,7 +19,7 @@ from ulsexport.plan import make_plan, num_kept_for_speedup
 from ulsexport.prune import prune_checkpoint
 from ulsexport.quality import perplexity
 
-DATA = Path(__file__).parent / "fixtures" / "data"
+DATA = Path(__file__).parent.parent / "fixtures" / "data"
 KJV = DATA / "kjv-valid.txt"
 NUM_LAYERS = 8
 
