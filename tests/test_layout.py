@@ -83,7 +83,7 @@ LAYERS = [
     ("ulsexport.heal", 6), ("ulsexport.runtime.ort_decoder", 6), ("ulsexport.runtime.tensorrt", 6),
     ("ulsexport.runtime.decode_engine", 6), ("ulsexport.runtime.ort_multi_depth", 7), ("ulsexport.runtime.ort", 8),
     # 9: exporting; 10: validating, serving one model, TensorRT graphs
-    ("ulsexport.export.trace", 9), ("ulsexport.export.genai", 9), ("ulsexport.export.multi_depth", 9),
+    ("ulsexport.export.trace", 9), ("ulsexport.export.genai", 9), ("ulsexport.export.multi_depth", 9), ("ulsexport.export.stage", 9),
     ("ulsexport.validate", 10), ("ulsexport.serve.generate_model", 10), ("ulsexport.engine.onnx_target", 10),
     ("ulsexport.generate", 10),
     # 11-12: repositories, servers, engines

@@ -29,8 +29,8 @@ artifacts: {tmp_path / 'artifacts'}
 plan: {{strategy: uls, speedup: 2}}
 heal: {{data: {ROOT / 'tests/fixtures/data/tinystories-valid-excerpt.txt'}, steps: 2, batch: 2, seq_len: 32,
         device: cpu, eval_text: {ROOT / 'tests/fixtures/data/tinystories-valid-excerpt.txt'}, eval_tokens: 4000,
-        eval_samples: 4}}
-onnx: {{builder: torch}}
+        eval_samples: 4, warmup_steps: 1, temperature: 2.0}}
+onnx: {{builder: torch, kv_cache: concat}}
 validate: {{runtime: ort, batches: [1], prompt_len: 8, new_tokens: 4, runs: 1, parity_steps: 4}}
 triton: {{max_batch: 2}}
 """)
@@ -43,7 +43,9 @@ triton: {{max_batch: 2}}
     out = tmp_path / "artifacts" / "healed"
     manifest = json.loads((out / "onnx" / "ulsexport.json").read_text())
     assert manifest["source"] == str((out / "healed").resolve()) or manifest["source"].endswith("healed")
-    assert json.loads((out / "healed" / "ulsexport.json").read_text())["healing"]["steps"] == 2
+    healing = json.loads((out / "healed" / "ulsexport.json").read_text())["healing"]
+    assert (healing["steps"], healing["warmup_steps"], healing["temperature"]) == (2, 1, 2.0)   # every heal setting
+    assert manifest["onnx"]["kv_cache"] == "concat"   # and every onnx setting reach their stage
     assert f"serve it: ulsexport serve {out / 'triton'}" in result.stdout   # what to run next
 
 
@@ -68,6 +70,8 @@ def test_runtime_follows_the_builder_when_unset(tmp_path):
     ("name: x\nmodel: m\nplan:\n  speedup: fast\n", [], "line 4: 'plan.speedup' must be a number"),
     ("name: x\nplan:\n  speedup: 2\n", [], "needs 'model'"),
     ("name: x\nmodel: m\nplan: [1, 2]\n", [], "line 3: 'plan' must be a mapping"),
+    ("name: x\nmodel: m\nonnx:\n  no_optimize: 1\n", [], "line 4: 'onnx.no_optimize' must be true or false"),
+    ("name: x\nmodel: m\nheal:\n  data: d\n  steps: true\n", [], "line 5: 'heal.steps' must be a whole number"),
     ("name: [x\n", [], "not valid YAML"),
     ("name: x\nmodel: m\n", ["plan.speedup"], "expected key=value"),
     ("name: x\nmodel: m\n", ["plan.speed=2"], "(--set): unknown field 'plan.speed'"),
@@ -119,9 +123,7 @@ NOT_IN_RECIPES = {
                        "strategy": "joint healing's", "calib": "joint healing's"},
     ("onnx", "onnx"): {**RUN_CONTROL, "model": "the heal or prune stage's output", "allow_pickle": "as prune's",
                        "speedups": "multi-depth exports: from the command line", "strategy": "multi-depth's",
-                       "calib": "multi-depth's", "attention": "not yet in recipes", "kv_cache": "not yet in recipes",
-                       "opset": "not yet in recipes", "no_optimize": "not yet in recipes",
-                       "target": "not yet in recipes"},
+                       "calib": "multi-depth's"},
     ("validate", "validate"): {"quiet": "run --quiet", "reference": "the recipe's model",
                                "candidate": "the onnx stage's output", "reference_artifact": "the recipe's model",
                                "report_path": "artifacts/<name>/report/", "json_path": "artifacts/<name>/report/",

@@ -24,6 +24,7 @@ import yaml
 
 from .errors import UserError
 from .export import BUILDERS
+from .export.stage import OnnxSettings
 from .heal.train import LOSSES, MAX_LR, TRAIN_DTYPES, HealSettings
 from .plan.compare import STRATEGIES
 from .plan.scoring import DEFAULT_CALIB_TOKENS
@@ -57,7 +58,10 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
                  ("temperature", (int, float)), ("steps", int), ("warmup_steps", int), ("batch", int),
                  ("seq_len", int), ("lr", (int, float)), ("lora_rank", int), ("device", str), ("dtype", str),
                  ("eval_tokens", int), ("eval_samples", int), ("save_every", int), ("seed", int)]}},
-    "onnx": {"builder": (str, "torch"), "dtype": (str, "fp32"), "device": (str, "cpu")},
+    # onnx: OnnxSettings' fields (their defaults) but multi-depth's and allow_pickle
+    "onnx": {f: (t, getattr(OnnxSettings, f)) for f, t in [
+        ("builder", str), ("dtype", str), ("device", str), ("opset", int), ("no_optimize", bool), ("attention", str),
+        ("kv_cache", str), ("target", str)]},
     "validate": {"runtime": (str, None), "device": (str, "cpu"), "batches": (IntList("batch sizes", 1), list(SpeedSettings.batches)),
                  "prompt_len": (int, SpeedSettings.prompt_len), "new_tokens": (int, SpeedSettings.new_tokens),
                  "runs": (int, SpeedSettings.runs), "parity_steps": (int, 32), "text": ((str, list), None)},
@@ -98,7 +102,8 @@ ALLOWED = {
     "heal.eval_samples": _between(0, 100_000),
     "onnx.builder": _one_of(*BUILDERS), "onnx.dtype": _one_of(*dict.fromkeys(d for b in BUILDERS.values()
                                                                             for d in b.dtypes)),
-    "onnx.device": DEVICE,
+    "onnx.device": DEVICE, "onnx.opset": _between(7, 30), "onnx.attention": _one_of("gqa", "mha"),
+    "onnx.kv_cache": _one_of("shared", "concat"), "onnx.target": _one_of("ort", "tensorrt"),
     "validate.runtime": _one_of(*RUNTIMES), "validate.device": DEVICE, "validate.prompt_len": _between(1, 2**20),
     "validate.new_tokens": _between(2, 2**20), "validate.runs": _between(1, 10_000),
     "validate.parity_steps": _between(1, 2**20),
@@ -235,7 +240,7 @@ def _fields(section: str, values: dict, where: Callable[[str], str]) -> dict:
         if isinstance(kind, IntList):
             if value is not None:
                 _check_int_list(key, value, kind, where)
-        elif value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        elif value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
             raise UserError(f"{where(key)}: '{key}' must be {_kind_name(kind)}, not {_brief(value)}")
         if key in ALLOWED and value is not None and not ALLOWED[key][0](value):
             raise UserError(f"{where(key)}: '{key}' must be {ALLOWED[key][1]}, not {_brief(value)}")
@@ -276,7 +281,7 @@ def _check_name(name: str, where) -> None:
 
 
 def _kind_name(kind) -> str:
-    names = {str: "text", int: "a whole number", list: "a list", (int, float): "a number",
+    names = {str: "text", int: "a whole number", bool: "true or false", list: "a list", (int, float): "a number",
              (str, list): "a path or a list of paths"}
     return names.get(kind, str(kind))
 
@@ -470,10 +475,9 @@ def _heal(recipe: dict, out: Path, quiet: bool) -> None:
 
 
 def _onnx(section: dict, checkpoint: Path, out: Path, quiet: bool) -> None:
-    from .export import get_builder
+    from .export.stage import export
 
-    get_builder(section["builder"]).build(checkpoint, out / "onnx", section["dtype"], section["device"],
-                                          force=True, quiet=quiet)
+    export(checkpoint, out / "onnx", OnnxSettings(**section), force=True, quiet=quiet)
 
 
 def _validate(recipe: dict, candidate: Path, out: Path, quiet: bool) -> dict:

@@ -6,19 +6,19 @@ from pathlib import Path
 import click
 
 from ..artifact import json_text
-from ..errors import UserError
-from ..export import BUILDERS, DEFAULT_BUILDER, get_builder
+from ..export import BUILDERS
+from ..export.stage import OnnxSettings
 from .options import quiet_option
 
 
 @click.command()
 @click.option("--model", "-m", required=True, help="Checkpoint directory (usually from `ulsexport prune`).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--builder", type=click.Choice(list(BUILDERS)), default=DEFAULT_BUILDER, show_default=True,
+@click.option("--builder", type=click.Choice(list(BUILDERS)), default=OnnxSettings.builder, show_default=True,
               help="; ".join(f"{b.name}: {b.summary}" for b in BUILDERS.values()) + ".")
-@click.option("--dtype", default="fp32", show_default=True,
+@click.option("--dtype", default=OnnxSettings.dtype, show_default=True,
               help="fp32, fp16 (meant for cuda; the torch builder's also runs on cpu), int4 (genai builder only).")
-@click.option("--device", default="cpu", show_default=True,
+@click.option("--device", default=OnnxSettings.device, show_default=True,
               help="cpu or cuda: where the model is traced and checked (torch), or which the graph targets (genai).")
 @click.option("--opset", type=int, help="ONNX opset [default: torch.onnx's] (torch builder).")
 @click.option("--no-optimize", is_flag=True, help="Skip onnxruntime transformer fusions (torch builder).")
@@ -31,13 +31,13 @@ from .options import quiet_option
                    "bound as past and present, appended in place, rotary inside GroupQueryAttention, rows "
                    "right-padded (onnxruntime-genai's layout; models with sliding-window attention keep concat); "
                    "concat = past and present separate, padding mask as an attention bias.")
-@click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
+@click.option("--target", type=click.Choice(["ort", "tensorrt"]), default=OnnxSettings.target, show_default=True,
               help="tensorrt: standard ONNX ops only (the torch builder's graph, no fusions, concat KV cache), "
                    "the input of `ulsexport engine`.")
 @click.option("--speedups", help="Several depths from one set of weights, e.g. 1,2,3 (1 = full depth): --model is "
                                  "the ORIGINAL checkpoint, planned at each speedup with --strategy; one graph per "
                                  "depth, every weight stored once (torch builder).")
-@click.option("--strategy", default="uls", show_default=True, help="With --speedups: the plan strategy (see `plan`).")
+@click.option("--strategy", default=OnnxSettings.strategy, show_default=True, help="With --speedups: the plan strategy (see `plan`).")
 @click.option("--calib", type=click.Path(path_type=Path), help="With --speedups: calibration text for bi|angular|greedy-ppl.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only an earlier ulsexport output).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (*.bin); they can run code when loaded.")
@@ -61,25 +61,12 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
       ulsexport onnx  --model artifacts/llama-2x/hf --out artifacts/llama-2x/genai --builder genai \\
           --dtype fp16 --device cuda
     """
-    options = dict(opset=opset, optimize=False if no_optimize else None, attention=attention, kv_cache=kv_cache,
-                   allow_pickle=allow_pickle or None)
-    if target == "tensorrt":
-        if builder != DEFAULT_BUILDER or speedups:
-            raise UserError("--target tensorrt is the torch builder's graph of one depth: drop --builder/--speedups")
-        builder = "tensorrt"
-    if speedups:
-        from ..export.multi_depth import export_multi_depth
-        from ..plan.compare import parse_speedups
+    from ..export.stage import OnnxSettings, export
+    from ..plan.compare import parse_speedups
 
-        if builder != DEFAULT_BUILDER:
-            raise UserError("--speedups builds with --builder torch only")
-        result = export_multi_depth(model, out, parse_speedups(speedups), strategy, calib,
-                                    dtype=dtype, device=device, force=force, quiet=ctx.obj["quiet"],
-                                    **{k: v for k, v in options.items() if v is not None})
-    else:
-        if strategy != "uls" or calib:
-            raise UserError("--strategy and --calib go with --speedups (to prune one depth: ulsexport prune)")
-        result = get_builder(builder).build(model, out, dtype, device, force=force, quiet=ctx.obj["quiet"], **options)
+    settings = OnnxSettings(builder, dtype, device, opset, no_optimize, attention, kv_cache, target,
+                            tuple(parse_speedups(speedups)) if speedups else None, strategy, calib, allow_pickle)
+    result = export(model, out, settings, force=force, quiet=ctx.obj["quiet"])
     if as_json:
         click.echo(json_text(result.manifest))
     elif result.manifest.get("multi_depth"):
