@@ -5,6 +5,9 @@ import pytest
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
+# tests/<package>/ mirror the package; test modules' names stay unique (test_layout checks), so one imports
+# another's helpers by name (`from test_serve import cli`) from any folder, in a full run or a single file's
+sys.path[1:1] = [str(p) for p in sorted(TESTS.iterdir()) if p.is_dir() and any(p.glob("test_*.py"))]
 FIXTURES = TESTS / "fixtures"
 STORIES = FIXTURES / "models" / "stories260K"
 KJV16 = FIXTURES / "models" / "kjv16"

@@ -175,3 +175,5 @@ def test_the_tests_mirror_the_package():
     tests = Path(__file__).parent
     folders = {p.parent.relative_to(tests) for p in tests.rglob("test_*.py")} - {Path(".")}
     assert folders and all((PACKAGE / folder / "__init__.py").is_file() for folder in folders), folders
+    names = [p.name for p in tests.rglob("*.py") if p.name != "conftest.py"]
+    assert len(names) == len(set(names)), "test modules are imported by name: keep their names unique"

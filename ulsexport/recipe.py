@@ -31,7 +31,7 @@ from .plan.scoring import DEFAULT_CALIB_TOKENS
 from .runtime import RUNTIMES
 from .serve.repository import MAX_BATCH, MAX_INSTANCES, MAX_QUEUE_DELAY_US, MAX_TOKENS_LIMIT
 from .serve.repository import RECIPE_FIELDS as TRITON_FIELDS
-from .validate.speed import SpeedSettings
+from .validate.stage import ValidateSettings
 
 REQUIRED = object()
 
@@ -62,9 +62,13 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "onnx": {f: (t, getattr(OnnxSettings, f)) for f, t in [
         ("builder", str), ("dtype", str), ("device", str), ("opset", int), ("no_optimize", bool), ("attention", str),
         ("kv_cache", str), ("target", str)]},
-    "validate": {"runtime": (str, None), "device": (str, "cpu"), "batches": (IntList("batch sizes", 1), list(SpeedSettings.batches)),
-                 "prompt_len": (int, SpeedSettings.prompt_len), "new_tokens": (int, SpeedSettings.new_tokens),
-                 "runs": (int, SpeedSettings.runs), "parity_steps": (int, 32), "text": ((str, list), None)},
+    # validate: ValidateSettings' fields (their defaults) but the multi-depth ones; the runtime follows the builder
+    "validate": {"runtime": (str, None), "batches": (IntList("batch sizes", 1), list(ValidateSettings.batches)),
+                 "text": ((str, list), None), "tasks": (str, None), "tolerance": ((int, float), None),
+                 **{f: (t, getattr(ValidateSettings, f)) for f, t in [
+                     ("device", str), ("dtype", str), ("prompt_len", int), ("new_tokens", int), ("runs", int),
+                     ("warmup", int), ("no_speed", bool), ("parity_steps", int), ("eval_samples", int),
+                     ("no_cuda_graph", bool), ("decode_kernels", bool)]}},
     "triton": TRITON_FIELDS,
 }
 STAMPS = ".ulsexport-stages.json"
@@ -106,7 +110,9 @@ ALLOWED = {
     "onnx.kv_cache": _one_of("shared", "concat"), "onnx.target": _one_of("ort", "tensorrt"),
     "validate.runtime": _one_of(*RUNTIMES), "validate.device": DEVICE, "validate.prompt_len": _between(1, 2**20),
     "validate.new_tokens": _between(2, 2**20), "validate.runs": _between(1, 10_000),
-    "validate.parity_steps": _between(1, 2**20),
+    "validate.parity_steps": _between(1, 2**20), "validate.warmup": _between(0, 10_000),
+    "validate.eval_samples": _between(0, 100_000), "validate.tolerance": _between(0, above=True),
+    "validate.dtype": _one_of("fp32", "fp16", "bf16"),
     "triton.name": ((lambda v: re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v) is not None),
                     "letters, digits, '_', '-' and '.', not starting with '.' or '-' (it becomes a URL path)"),
     "triton.device": _one_of("cpu", "cuda"), "triton.runtime": _one_of(*RUNTIMES),
@@ -482,12 +488,11 @@ def _onnx(section: dict, checkpoint: Path, out: Path, quiet: bool) -> None:
 
 def _validate(recipe: dict, candidate: Path, out: Path, quiet: bool) -> dict:
     from .validate.report import write_reports
-    from .validate import validate
 
     v = recipe["validate"]
-    speed = SpeedSettings(tuple(v["batches"]), v["prompt_len"], v["new_tokens"], v["runs"], 1)
-    report = validate(recipe["model"], candidate, v["runtime"], v["device"], None, speed, v["parity_steps"],
-                      text=v["text"], quiet=quiet)
+    texts = [v["text"]] if isinstance(v["text"], str) else v["text"]
+    settings = ValidateSettings(**{**v, "batches": tuple(v["batches"]), "text": tuple(texts) if texts else None})
+    report = settings.run(recipe["model"], candidate, quiet=quiet)
     (out / "report").mkdir(parents=True, exist_ok=True)
     write_reports(report, out / "report" / "report.json", out / "report" / "report.md", out / "report" / "report.png")
     return report

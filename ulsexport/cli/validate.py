@@ -8,6 +8,7 @@ import click
 
 from ..errors import UserError
 from ..runtime import RUNTIMES
+from ..validate.stage import ValidateSettings
 from .options import quiet_option
 
 @click.command()
@@ -19,25 +20,25 @@ from .options import quiet_option
 @click.option("--speculative", metavar="DEPTH",
               help="A multi-depth export: check self-speculative decoding (DEPTH drafts, the full depth verifies) "
                    "against the full depth (identical tokens) and time both at batch 1.")
-@click.option("--draft-tokens", default=4, show_default=True, help="With --speculative: tokens drafted per verify.")
+@click.option("--draft-tokens", default=ValidateSettings.draft_tokens, show_default=True, help="With --speculative: tokens drafted per verify.")
 @click.option("--adaptive", is_flag=True, help="With --speculative: choose the drafted tokens each round (at most "
                                                "--draft-tokens) from the running acceptance rate and measured costs.")
-@click.option("--runtime", default="torch", show_default=True,
+@click.option("--runtime", default=ValidateSettings.runtime, show_default=True,
               help=", ".join(f"{r.name} ({r.summary})" for r in RUNTIMES.values()) + ".")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", default=ValidateSettings.device, show_default=True, help="cpu or cuda.")
 @click.option("--dtype", help="fp32, fp16 or bf16 [default: the artifact's own, else fp32].")
-@click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes to time, comma-separated.")
-@click.option("--prompt-len", default=128, show_default=True, help="Prompt tokens for timing.")
-@click.option("--new-tokens", default=128, show_default=True, help="Generated tokens for timing.")
-@click.option("--runs", default=3, show_default=True, help="Timed runs per setting (median reported).")
-@click.option("--warmup", default=1, show_default=True, help="Untimed warm-up runs per setting.")
+@click.option("--batch", "batches", default=",".join(map(str, ValidateSettings.batches)), show_default=True, help="Batch sizes to time, comma-separated.")
+@click.option("--prompt-len", default=ValidateSettings.prompt_len, show_default=True, help="Prompt tokens for timing.")
+@click.option("--new-tokens", default=ValidateSettings.new_tokens, show_default=True, help="Generated tokens for timing.")
+@click.option("--runs", default=ValidateSettings.runs, show_default=True, help="Timed runs per setting (median reported).")
+@click.option("--warmup", default=ValidateSettings.warmup, show_default=True, help="Untimed warm-up runs per setting.")
 @click.option("--no-speed", is_flag=True, help="Check parity (and quality) only.")
-@click.option("--parity-steps", default=32, show_default=True, help="Greedy steps compared for parity.")
+@click.option("--parity-steps", default=ValidateSettings.parity_steps, show_default=True, help="Greedy steps compared for parity.")
 @click.option("--tolerance", type=float, help="Relative logit error allowed [default: fp32 1e-4, fp16 1e-2].")
 @click.option("--text", multiple=True, type=click.Path(path_type=Path),
               help="Held-out text, repeatable (one per domain): the generality table of full vs pruned "
                    "(perplexity on each, top-1 agreement on the full model's samples, chat answers' agreement).")
-@click.option("--eval-samples", default=32, show_default=True,
+@click.option("--eval-samples", default=ValidateSettings.eval_samples, show_default=True,
               help="With --text: windows the full model samples for the top-1 agreement column (0: none).")
 @click.option("--tasks", type=click.Path(path_type=Path), help="JSONL of prompt/reference: BLEU and ROUGE-L.")
 @click.option("--reference-artifact", type=click.Path(path_type=Path),
@@ -67,48 +68,35 @@ def validate(ctx, reference, candidate, depth, speculative, draft_tokens, adapti
           --runtime ort --device cuda --batch 1,8 --report report.md --json report.json
     """
     from ..outputs import check_writable_file
-    from ..validate.report import markdown, write_reports
-    from ..validate import SpeedSettings, check_device, check_settings, validate as run_validation
 
-    speed = None if no_speed else SpeedSettings(parse_batches(batches), prompt_len, new_tokens, runs, warmup)
-    check_settings(speed, parity_steps, tolerance)
-    check_device(device)
-    if not 0 <= eval_samples <= 100_000:
-        raise UserError(f"--eval-samples {eval_samples} must be between 0 and 100000")
+    settings = ValidateSettings(runtime, device, dtype, parse_batches(batches), prompt_len, new_tokens, runs, warmup,
+                                no_speed, parity_steps, tolerance, tuple(text) or None, eval_samples, tasks, depth,
+                                no_cuda_graph, decode_kernels, speculative, draft_tokens, adaptive)
+    settings.check()
     for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
         check_writable_file(path, option)  # before the work, not after it
+    result = settings.run(reference, candidate, reference_artifact, quiet=ctx.obj["quiet"])
     if speculative:
-        _speculative(ctx, candidate, speculative, draft_tokens, device, parity_steps, speed, json_path, report_path,
-                     adaptive)
-        return
-    if not reference:
-        raise UserError("--reference is required: the original checkpoint the candidate came from")
-    result = run_validation(reference, candidate, runtime, device, dtype, speed, parity_steps, tolerance,
-                            list(text) or None,
-                            tasks, reference_artifact, quiet=ctx.obj["quiet"],
-                            cuda_graph=False if no_cuda_graph else None, decode_kernels=decode_kernels, depth=depth,
-                            eval_samples=eval_samples)
-    write_reports(result, json_path, report_path, plot_path)
-    click.echo(markdown(result))
+        _write_speculative(result, json_path, report_path)
+    else:
+        from ..validate.report import markdown, write_reports
+
+        write_reports(result, json_path, report_path, plot_path)
+        click.echo(markdown(result))
     if not result["parity"]["passed"]:
         sys.exit(1)
 
 
-def _speculative(ctx, candidate, draft, draft_tokens, device, parity_steps, speed, json_path, report_path,
-                 adaptive=False):
+def _write_speculative(result: dict, json_path, report_path) -> None:
     from ..artifact import json_text
-    from ..validate.speculative import speculative_markdown, validate_speculative
+    from ..validate.speculative import speculative_markdown
 
-    result = validate_speculative(candidate, draft, draft_tokens, device, parity_steps, speed, quiet=ctx.obj["quiet"],
-                                  adaptive=adaptive)
     text = speculative_markdown(result)
     if json_path:
         Path(json_path).write_text(json_text(result) + "\n")
     if report_path:
         Path(report_path).write_text(text)
     click.echo(text)
-    if not result["parity"]["passed"]:
-        sys.exit(1)
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
