@@ -116,9 +116,9 @@ RUN_CONTROL = {"out": "artifacts/<name>/<stage>/", "force": "a recipe redoes wha
 NOT_IN_RECIPES = {
     ("plan", "prune"): {**RUN_CONTROL, "model": "the recipe's top-level model", "resume": "the heal section's",
                         "heal_data": "the recipe's heal section", "allow_pickle": "unpickling is opted into on the "
-                        "command line only", "max_shard_size": "not yet in recipes"},
+                        "command line only", "max_shard_size": "the output's shard size: the command line's"},
     ("heal", "heal"): {**RUN_CONTROL, "teacher": "the recipe's model", "student": "the prune stage's output",
-                       "resume": "not yet in recipes", "nproc": "a recipe runs in one process",
+                       "resume": "a recipe reruns a changed stage from the start", "nproc": "a recipe runs in one process",
                        "speedups": "joint healing: a recipe heals the one depth its plan made",
                        "strategy": "joint healing's", "calib": "joint healing's"},
     ("onnx", "onnx"): {**RUN_CONTROL, "model": "the heal or prune stage's output", "allow_pickle": "as prune's",
@@ -131,8 +131,7 @@ NOT_IN_RECIPES = {
                                **{o: "a multi-depth export's (onnx --speedups: from the command line)"
                                   for o in ("depth", "speculative", "draft_tokens", "adaptive")}},
     ("triton", "triton"): {"out": "artifacts/<name>/triton/", "force": "a recipe redoes what changed",
-                           "as_json": "the run's summary", "model": "the onnx stage's output",
-                           "no_cuda_graph": "not yet in recipes"},
+                           "as_json": "the run's summary", "model": "the onnx stage's output"},
 }
 
 
@@ -165,3 +164,30 @@ def test_heal_settings_are_the_one_declaration_of_heals_defaults():
             assert SCHEMA["heal"][field.name][1] == field.default, field.name
     joint = {"speedups", "strategy", "calib"}
     assert set(SCHEMA["heal"]) == {f.name for f in dataclasses.fields(HealSettings)} - joint | {"data", "eval_text"}
+
+
+def test_every_stage_has_one_settings_object_with_the_clis_defaults():
+    """Each stage's settings dataclass is where its defaults live: the CLI's options show the same."""
+    import dataclasses
+
+    from ulsexport.cli import main
+    from ulsexport.export.stage import OnnxSettings
+    from ulsexport.heal import HealSettings
+    from ulsexport.plan.scoring import PlanSettings
+    from ulsexport.serve.repository import TritonSettings
+    from ulsexport.validate.stage import ValidateSettings
+
+    for command, settings in (("prune", PlanSettings), ("heal", HealSettings), ("onnx", OnnxSettings),
+                              ("validate", ValidateSettings), ("triton", TritonSettings)):
+        options = {p.name: p for p in main.commands[command].params}
+        for field in dataclasses.fields(settings):
+            assert field.name in options, f"{settings.__name__}.{field.name}: no option of `{command}`"
+            default, option = field.default, options[field.name]
+            given = option.default
+            if type(given).__name__ == "Sentinel" or given is None:
+                given = False if option.is_flag else None
+            if field.name == "batches":
+                given = tuple(int(b) for b in given.split(","))
+            if field.name in ("keep", "skip", "text"):   # lists the CLI parses
+                continue
+            assert given == default, f"{command} --{field.name}: {given!r}, {settings.__name__}: {default!r}"

@@ -27,7 +27,7 @@ from .export import BUILDERS
 from .export.stage import OnnxSettings
 from .heal.train import LOSSES, MAX_LR, TRAIN_DTYPES, HealSettings
 from .plan.compare import STRATEGIES
-from .plan.scoring import DEFAULT_CALIB_TOKENS
+from .plan.scoring import PlanSettings
 from .runtime import RUNTIMES
 from .serve.repository import MAX_BATCH, MAX_INSTANCES, MAX_QUEUE_DELAY_US, MAX_TOKENS_LIMIT
 from .serve.repository import RECIPE_FIELDS as TRITON_FIELDS
@@ -48,8 +48,10 @@ LAYERS = IntList("layer indices")
 # Every field a recipe may hold: section -> field -> (type, default); "" is the top level.
 SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "": {"name": (str, REQUIRED), "model": (str, REQUIRED), "artifacts": (str, "artifacts")},
-    "plan": {"strategy": (str, "uls"), "speedup": ((int, float), None), "keep": (LAYERS, None), "skip": (LAYERS, None),
-             "calib": (str, None), "calib_tokens": (int, DEFAULT_CALIB_TOKENS), "device": (str, "cpu")},
+    # plan: PlanSettings' fields (their defaults)
+    "plan": {f: (t, getattr(PlanSettings, f)) for f, t in [
+        ("strategy", str), ("speedup", (int, float)), ("keep", LAYERS), ("skip", LAYERS), ("calib", str),
+        ("calib_tokens", int), ("device", str)]},
     # heal: HealSettings' fields (their defaults) but joint healing's, plus the texts
     "heal": {"data": ((str, list), REQUIRED), "eval_text": ((str, list), None),
              **{f: (t, getattr(HealSettings, f)) for f, t in [
@@ -295,8 +297,6 @@ def _kind_name(kind) -> str:
 def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
                echo: Callable[[str], None] = print) -> RecipeRun:
     """prune -> onnx -> validate as the recipe says, each stage skipped when its inputs are unchanged."""
-    from .plan.scoring import layer_plan_for_model
-
     from .outputs import resolve_path
     from .validate import check_device
 
@@ -347,7 +347,7 @@ def run_recipe(recipe: dict, force: bool = False, quiet: bool = False,
     plan = _plan_up_front(recipe, quiet)  # a bad plan is refused before any stage starts
     prune_key = stage("prune", {"model": recipe["model"], "model_contents": model_fingerprint(recipe["model"]),
                                 "plan": plan_section}, out / "hf",
-                      lambda: _prune(recipe, out / "hf", quiet, layer_plan_for_model, plan))
+                      lambda: _prune(recipe, out / "hf", quiet, plan))
     checkpoint, checkpoint_key = out / "hf", prune_key
     if recipe.get("heal"):
         section = recipe["heal"]
@@ -453,21 +453,24 @@ def model_fingerprint(model: str) -> str | None:
 def _plan_up_front(recipe: dict, quiet: bool):
     """The recipe's plan where making it is cheap (positional and explicit plans read only the
     config); None for plans scored from calibration data, made when the prune stage runs."""
-    from .plan.scoring import DATA_STRATEGIES, layer_plan_for_model
+    from .plan.scoring import DATA_STRATEGIES
 
     p = recipe["plan"]
     if p["strategy"] in DATA_STRATEGIES and p["keep"] is None and p["skip"] is None:
         return None
-    return layer_plan_for_model(recipe["model"], p["speedup"], p["strategy"], p["keep"], p["skip"], p["calib"],
-                                calib_tokens=p["calib_tokens"], device=p["device"], quiet=quiet)
+    return _plan_settings(p).plan(recipe["model"], quiet=quiet)
 
 
-def _prune(recipe: dict, target: Path, quiet: bool, layer_plan_for_model, plan=None) -> None:
+def _plan_settings(p: dict) -> PlanSettings:
+    return PlanSettings(**{**p, "keep": tuple(p["keep"]) if p["keep"] is not None else None,
+                           "skip": tuple(p["skip"]) if p["skip"] is not None else None})
+
+
+def _prune(recipe: dict, target: Path, quiet: bool, plan=None) -> None:
     from .prune import prune_checkpoint
 
     p = recipe["plan"]
-    plan = plan or layer_plan_for_model(recipe["model"], p["speedup"], p["strategy"], p["keep"], p["skip"], p["calib"],
-                                calib_tokens=p["calib_tokens"], device=p["device"], quiet=quiet)
+    plan = plan or _plan_settings(p).plan(recipe["model"], quiet=quiet)
     prune_checkpoint(recipe["model"], target, plan, force=True, quiet=quiet)
 
 

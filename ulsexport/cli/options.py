@@ -7,6 +7,7 @@ import click
 
 from ..errors import UserError
 from ..plan import parse_index_list
+from ..plan.scoring import PlanSettings
 
 ARTIFACTS = Path("artifacts")
 
@@ -33,7 +34,7 @@ def quiet_option(f):
 def plan_options(f):
     f = click.option("--skip", help="Explicit layers to remove, e.g. 1,3,10-12 (instead of a strategy).")(f)
     f = click.option("--keep", help="Explicit layers to keep, e.g. 0,2,5,7 (instead of a strategy).")(f)
-    f = click.option("--strategy", default="uls", show_default=True,
+    f = click.option("--strategy", default=PlanSettings.strategy, show_default=True,
                      help="uls: the ULS authors' rule; even: K layers spread evenly; "
                           "top: drop the layers just below the last; first: keep the first K; "
                           "bi, angular, greedy-ppl: chosen from --calib text (see compare-plans).")(f)
@@ -43,11 +44,9 @@ def plan_options(f):
 
 
 def calib_options(f):
-    from ..plan.scoring import DEFAULT_CALIB_TOKENS
-
-    f = click.option("--device", default="cpu", show_default=True,
+    f = click.option("--device", default=PlanSettings.device, show_default=True,
                      help="Where calibration scoring runs: cpu or cuda.")(f)
-    f = click.option("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, show_default=True,
+    f = click.option("--calib-tokens", type=int, default=PlanSettings.calib_tokens, show_default=True,
                      help="Calibration tokens used (from the start of --calib).")(f)
     f = click.option("--calib", type=click.Path(path_type=Path),
                      help="Calibration text (one paragraph a line) for --strategy bi|angular|greedy-ppl.")(f)
@@ -71,13 +70,11 @@ def check_plan_conflicts(speedup, keep, skip) -> None:
 
 
 def layer_plan_option(model, speedup, strategy, keep, skip, calib, calib_tokens, device):
-    from ..plan.scoring import layer_plan_for_model
-
     check_plan_conflicts(speedup, keep, skip)
     keep_list, skip_list = index_lists(keep, skip)
-    return layer_plan_for_model(model, speedup, strategy, keep_list, skip_list, calib,
-                                calib_tokens=calib_tokens, device=device,
-                                quiet=click.get_current_context().obj["quiet"])
+    settings = PlanSettings(strategy, speedup, tuple(keep_list) if keep_list else keep_list,
+                            tuple(skip_list) if skip_list else skip_list, calib, calib_tokens, device)
+    return settings.plan(model, quiet=click.get_current_context().obj["quiet"])
 
 
 def index_lists(keep, skip):

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..artifact import json_text
+from ..serve.repository import TritonSettings
 from .options import Terminated, quiet_option
 
 
@@ -16,28 +17,28 @@ from .options import Terminated, quiet_option
               help="Artifact to serve: an ONNX export (`ulsexport onnx`), a genai export, or a checkpoint.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Repository directory to write.")
 @click.option("--name", help="Model name in URLs [default: artifacts/NAME/onnx -> NAME].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=TritonSettings.device, show_default=True,
               help="Where the runtime decodes (cuda: one GPU per instance).")
 @click.option("--runtime", help="ort, genai or torch [default: the artifact's own].")
-@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (instance_group count).")
-@click.option("--max-batch", type=int, default=8, show_default=True,
+@click.option("--instances", type=int, default=TritonSettings.instances, show_default=True, help="Model instances (instance_group count).")
+@click.option("--max-batch", type=int, default=TritonSettings.max_batch, show_default=True,
               help="Requests decoded as one batch at most (with continuous batching: the slots per depth).")
 @click.option("--no-cuda-graph", is_flag=True, help="--runtime ort on cuda: decode without capturing each step as a "
                                                   "CUDA graph (captured by default).")
 @click.option("--max-tokens", type=int, help="Largest max_tokens a request may ask for [default: 512, or fewer "
                                              "where the model's positions leave less room].")
-@click.option("--default-max-tokens", type=int, default=16, show_default=True,
+@click.option("--default-max-tokens", type=int, default=TritonSettings.default_max_tokens, show_default=True,
               help="max_tokens of a request that sends none.")
-@click.option("--queue-delay-us", type=int, default=2000, show_default=True,
+@click.option("--queue-delay-us", type=int, default=TritonSettings.queue_delay_us, show_default=True,
               help="How long the dynamic batcher waits for more requests (microseconds).")
-@click.option("--batching", type=click.Choice(["auto", "continuous", "static"]), default="auto", show_default=True,
+@click.option("--batching", type=click.Choice(["auto", "continuous", "static"]), default=TritonSettings.batching, show_default=True,
               help="continuous: one decode engine per model; a request joins the running batch at the next step and "
                    "leaves it at its end (ort over the shared KV cache; on CUDA its steps are captured as CUDA graphs, "
                    "not yet measured on a GPU). static: each batch the dynamic batcher forms runs to its end. auto: "
                    "continuous on the CPU, static on CUDA.")
 @click.option("--draft-depth", help="A multi-depth export's pruned depth (e.g. 2x) that drafts for requests sending "
                                     "\"depth\": \"speculative\": the full depth verifies, the tokens are its own.")
-@click.option("--draft-tokens", type=int, default=4, show_default=True, help="With --draft-depth: tokens drafted per verify.")
+@click.option("--draft-tokens", type=int, default=TritonSettings.draft_tokens, show_default=True, help="With --draft-depth: tokens drafted per verify.")
 @click.option("--decode-kernels", is_flag=True,
               help="--device cuda, --runtime ort: decode with ulsexport's own CUDA kernels (fp16 exports; built with nvcc "
                    "on the server's first load, needs onnxruntime's headers: ORT_INCLUDE_DIR), as `validate "
@@ -61,13 +62,9 @@ def triton(model, out, name, device, runtime, instances, max_batch, no_cuda_grap
       ulsexport serve artifacts/llama-2x/triton
       curl -s localhost:8000/v2/models/llama-2x/generate -d '{"text_input": "Once upon a time", "max_tokens": 32}'
     """
-    from ..serve.repository import write_repository
-
-    result = write_repository(model, out, name=name, device=device, runtime=runtime, instances=instances,
-                              max_batch=max_batch, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
-                              queue_delay_us=queue_delay_us, force=force, cuda_graph=not no_cuda_graph,
-                              batching=batching, draft_depth=draft_depth, draft_tokens=draft_tokens,
-                              decode_kernels=decode_kernels)
+    settings = TritonSettings(name, device, runtime, instances, max_batch, max_tokens, default_max_tokens,
+                              queue_delay_us, no_cuda_graph, batching, draft_depth, draft_tokens, decode_kernels)
+    result = settings.write(model, out, force=force)
     manifest = result.manifest
     if as_json:
         click.echo(json_text(manifest))

@@ -458,6 +458,26 @@ def depth_plans(model: str | Path, speedups, strategy: str = "uls", calib=None, 
                                        quiet=quiet)) for s in speedups]
 
 
+@dataclass(frozen=True)
+class PlanSettings:
+    """Which layers to keep: the plan stage's settings, declared once (the CLI's plan options of `plan` and
+    `prune`, and a recipe's `plan:` section, build it)."""
+    strategy: str = "uls"
+    speedup: float | None = None
+    keep: tuple[int, ...] | None = None     # explicit layers to keep (instead of a strategy)
+    skip: tuple[int, ...] | None = None     # explicit layers to remove
+    calib: Path | None = None               # calibration text of bi, angular, greedy-ppl
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    device: str = "cpu"                     # where calibration scoring runs
+
+    def plan(self, model, quiet: bool = False) -> LayerPlan:
+        """The plan for `model` (`layer_plan_for_model`)."""
+        return layer_plan_for_model(model, self.speedup, self.strategy,
+                                    list(self.keep) if self.keep is not None else None,
+                                    list(self.skip) if self.skip is not None else None, self.calib,
+                                    calib_tokens=self.calib_tokens, device=self.device, quiet=quiet)
+
+
 def layer_plan_for_model(model: str | Path, speedup=None, strategy: str = "uls", keep=None, skip=None,
                          calib=None, *, calib_tokens: int = DEFAULT_CALIB_TOKENS, device: str = "cpu",
                          quiet: bool = False) -> LayerPlan:

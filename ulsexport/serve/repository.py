@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..artifact import Artifact, BuildResult, artifact_kind, artifact_path, write_manifest
@@ -370,13 +371,34 @@ def write_repository(artifact: str | Path, out: str | Path, name: str | None = N
     return BuildResult(Path(out), manifest, time.perf_counter() - start)
 
 
-# The recipe's `triton:` section: field -> (type, default), in recipe.SCHEMA's form.
-RECIPE_FIELDS: dict[str, tuple[type | tuple, object]] = {
-    "name": (str, None), "device": (str, "cpu"), "runtime": (str, None), "instances": (int, 1),
-    "max_batch": (int, 8), "max_tokens": (int, None), "default_max_tokens": (int, DEFAULT_MAX_TOKENS),
-    "queue_delay_us": (int, 2000), "batching": (str, "auto"), "draft_depth": (str, None), "draft_tokens": (int, 4),
-    "decode_kernels": (bool, False),
-}
+@dataclass(frozen=True)
+class TritonSettings:
+    """The triton stage's settings, declared once: the CLI's options and a recipe's `triton:` section build
+    it; `write` writes the repository."""
+    name: str | None = None                # default: artifacts/NAME/onnx -> NAME
+    device: str = "cpu"
+    runtime: str | None = None             # default: the artifact's own
+    instances: int = 1
+    max_batch: int = 8
+    max_tokens: int | None = None
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    queue_delay_us: int = 2000
+    no_cuda_graph: bool = False
+    batching: str = "auto"
+    draft_depth: str | None = None
+    draft_tokens: int = 4
+    decode_kernels: bool = False
+
+    def write(self, artifact, out, force: bool = False) -> BuildResult:
+        fields = asdict(self)
+        return write_repository(artifact, out, force=force, cuda_graph=not fields.pop("no_cuda_graph"), **fields)
+
+
+# The recipe's `triton:` section: field -> (type, default), in recipe.SCHEMA's form; the defaults are TritonSettings'.
+RECIPE_FIELDS: dict[str, tuple[type | tuple, object]] = {f: (t, getattr(TritonSettings, f)) for f, t in [
+    ("name", str), ("device", str), ("runtime", str), ("instances", int), ("max_batch", int), ("max_tokens", int),
+    ("default_max_tokens", int), ("queue_delay_us", int), ("no_cuda_graph", bool), ("batching", str),
+    ("draft_depth", str), ("draft_tokens", int), ("decode_kernels", bool)]}
 
 
 def recipe_stage(section: dict, out: Path, quiet: bool = False) -> BuildResult:
@@ -386,4 +408,4 @@ def recipe_stage(section: dict, out: Path, quiet: bool = False) -> BuildResult:
     artifact = out / "onnx" if (out / "onnx").is_dir() else out / "hf"
     values = {field: section.get(field, default) for field, (_, default) in RECIPE_FIELDS.items()}
     values["name"] = values["name"] or re.sub(r"[^A-Za-z0-9_.-]+", "-", out.name)
-    return write_repository(artifact, out / "triton", force=True, **values)
+    return TritonSettings(**values).write(artifact, out / "triton", force=True)
