@@ -348,6 +348,16 @@ def test_serve_refuses_busy_ports(tmp_path):
         TritonServer(tmp_path / "repo", http_port=http, grpc_port=http, metrics_port=metrics)
 
 
+def test_a_port_out_of_range_is_refused_before_anything_starts(tmp_path):
+    """`serve --http-port 99999` used to report ready with a URL no client can use."""
+    from ulsexport.serve.server import TritonServer
+
+    repo = _fake_repository(tmp_path / "repo")
+    for flag, port in (("http_port", 99999), ("grpc_port", 0), ("metrics_port", 65536)):
+        with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} must be a port number from 1 to 65535"):
+            TritonServer(repo, **{flag: port})
+
+
 @needs_server
 def test_a_log_file_the_disk_refuses_is_one_line(tmp_path, monkeypatch):
     """14: a read-only file system (EROFS, which root meets too) when the log is opened."""

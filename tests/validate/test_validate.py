@@ -82,10 +82,15 @@ def test_planted_mismatch_fails_with_exit_1_and_says_where(pruned, tmp_path):
 def test_onnx_candidate_on_onnxruntime(pruned, tmp_path):
     src, out = pruned
     onnx_dir = export_onnx(out, tmp_path / "onnx", quiet=True).out_dir
-    result = run_cli("validate", "--reference", src, "--candidate", onnx_dir, "--runtime", "ort",
-                     "--batch", "1", "--prompt-len", 4, "--new-tokens", 3, "--runs", 1, "--warmup", 0,
-                     "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png")
+    from click.testing import CliRunner
+    from ulsexport.cli import main
+
+    result = CliRunner().invoke(main, ["validate", "--reference", str(src), "--candidate", str(onnx_dir), "--runtime",
+                                       "ort", "--batch", "1", "--prompt-len", "4", "--new-tokens", "3", "--runs", "1",
+                                       "--warmup", "0", "--json", str(tmp_path / "r.json"),
+                                       "--plot", str(tmp_path / "r.png")])   # not --quiet: what it says it does
     assert result.exit_code == 0, result.output
+    assert "building the full model's ort export to time it beside the candidate" in result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["parity"]["passed"] and report["parity"]["max_relative_error"] < 1e-4
     assert report["candidate_kind"] == "onnx" and "1" in report["speed"]["full"]
