@@ -29,12 +29,10 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,19 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ulsexport.testing import add_section_arguments, cpu_machine, free_ports, save_sections, section_header
+
 
 # -- the server ---------------------------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @contextlib.contextmanager
 def serving(repo: Path, root: Path, ready_s: float = 300):
     """`ulsexport serve REPO` on free ports (logs under `root`); yields (base url, the stream model's name);
@@ -252,25 +241,19 @@ def measure(args, base: str, model: str, vocab: int) -> list[dict]:
     return results
 
 
-def machine() -> str:
-    gpu = "no GPU" if not Path("/proc/driver/nvidia").exists() else "an NVIDIA driver present"
-    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}"
-
-
 def ms(value) -> str:
     return "-" if value is None else f"{1000 * value:.1f}"
 
 
 def render(report: dict) -> str:
-    lines = ["# Serving load on the CPU: continuous vs static batching (issue 32)", ""]
-    if report.get("summary"):
-        lines += [report["summary"].strip(), ""]
-    lines += ["Produced by `benchmarks/serve_load.py` (every figure from `serve-load-cpu.json` beside this file). "
-              "Streaming HTTP generate_stream requests of random token ids; output tok/s and req/s over each "
-              "setting's wall time; TTFT: send to first token event; TPOT: (end - first event) / (tokens - 1) per "
-              "request of 2 tokens or more; p50/p99 over the setting's requests; \"out tok/req\": mean tokens "
-              "received (the model may stop at EOS before max_tokens). \"load avg\": the machine's 1-minute load "
-              "average at the setting's start and end (the server and this client run on the same cores).", ""]
+    lines = section_header(
+        report, "Serving load on the CPU: continuous vs static batching (issue 32)",
+        "Produced by `benchmarks/serve_load.py` (every figure from `serve-load-cpu.json` beside this file). "
+        "Streaming HTTP generate_stream requests of random token ids; output tok/s and req/s over each "
+        "setting's wall time; TTFT: send to first token event; TPOT: (end - first event) / (tokens - 1) per "
+        "request of 2 tokens or more; p50/p99 over the setting's requests; \"out tok/req\": mean tokens "
+        "received (the model may stop at EOS before max_tokens). \"load avg\": the machine's 1-minute load "
+        "average at the setting's start and end (the server and this client run on the same cores).")
     rows = [(s, r) for s in report["sections"] for r in s["results"]]
     lines += ["| server | load | completed | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
               "TPOT p99 ms | out tok/req | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -310,19 +293,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
-    ap.add_argument("--out", type=Path, required=True, help="NAME: writes NAME.json and NAME.md")
-    ap.add_argument("--label", default="server", help="this run's section (the same label replaces it)")
-    ap.add_argument("--note", default="")
-    ap.add_argument("--summary", type=Path, help="a file whose text goes under the title")
-    ap.add_argument("--render-only", action="store_true", help="re-render NAME.md from NAME.json")
+    add_section_arguments(ap, "server")
     args = ap.parse_args()
-    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
-    report = json.loads(json_path.read_text()) if json_path.exists() else {"sections": []}
+    section = None
     if not args.render_only:
         if not (args.clients or args.rate):
             ap.error("give --clients and/or --rate")
         section = {"label": args.label, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-                   "machine": machine(), "note": args.note,
+                   "machine": cpu_machine(), "note": args.note,
                    "requests": f"{args.requests if not args.duration else f'{args.duration} s'} per setting, "
                                f"prompt {args.prompt_len} tokens, max_tokens {args.output_len}, seed {args.seed}, "
                                f"{args.warmup} warm-up"}
@@ -343,13 +321,7 @@ def main():
                 ap.error("without --serve, give --url, --model and --vocab")
             section["server"] = f"{args.url}, model {args.model}"
             section["results"] = measure(args, args.url.rstrip("/"), args.model, args.vocab)
-        report["sections"] = [s for s in report["sections"] if s["label"] != args.label] + [section]
-    if args.summary:
-        report["summary"] = args.summary.read_text()
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    md_path.write_text(render(report))
-    print(f"wrote {json_path} and {md_path}")
+    save_sections(args, section, render)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ re-render NAME.md from NAME.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -34,16 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def machine() -> str:
-    try:
-        import onnxruntime
-
-        ort = onnxruntime.__version__
-    except ImportError:
-        ort = "?"
-    gpu = "no GPU" if not Path("/proc/driver/nvidia").exists() else "an NVIDIA driver present (unused: CPU provider)"
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {gpu}; onnxruntime {ort}"
+from ulsexport.testing import add_section_arguments, cpu_machine, save_sections, section_header
 
 
 def text_prompts(path: str, tokenizer, count: int, length: int, tail: float) -> tuple[list[list[int]], str]:
@@ -143,22 +132,21 @@ def run_section(args) -> dict:
     return {"label": args.label, "export": str(args.export), "verify": verify, "depths": runtime.depths,
             "kept_layers": runtime.kept, "prompts": len(arrays), "prompt_source": source,
             "prompt_tokens": args.prompt_tokens, "new_tokens": new, "ks": ks, "drafts": drafts,
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": cpu_machine(),
             "note": args.note, "seconds": round(time.perf_counter() - started, 1),
             "load_average_1min": [load_before, os.getloadavg()[0]], "rows": rows}
 
 
 def render(report: dict) -> str:
-    lines = ["# Self-speculative decoding on the CPU: acceptance and speed (issue 31)", ""]
-    if report.get("summary"):
-        lines += [report["summary"].strip(), ""]
-    lines += ["Produced by `benchmarks/speculative.py`; every figure below comes from its JSON "
-              "(`speculative-cpu.json` beside this file). Batch 1, greedy, no stop at EOS. Speedup = the full "
-              "depth's plain greedy seconds / the speculative seconds, summed over the prompts (each prompt "
-              "timed plain then speculative, one after the other), end to end with both prefills; decode speedup "
-              "leaves the prefills out. \"identical\": the speculative tokens equal the full depth's plain greedy "
-              "tokens for every prompt. Per-pass times: ms of one plain full-depth decode step, of one verify pass "
-              "(K + 1 tokens through the full depth), of one draft step.", ""]
+    lines = section_header(
+        report, "Self-speculative decoding on the CPU: acceptance and speed (issue 31)",
+        "Produced by `benchmarks/speculative.py`; every figure below comes from its JSON "
+        "(`speculative-cpu.json` beside this file). Batch 1, greedy, no stop at EOS. Speedup = the full "
+        "depth's plain greedy seconds / the speculative seconds, summed over the prompts (each prompt "
+        "timed plain then speculative, one after the other), end to end with both prefills; decode speedup "
+        "leaves the prefills out. \"identical\": the speculative tokens equal the full depth's plain greedy "
+        "tokens for every prompt. Per-pass times: ms of one plain full-depth decode step, of one verify pass "
+        "(K + 1 tokens through the full depth), of one draft step.")
     for section in report["sections"]:
         lines += [f"## {section['label']}", "",
                   f"- export: `{section['export']}` (depths {', '.join(section['depths'])}; verify: "
@@ -195,28 +183,15 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ks", default="1,2,3,4,5,6", help="draft tokens per verify pass")
     ap.add_argument("--drafts", help="draft depths [default: every depth but the verifying one]")
-    ap.add_argument("--out", type=Path, required=True, help="NAME: writes NAME.json and NAME.md")
-    ap.add_argument("--label", default="results", help="this run's section (the same label replaces it)")
-    ap.add_argument("--note", default="", help="a line of text under this section's settings")
-    ap.add_argument("--summary", type=Path, help="a file whose text goes under the title")
-    ap.add_argument("--render-only", action="store_true", help="re-render NAME.md from NAME.json")
+    add_section_arguments(ap, "results")
     args = ap.parse_args()
-    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
-    report = json.loads(json_path.read_text()) if json_path.exists() else {"sections": []}
-    failed = False
+    section = None
     if not args.render_only:
         if not (args.export and args.text):
             ap.error("--export and --text are needed (or --render-only)")
         section = run_section(args)
-        failed = not all(r["identical"] for r in section["rows"])
-        report["sections"] = [s for s in report["sections"] if s["label"] != args.label] + [section]
-    if args.summary:
-        report["summary"] = args.summary.read_text()
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    md_path.write_text(render(report))
-    print(f"wrote {json_path} and {md_path}")
-    if failed:
+    save_sections(args, section, render)
+    if section and not all(r["identical"] for r in section["rows"]):
         raise SystemExit("speculative tokens differ from the full depth's plain greedy tokens (see 'identical')")
 
 

@@ -282,6 +282,65 @@ def decode_kernel_time(runtime, batch: int, prompt_len: int, steps: int, vocab: 
             "top_kernels": [{"name": name[:120], "ms_per_step": us / 1000, "per_step": n} for name, (us, n) in ranked[:top]]}
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` TCP ports free on 127.0.0.1 just now (bound together, so they differ)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def cpu_machine() -> str:
+    """This machine for a CPU benchmark's record: cores, architecture, whether a GPU driver is there, and the
+    onnxruntime that ran."""
+    import os
+    import platform
+
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = "not installed"
+    gpu = "no GPU" if not Path("/proc/driver/nvidia").exists() else "an NVIDIA driver present (unused: CPU provider)"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}; onnxruntime {ort}"
+
+
+def add_section_arguments(ap: argparse.ArgumentParser, label: str) -> None:
+    """The options of a benchmark whose results file holds one section per run (`save_sections`)."""
+    ap.add_argument("--out", type=Path, required=True, help="NAME: writes NAME.json and NAME.md")
+    ap.add_argument("--label", default=label, help="this run's section (the same label replaces it)")
+    ap.add_argument("--note", default="", help="a line of text under this section's settings")
+    ap.add_argument("--summary", type=Path, help="a file whose text goes under the title")
+    ap.add_argument("--render-only", action="store_true", help="re-render NAME.md from NAME.json")
+
+
+def save_sections(args, section: dict | None, render) -> None:
+    """NAME.json with `section` in place of the earlier one of its label (None: --render-only), the
+    --summary text if given, and NAME.md rendered from it all by `render(report)`."""
+    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
+    report = json.loads(json_path.read_text()) if json_path.exists() else {"sections": []}
+    if section is not None:
+        report["sections"] = [s for s in report["sections"] if s["label"] != section["label"]] + [section]
+    if args.summary:
+        report["summary"] = args.summary.read_text()
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path.write_text(render(report))
+    print(f"wrote {json_path} and {md_path}")
+
+
+def section_header(report: dict, title: str, method: str) -> list[str]:
+    """The top of a sectioned results page: its title, the --summary text, and how the figures were made."""
+    return [f"# {title}", "", *([report["summary"].strip(), ""] if report.get("summary") else []), method, ""]
+
+
 def write_results(path: Path, results: dict, markdown: str) -> None:
     """A benchmark's results: `path` (JSON) and the markdown beside it (.md), which is printed too."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,11 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heal")
+    return make_models(tmp_path_factory.mktemp("heal"))
+
+
+def make_models(root):
+    """A tiny Llama with kjv16's tokenizer, its 2-layer student (layers 0 and 3) and KJV texts under `root`."""
     teacher = _tiny_llama_with_kjv_tokenizer(root / "teacher")
     student = root / "student"
     prune_checkpoint(teacher, student, plan_for_model(teacher, keep=KEEP), quiet=True)

@@ -2,7 +2,6 @@
 checkpoints that resume on another number of processes, teacher samples that do not depend on it."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,13 +11,13 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
-from conftest import DATA, KJV16, run_cli
-from ulsexport import testing
+from conftest import run_cli
+from ulsexport.testing import free_ports
+from test_heal import make_models
 from ulsexport.artifact import read_manifest
 from ulsexport.errors import UserError
 from ulsexport.heal import heal, work_dir
 from ulsexport.heal.distributed import World, launch_command, local_rows, without_nproc, world_from_env
-from ulsexport.prune import plan_for_model, prune_checkpoint
 
 FAST = dict(steps=4, batch=4, seq_len=32, lr=1e-2, save_every=2, quiet=True)
 
@@ -30,19 +29,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    import shutil
-
-    root = tmp_path_factory.mktemp("dist")
-    teacher = root / "teacher"
-    testing.make_tiny_checkpoint("llama", teacher, num_layers=4, overrides={"vocab_size": 4096})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(KJV16 / name, teacher / name)
-    student = root / "student"
-    prune_checkpoint(teacher, student, plan_for_model(teacher, keep=[0, 3]), quiet=True)
-    text = (DATA / "kjv-valid.txt").read_text()
-    (root / "train.txt").write_text(text[:20_000])
-    (root / "eval.txt").write_text(text[20_000:24_000])
-    return {"teacher": teacher, "student": student, "data": root / "train.txt", "eval": root / "eval.txt"}
+    return make_models(tmp_path_factory.mktemp("dist"))
 
 
 class Interrupt:
@@ -69,16 +56,10 @@ def _rank(rank, size, port, cache, result, kwargs):
             json.dump(outcome, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def heal_ranks(size, tmp_path, cache, **kwargs) -> dict:
     """heal(**kwargs) in `size` processes of one gloo group; rank 0's outcome."""
     result = tmp_path / f"result-{size}-{os.urandom(4).hex()}.json"
-    mp.spawn(_rank, args=(size, _free_port(), cache, result, kwargs), nprocs=size, join=True)
+    mp.spawn(_rank, args=(size, free_ports(1)[0], cache, result, kwargs), nprocs=size, join=True)
     return json.loads(result.read_text())
 
 

@@ -13,7 +13,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import pytest
 from conftest import STORIES, run_cli
 
 from ulsexport.serve.server import available
+from ulsexport.testing import free_ports
 
 PROMPTS = ["Once upon a time", "The cat", "Lily and Ben went to the park to play with a ball", "One day",
            "He said hello to the big dog and", "Tom", "She was very happy because her mom gave her", "A bird"]
@@ -56,17 +56,6 @@ def cli(*args):
         if command.name not in main.commands:
             main.add_command(command)
     return run_cli(*args)
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 # -- artifacts ----------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from conftest import STORIES  # noqa: E402
-from test_serve import CLI, SERVER_MISSING, cli, free_ports  # noqa: E402
+from test_serve import CLI, SERVER_MISSING, cli  # noqa: E402
+from ulsexport.testing import free_ports  # noqa: E402
 
 from ulsexport.errors import UserError  # noqa: E402
 
