@@ -10,7 +10,8 @@ parallel on one GPU by `heal_quality_gpu.sh`):
   python benchmarks/heal_quality.py table --work W --out benchmarks/results/NAME
       one table over every healed output under W: perplexity on each held-out domain (python docs,
       KJV, TinyStories) with its ratio to the full model, top-1 agreement with the teacher on text it
-      sampled, chat answers' agreement, and steps, tokens, seconds and peak memory of the run.
+      sampled, greedy agreement (on its greedy continuations: a self-speculative draft's acceptance), chat
+      answers' agreement, and steps, tokens, seconds and peak memory of the run.
 """
 from __future__ import annotations
 
@@ -88,7 +89,9 @@ def table(args) -> None:
     device = args.device_name or platform.node()
     markdown = (f"# {args.title}\n\nDevice: {device}. Command: `{args.command}`.\n\n"
                 f"Perplexity per held-out domain (ratio to the teacher), top-1 agreement with the teacher on "
-                f"{args.eval_note}, chat answers' token agreement (first 32 greedy tokens over 50 prompts).\n\n"
+                f"{args.eval_note}, greedy agreement on its greedy continuations of held-out text (the acceptance rate "
+                f"of a self-speculative draft; - for runs made before the column existed), chat answers' token "
+                f"agreement (first 32 greedy tokens over 50 prompts).\n\n"
                 f"{generality_table(ordered)}\n\n## Runs\n\n" + "\n".join(lines) + "\n")
     write_results(Path(args.out).with_suffix(".json"), {"device": device, "rows": ordered, "runs": runs}, markdown)
 

@@ -67,25 +67,30 @@ def perplexity(model, windows: list[list[int]], batch_size: int = 8, progress=No
 EVAL_SEED_OFFSET = 1_000_003   # held-out teacher samples: a seed training samples never use
 CHAT_PROMPTS = Path(__file__).parent / "data" / "chat_prompts.txt"
 CHAT_TOKENS = 32          # greedy answer tokens compared per chat prompt
+GREEDY_PROMPTS = 16       # held-out windows per domain whose start the teacher continues greedily
+GREEDY_PROMPT_TOKENS = 32
+GREEDY_TOKENS = 64        # the teacher's greedy tokens after each, on which the model's top-1 is compared
 EVAL_WINDOW = 256
 
 
 @dataclass
 class Generality:
     """What the generality table is measured on, prepared once with the teacher:
-    held-out text per domain, windows the teacher sampled (with its own top-1 choices), and chat
-    prompts (with the teacher's greedy answers) where the tokenizer has a chat template."""
+    held-out text per domain, windows the teacher sampled (with its own top-1 choices), the starts of
+    held-out windows continued by the teacher greedily, and chat prompts (with the teacher's greedy
+    answers) where the tokenizer has a chat template."""
     domains: dict[str, list[list[int]]]
     sampled: list[list[int]] = field(default_factory=list)
     teacher_top1: list = field(default_factory=list)
+    greedy: list[list[int]] = field(default_factory=list)   # GREEDY_PROMPT_TOKENS of text + the teacher's tokens
     chat_prompts: list[list[int]] = field(default_factory=list)
     teacher_answers: list[list[int]] = field(default_factory=list)
     eos: int | None = None
 
     def describe(self) -> dict:
         return {"domains": {name: sum(len(w) for w in windows) for name, windows in self.domains.items()},
-                "sampled_windows": len(self.sampled), "chat_prompts": len(self.chat_prompts),
-                "chat_tokens": CHAT_TOKENS}
+                "sampled_windows": len(self.sampled), "greedy_prompts": len(self.greedy),
+                "greedy_tokens": GREEDY_TOKENS, "chat_prompts": len(self.chat_prompts), "chat_tokens": CHAT_TOKENS}
 
 
 def domain_windows(tokenizer, texts, max_tokens: int, window: int = EVAL_WINDOW) -> dict[str, list[list[int]]]:
@@ -115,20 +120,34 @@ def prepare_generality(teacher, tokenizer, domains: dict, sampled: list[list[int
     from .models import continue_prompts
 
     prompts = chat_prompts(tokenizer) if chat else []
-    return Generality(domains=domains, sampled=sampled, teacher_top1=_top1(teacher, sampled),
+    starts = greedy_prompts(domains)
+    greedy = [p + c for p, c in zip(starts, _answers(teacher, starts, continue_prompts, GREEDY_TOKENS))]
+    return Generality(domains=domains, sampled=sampled, teacher_top1=_top1(teacher, sampled), greedy=greedy,
                       chat_prompts=prompts,
                       teacher_answers=_answers(teacher, prompts, continue_prompts),
                       eos=tokenizer.eos_token_id)
 
 
+def greedy_prompts(domains: dict[str, list[list[int]]]) -> list[list[int]]:
+    """The first GREEDY_PROMPT_TOKENS of up to GREEDY_PROMPTS held-out windows per domain, evenly spaced."""
+    prompts = []
+    for windows in domains.values():
+        usable = [w for w in windows if len(w) >= GREEDY_PROMPT_TOKENS]
+        step = max(1, len(usable) // GREEDY_PROMPTS)
+        prompts += [w[:GREEDY_PROMPT_TOKENS] for w in usable[::step][:GREEDY_PROMPTS]]
+    return prompts
+
+
 def generality(model, g: Generality, what: str | None = None) -> dict:
-    """Perplexity per domain, top-1 agreement with the teacher on its own samples, and the greedy chat
-    answers' token agreement with the teacher's (None where there is nothing to measure). With `what` (the
-    model's name), a progress bar over the parts."""
+    """Perplexity per domain; top-1 agreement with the teacher on its own samples; greedy agreement: the
+    share of the teacher's greedy continuations of held-out text where the model's top-1 is the teacher's
+    next token (teacher forcing: the acceptance rate of self-speculative decoding with this model as the
+    draft); and the greedy chat answers' token agreement with the teacher's (None where there is nothing
+    to measure). With `what` (the model's name), a progress bar over the parts."""
     from .models import continue_prompts
     from .progress import progress_bar
 
-    parts = len(g.domains) + bool(g.sampled) + bool(g.chat_prompts)
+    parts = len(g.domains) + bool(g.sampled) + bool(g.greedy) + bool(g.chat_prompts)
     with progress_bar(parts, f"evaluating {what}", unit="part", quiet=what is None) as bar:
         ppl = {}
         for name, windows in g.domains.items():
@@ -139,6 +158,14 @@ def generality(model, g: Generality, what: str | None = None) -> dict:
             matches = [(mine == theirs).sum().item() for mine, theirs in zip(_top1(model, g.sampled), g.teacher_top1)]
             top1 = sum(matches) / sum(t.numel() for t in g.teacher_top1)
             bar.update(1)
+        greedy = None
+        if g.greedy:
+            import torch
+
+            mine = torch.cat(_top1(model, g.greedy))[:, GREEDY_PROMPT_TOKENS - 1:-1]
+            theirs = torch.tensor([row[GREEDY_PROMPT_TOKENS:] for row in g.greedy])
+            greedy = (mine == theirs).float().mean().item()
+            bar.update(1)
         chat = None
         if g.chat_prompts:
             compared = agreed = 0
@@ -148,7 +175,8 @@ def generality(model, g: Generality, what: str | None = None) -> dict:
                 agreed += sum(a == b for a, b in zip(mine[:length], theirs[:length]))
             chat = agreed / compared
             bar.update(1)
-    return {"perplexity": ppl, "top1_agreement": top1, "chat_agreement": chat}
+    return {"perplexity": ppl, "top1_agreement": top1, "greedy_agreement": greedy, "chat_agreement": chat}
+
 
 
 def _top1(model, windows: list[list[int]], batch_size: int = 8) -> list:
@@ -166,10 +194,11 @@ def _top1(model, windows: list[list[int]], batch_size: int = 8) -> list:
     return out
 
 
-def _answers(model, prompts: list[list[int]], continue_prompts, batch_size: int = 16) -> list[list[int]]:
+def _answers(model, prompts: list[list[int]], continue_prompts, tokens: int = CHAT_TOKENS,
+             batch_size: int = 16) -> list[list[int]]:
     answers: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        answers.extend(continue_prompts(model, prompts[start:start + batch_size], CHAT_TOKENS))
+        answers.extend(continue_prompts(model, prompts[start:start + batch_size], tokens))
     return answers
 
 
@@ -179,7 +208,7 @@ def generality_table(rows: dict[str, dict], reference: str = "teacher") -> str:
     first = next(iter(rows.values()))
     names = list(first["perplexity"])
     base = rows.get(reference)
-    head = ["model", *[f"ppl {n}" for n in names], "top-1 agreement", "chat agreement"]
+    head = ["model", *[f"ppl {n}" for n in names], "top-1 agreement", "greedy agreement", "chat agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in rows.items():
         cells = [label]
@@ -187,7 +216,7 @@ def generality_table(rows: dict[str, dict], reference: str = "teacher") -> str:
             value = row["perplexity"].get(n)
             ratio = f" ({value / base['perplexity'][n]:.2f}x)" if base and row is not base and value else ""
             cells.append(_fmt(value) + ratio)
-        cells += [_fmt(row.get("top1_agreement"), 3), _fmt(row.get("chat_agreement"), 3)]
+        cells += [_fmt(row.get(k), 3) for k in ("top1_agreement", "greedy_agreement", "chat_agreement")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

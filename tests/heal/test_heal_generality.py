@@ -81,11 +81,17 @@ def test_generality_of_the_teacher_against_itself_is_perfect_agreement(models):
     sampled = [[1] + list(range(5, 36))] * 3
     g = prepare_generality(teacher, tokenizer, domains, sampled)
     assert len(g.chat_prompts) == 50 and len(chat_prompts(load_tokenizer(KJV16))) == 0  # kjv16: no template
+    # greedy agreement: the starts of held-out windows, continued by the teacher greedily
+    assert len(g.greedy) == sum(min(16, len(w)) for w in domains.values()) and {len(r) for r in g.greedy} == {96}
     mine = generality(teacher, g)
     assert mine["top1_agreement"] == 1.0 and mine["chat_agreement"] == 1.0
+    # the teacher on its own greedy text: its tokens were chosen over a KV cache and are scored here in one
+    # pass, so a near tie may flip; otherwise every token agrees
+    assert mine["greedy_agreement"] >= 0.99
     assert set(mine["perplexity"]) == {"eval", "other"}
     theirs = generality(student, g)
     assert theirs["top1_agreement"] < 1.0 and 0 <= theirs["chat_agreement"] < 1.0
+    assert 0 <= theirs["greedy_agreement"] < 1.0
     table = generality_table({"teacher": mine, "student": theirs})
     ratio = theirs["perplexity"]["other"] / mine["perplexity"]["other"]
     assert "| teacher |" in table and f"({ratio:.2f}x)" in table
@@ -122,7 +128,7 @@ def test_cli_prints_the_generality_table(models, tmp_path):
                      "--teacher-samples", 4, "--steps", 2, "--batch", 2, "--seq-len", 32, "--device", "cpu",
                      "--out", tmp_path / "healed")
     assert result.exit_code == 0, result.output
-    assert "| model | ppl eval | ppl other | top-1 agreement | chat agreement |" in result.stdout
+    assert "| model | ppl eval | ppl other | top-1 agreement | greedy agreement | chat agreement |" in result.stdout
     assert "| teacher |" in result.stdout and "| after |" in result.stdout
 
 

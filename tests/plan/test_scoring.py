@@ -224,7 +224,7 @@ def test_compare_plans_with_held_out_domains_adds_the_generality_table(tiny, tex
     plans = [label for label in g["rows"] if label != "full"]
     assert plans and all(label.endswith(" 2x") for label in plans)
     assert all(0 <= g["rows"][p]["top1_agreement"] <= 1 for p in plans)
-    assert "| model | ppl eval | ppl stories | top-1 agreement | chat agreement |" in output
+    assert "| model | ppl eval | ppl stories | top-1 agreement | greedy agreement | chat agreement |" in output
     bad, message = _run("compare-plans", "--model", tiny, "--text", texts["both"], "--eval-text", stories,
                         "--eval-samples", -1)
     assert bad == 2 and "--eval-samples -1" in message

@@ -154,7 +154,7 @@ def test_several_texts_give_the_generality_table(tmp_path):
     assert set(rows["full"]["perplexity"]) == {"kjv", "stories"} and rows["full"]["top1_agreement"] == 1.0
     assert 0 < rows["pruned"]["top1_agreement"] < 1 and rows["pruned"]["chat_agreement"] is None
     assert report["perplexity"]["pruned"] == rows["pruned"]["perplexity"]["kjv"] > report["perplexity"]["full"]
-    assert "| model | ppl kjv | ppl stories | top-1 agreement | chat agreement |" in result.stdout
+    assert "| model | ppl kjv | ppl stories | top-1 agreement | greedy agreement | chat agreement |" in result.stdout
     assert report["generality"]["sampled_windows"] == 4
     bad = run_cli("validate", "--reference", KJV16, "--candidate", out, "--no-speed", "--eval-samples", -1)
     assert bad.exit_code == 2 and "--eval-samples -1" in bad.stderr
