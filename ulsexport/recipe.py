@@ -56,6 +56,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, object]]] = {
     "heal": {"data": ((str, list), REQUIRED), "eval_text": ((str, list), None),
              **{f: (t, getattr(HealSettings, f)) for f, t in [
                  ("data_weights", list), ("teacher_samples", int), ("teacher_weight", (int, float)),
+                 ("sample_temperature", (int, float)),
                  ("hidden_weight", (int, float)), ("loss", str), ("kd_weight", (int, float)),
                  ("temperature", (int, float)), ("steps", int), ("warmup_steps", int), ("batch", int),
                  ("seq_len", int), ("lr", (int, float)), ("lora_rank", int), ("device", str), ("dtype", str),
@@ -104,7 +105,7 @@ ALLOWED = {
     "heal.teacher_samples": _between(0, 10_000_000), "heal.teacher_weight": _between(0, 0.999), "heal.hidden_weight": _between(0, 100),
     "heal.lora_rank": _between(1, 4096), "heal.eval_tokens": _between(2, 100_000_000),
     "heal.kd_weight": _between(0, 1), "heal.temperature": _between(0, above=True), "heal.warmup_steps": _between(0),
-    "heal.save_every": _between(1),
+    "heal.save_every": _between(1), "heal.sample_temperature": _between(0, 10, above=True),
     "heal.eval_samples": _between(0, 100_000),
     "onnx.builder": _one_of(*BUILDERS), "onnx.dtype": _one_of(*dict.fromkeys(d for b in BUILDERS.values()
                                                                             for d in b.dtypes)),

@@ -126,8 +126,9 @@ def test_cli_prints_the_generality_table(models, tmp_path):
                      "--data", root / "train.txt", "--data", root / "other.txt", "--data-weights", "1,1",
                      "--eval-text", root / "eval.txt", "--eval-text", root / "other.txt", "--eval-samples", 2,
                      "--teacher-samples", 4, "--steps", 2, "--batch", 2, "--seq-len", 32, "--device", "cpu",
-                     "--out", tmp_path / "healed")
+                     "--sample-temperature", 0.7, "--out", tmp_path / "healed")
     assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "healed")["healing"]["teacher_samples"]["temperature"] == 0.7
     assert "| model | ppl eval | ppl other | top-1 agreement | greedy agreement | chat agreement |" in result.stdout
     assert "| teacher |" in result.stdout and "| after |" in result.stdout
 
@@ -138,6 +139,7 @@ def test_cli_prints_the_generality_table(models, tmp_path):
     (["--data-weights", "a"], "comma-separated list of numbers"),
     (["--teacher-weight", "1"], "below 1"),
     (["--teacher-samples", "-1"], "between 0"),
+    (["--sample-temperature", "0"], "above 0 and at most 10"),
 ])
 def test_bad_mixture_settings_are_one_line_and_exit_2(models, tmp_path, args, message):
     result = run_cli("heal", "--teacher", models["teacher"], "--student", models["student"],

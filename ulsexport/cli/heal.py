@@ -28,6 +28,8 @@ from .options import quiet_option
                    "draws, at most 4096]; 0 heals on --data alone (the student then forgets other text).")
 @click.option("--teacher-weight", type=float, default=HealSettings.teacher_weight, show_default=True,
               help="Share of training windows taken from the teacher's samples.")
+@click.option("--sample-temperature", type=float, default=HealSettings.sample_temperature, show_default=True,
+              help="The temperature the teacher samples its windows at (lower: closer to its greedy text).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--loss", type=click.Choice(LOSSES), default=HealSettings.loss, show_default=True,
               help="kd: distil the teacher's token distributions; lm: next-token loss on --data; kd+lm: both.")

@@ -151,6 +151,7 @@ class HealSettings:
     data_weights: tuple[float, ...] | None = None
     teacher_samples: int | None = None
     teacher_weight: float = 0.5
+    sample_temperature: float = 1.0   # the temperature the teacher samples its windows at
     eval_tokens: int = EVAL_MAX_TOKENS
     eval_samples: int = 32
     save_every: int = 100
@@ -212,7 +213,7 @@ def heal(teacher: str | Path | None, student: str | Path | None, data, out: str 
 def _heal(world: World, teacher, student, data, out, *, loss, kd_weight, temperature, steps, batch, seq_len, lr,
           warmup_steps, lora_rank, device, dtype, eval_text, resume, save_every, seed, quiet, force, on_step,
           speedups, strategy, calib, data_weights, teacher_samples, teacher_weight, eval_samples, eval_tokens,
-          hidden_weight) -> HealResult:
+          hidden_weight, sample_temperature) -> HealResult:
     start = time.perf_counter()
     weight_kd = {"kd": 1.0, "lm": 0.0}.get(loss, kd_weight)
     warmup_steps = steps // 20 if warmup_steps is None else warmup_steps
@@ -222,6 +223,8 @@ def _heal(world: World, teacher, student, data, out, *, loss, kd_weight, tempera
                     dtype, save_every, teacher_samples, teacher_weight, eval_samples)
     if not (_finite(hidden_weight) and 0 <= hidden_weight <= 100):
         raise UserError(f"--hidden-weight {hidden_weight} must be between 0 and 100")
+    if not (_finite(sample_temperature) and 0 < sample_temperature <= 10):
+        raise UserError(f"--sample-temperature {sample_temperature} must be above 0 and at most 10")
     if hidden_weight and weight_kd == 0:
         raise UserError("--hidden-weight distils the teacher's hidden states: it needs --loss kd or kd+lm")
     distributed.local_rows(world, batch)   # refuses a batch the ranks cannot share evenly
@@ -254,7 +257,8 @@ def _heal(world: World, teacher, student, data, out, *, loss, kd_weight, tempera
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world.distributed:
         device = distributed.init(world, device)
-    samples = (SampleSettings(_sample_count(teacher_samples, steps, batch, teacher_weight), seq_len, seed=seed)
+    samples = (SampleSettings(_sample_count(teacher_samples, steps, batch, teacher_weight), seq_len,
+                              temperature=sample_temperature, seed=seed)
                if teacher_dir and teacher_weight > 0 and (teacher_samples or teacher_samples is None and weight_kd > 0)
                else None)
     run = {"loss": loss, "kd_weight": weight_kd, "temperature": temperature, "steps": steps, "batch": batch,
