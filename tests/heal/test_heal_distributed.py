@@ -17,7 +17,7 @@ from test_heal import make_models
 from ulsexport.artifact import read_manifest
 from ulsexport.errors import UserError
 from ulsexport.heal import heal, work_dir
-from ulsexport.heal.distributed import World, launch_command, local_rows, without_nproc, world_from_env
+from ulsexport.heal.distributed import World, check_devices, launch_command, local_rows, without_nproc, world_from_env
 
 FAST = dict(steps=4, batch=4, seq_len=32, lr=1e-2, save_every=2, quiet=True)
 
@@ -141,6 +141,13 @@ def test_launcher_arguments(monkeypatch):
     assert command[6:] == ["ulsexport.cli", "--quiet", "heal", "--teacher", "t", "--out", "o"]
     with pytest.raises(UserError, match="at least 2"):
         launch_command(1, [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # a host with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="--nproc 2 on CUDA needs 2 GPUs; this host shows 1"):
+        check_devices(2, None)   # the default device there is cuda
+    with pytest.raises(UserError, match="each rank takes its own GPU"):
+        check_devices(2, "cuda:0")
+    check_devices(4, "cpu")      # gloo ranks: any number
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "5")
     with pytest.raises(UserError, match="does not fit"):
@@ -158,6 +165,9 @@ def test_cli_nproc_runs_torchrun_and_refuses_inside_a_launched_run(models, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting 2 processes: torchrun" in done.stderr
     assert read_manifest(out)["healing"]["processes"] == 2
+    no_gpu = run_cli("heal", "--nproc", "2", *[a for a in common if a not in ("--device", "cpu")], "--device", "cuda",
+                     "--out", tmp_path / "other")   # refused by this process, before any rank starts
+    assert no_gpu.exit_code == 2 and "CUDA device" in no_gpu.stderr and not (tmp_path / "other").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     inside = run_cli("heal", "--nproc", "2", *common, "--out", tmp_path / "other")

@@ -89,7 +89,7 @@ def heal(ctx, as_json, **options):
 
         from ..heal.distributed import launch
 
-        code = launch(nproc, sys.argv[1:])
+        code = launch(nproc, sys.argv[1:], options["device"])
         if code:
             raise SystemExit(code)
         return

@@ -79,7 +79,20 @@ def without_nproc(args: list[str]) -> list[str]:
     return kept
 
 
-def launch(nproc: int, cli_args: list[str]) -> int:
+def check_devices(nproc: int, device: str | None) -> None:
+    """Refuse, before any rank starts, more ranks than this host has GPUs (one GPU per rank on CUDA)."""
+    import torch
+
+    from ..precision import resolve_device
+
+    device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.startswith("cuda:"):
+        raise UserError(f"--nproc with --device {device}: each rank takes its own GPU; give --device cuda")
+    if device == "cuda" and torch.cuda.device_count() < nproc:
+        raise UserError(f"--nproc {nproc} on CUDA needs {nproc} GPUs; this host shows {torch.cuda.device_count()}")
+
+
+def launch(nproc: int, cli_args: list[str], device: str | None = None) -> int:
     """Run the healing ranks under torchrun and wait; they stop with this process, however it stops."""
     import signal
     import subprocess
@@ -88,6 +101,8 @@ def launch(nproc: int, cli_args: list[str]) -> int:
 
     if world_from_env().distributed:
         raise UserError("--nproc: this process is already one rank of a launched run; leave --nproc out")
+    launch_command(nproc, [])   # refuses a count below 2 before anything else
+    check_devices(nproc, device)
     command = launch_command(nproc, without_nproc(cli_args))
     print(f"starting {nproc} processes: {shlex.join(['torchrun', *command[3:]])}", file=sys.stderr)
     child = subprocess.Popen(command, preexec_fn=die_with_parent(os.getpid()))
