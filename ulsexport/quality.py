@@ -178,7 +178,6 @@ def generality(model, g: Generality, what: str | None = None) -> dict:
     return {"perplexity": ppl, "top1_agreement": top1, "greedy_agreement": greedy, "chat_agreement": chat}
 
 
-
 def _top1(model, windows: list[list[int]], batch_size: int = 8) -> list:
     """The model's most likely next token at every position, one CPU tensor per batch of windows."""
     import torch

@@ -459,19 +459,13 @@ def _plan_up_front(recipe: dict, quiet: bool):
     p = recipe["plan"]
     if p["strategy"] in DATA_STRATEGIES and p["keep"] is None and p["skip"] is None:
         return None
-    return _plan_settings(p).plan(recipe["model"], quiet=quiet)
-
-
-def _plan_settings(p: dict) -> PlanSettings:
-    return PlanSettings(**{**p, "keep": tuple(p["keep"]) if p["keep"] is not None else None,
-                           "skip": tuple(p["skip"]) if p["skip"] is not None else None})
+    return PlanSettings(**p).plan(recipe["model"], quiet=quiet)
 
 
 def _prune(recipe: dict, target: Path, quiet: bool, plan=None) -> None:
     from .prune import prune_checkpoint
 
-    p = recipe["plan"]
-    plan = plan or _plan_settings(p).plan(recipe["model"], quiet=quiet)
+    plan = plan or PlanSettings(**recipe["plan"]).plan(recipe["model"], quiet=quiet)
     prune_checkpoint(recipe["model"], target, plan, force=True, quiet=quiet)
 
 

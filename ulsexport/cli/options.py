@@ -72,8 +72,7 @@ def check_plan_conflicts(speedup, keep, skip) -> None:
 def layer_plan_option(model, speedup, strategy, keep, skip, calib, calib_tokens, device):
     check_plan_conflicts(speedup, keep, skip)
     keep_list, skip_list = index_lists(keep, skip)
-    settings = PlanSettings(strategy, speedup, tuple(keep_list) if keep_list else keep_list,
-                            tuple(skip_list) if skip_list else skip_list, calib, calib_tokens, device)
+    settings = PlanSettings(strategy, speedup, keep_list, skip_list, calib, calib_tokens, device)
     return settings.plan(model, quiet=click.get_current_context().obj["quiet"])
 
 

@@ -101,9 +101,8 @@ def launch(nproc: int, cli_args: list[str], device: str | None = None) -> int:
 
     if world_from_env().distributed:
         raise UserError("--nproc: this process is already one rank of a launched run; leave --nproc out")
-    launch_command(nproc, [])   # refuses a count below 2 before anything else
+    command = launch_command(nproc, without_nproc(cli_args))   # refuses a count below 2
     check_devices(nproc, device)
-    command = launch_command(nproc, without_nproc(cli_args))
     print(f"starting {nproc} processes: {shlex.join(['torchrun', *command[3:]])}", file=sys.stderr)
     child = subprocess.Popen(command, preexec_fn=die_with_parent(os.getpid()))
     try:
@@ -269,8 +268,6 @@ def full_state(world: World, model, optimizer=None, trainable_only: bool = True)
     if trainable_only:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         weights = {n: v for n, v in weights.items() if n in names}
-    else:
-        weights = {n: v for n, v in weights.items()}
     optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
     return weights, optim
 

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -464,8 +465,8 @@ class PlanSettings:
     `prune`, and a recipe's `plan:` section, build it)."""
     strategy: str = "uls"
     speedup: float | None = None
-    keep: tuple[int, ...] | None = None     # explicit layers to keep (instead of a strategy)
-    skip: tuple[int, ...] | None = None     # explicit layers to remove
+    keep: Sequence[int] | None = None       # explicit layers to keep (instead of a strategy)
+    skip: Sequence[int] | None = None       # explicit layers to remove
     calib: Path | None = None               # calibration text of bi, angular, greedy-ppl
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     device: str = "cpu"                     # where calibration scoring runs

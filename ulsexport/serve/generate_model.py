@@ -102,17 +102,18 @@ class Generator:
                  max_tokens: int = 512, default_max_tokens: int = DEFAULT_MAX_TOKENS, cuda_graph: bool = True,
                  batching: str = "auto", slots: int = 8, draft: str | None = None, draft_tokens: int = 4,
                  decode_kernels: bool = False):
-        from ..artifact import Artifact, artifact_kind
+        from ..artifact import Artifact
         from ..tokenizer import load_tokenizer
         from ..runtime import default_runtime, open_runtime
 
         if batching not in BATCHING:
             raise ValueError(f"batching '{batching}' is not one of {', '.join(BATCHING)}")
         self.folder = Path(folder)
-        self.runtime_name = runtime or default_runtime(artifact_kind(self.folder))
+        artifact = Artifact.open(self.folder)
+        self.runtime_name = runtime or default_runtime(artifact.kind)
         if dtype is None and self.runtime_name == "torch":  # TorchRuntime.open needs a dtype; the others read it
             dtype = "fp32"
-        onnx = Artifact.open(self.folder).onnx
+        onnx = artifact.onnx
         # continuous batching (the decode engine) where the artifact allows it: ort over the shared cache; by
         # default on the CPU only: the engine's captured steps on CUDA have not been measured on a GPU yet
         engine = (self.runtime_name == "ort" and onnx.get("kv_cache") == "shared"
