@@ -65,12 +65,17 @@ def table(args) -> None:
     work = Path(args.work)
     rows, runs = {}, []
     for folder in sorted(p for p in work.iterdir() if (p / "ulsexport.json").is_file() and p.name.startswith("healed")):
-        record = (read_manifest(folder) or {}).get("healing")
+        manifest = read_manifest(folder) or {}
+        record = manifest.get("healing")
         if not record:
             continue
         variant = folder.name.removeprefix("healed-")
         student = Path(record["student"]).name
-        for label, row in quality_rows(record).items():
+        for label, row in quality_rows(record, manifest.get("trained_depths")).items():
+            if label.endswith(" before"):   # a joint run's depth before healing: the teacher's layers, pruned
+                label = f"unhealed ({label.removesuffix(' before')}, teacher's weights)"
+            elif label.endswith(" after"):    # a joint run's depth after: this variant at that depth
+                label = f"{variant}: {label.removesuffix(' after')}"
             rows[{"after": variant, "before": f"unhealed ({student})"}.get(label, label)] = row
         samples = record.get("teacher_samples") or {}
         runs.append({"variant": variant, "steps": record["steps"], "tokens": record.get("tokens"),

