@@ -123,7 +123,7 @@ NOT_IN_RECIPES = {
                        "strategy": "joint healing's", "calib": "joint healing's"},
     ("onnx", "onnx"): {**RUN_CONTROL, "model": "the heal or prune stage's output", "allow_pickle": "as prune's",
                        "speedups": "multi-depth exports: from the command line", "strategy": "multi-depth's",
-                       "calib": "multi-depth's"},
+                       "calib": "multi-depth's", "depth_models": "multi-depth's"},
     ("validate", "validate"): {"quiet": "run --quiet", "reference": "the recipe's model",
                                "candidate": "the onnx stage's output", "reference_artifact": "the recipe's model",
                                "report_path": "artifacts/<name>/report/", "json_path": "artifacts/<name>/report/",

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..artifact import json_text
+from ..errors import UserError
 from ..export import BUILDERS
 from ..export.stage import OnnxSettings
 from .options import quiet_option
@@ -39,13 +40,18 @@ from .options import quiet_option
                                  "depth, every weight stored once (torch builder).")
 @click.option("--strategy", default=OnnxSettings.strategy, show_default=True, help="With --speedups: the plan strategy (see `plan`).")
 @click.option("--calib", type=click.Path(path_type=Path), help="With --speedups: calibration text for bi|angular|greedy-ppl.")
+@click.option("--depth-model", "depth_models", multiple=True, metavar="SPEEDUP=DIR",
+              help="With --speedups: take that depth from checkpoint DIR (a student pruned from --model and healed "
+                   "alone) instead of planning it; repeatable. The full depth stays --model exactly and DIR's "
+                   "depth drafts for `generate --speculative`; the tensors healing changed are stored beside "
+                   "--model's (a draft's own weights).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only an earlier ulsexport output).")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (*.bin); they can run code when loaded.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @quiet_option
 @click.pass_context
 def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention, kv_cache, target, speedups, strategy,
-         calib, force, allow_pickle, as_json):
+         calib, depth_models, force, allow_pickle, as_json):
     """Export a checkpoint to ONNX: one decoder graph with a KV cache for the kept layers only.
 
     The torch builder's graph has inputs input_ids, attention_mask, past_key_values.{i}.key/value
@@ -65,7 +71,8 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
     from ..plan.compare import parse_speedups
 
     settings = OnnxSettings(builder, dtype, device, opset, no_optimize, attention, kv_cache, target,
-                            tuple(parse_speedups(speedups)) if speedups else None, strategy, calib, allow_pickle)
+                            tuple(parse_speedups(speedups)) if speedups else None, strategy, calib,
+                            _depth_models(depth_models), allow_pickle)
     result = export(model, out, settings, force=force, quiet=ctx.obj["quiet"])
     if as_json:
         click.echo(json_text(result.manifest))
@@ -80,3 +87,22 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
         graph = result.manifest.get("optimizations", {}).get("variant")  # the fused graph kept (torch builder)
         click.echo(f"wrote {result.out_dir} in {result.seconds:.1f} s" + (f" ({graph} graph)" if graph else "")
                    + f"; cache index<-original layer: {layers}")
+
+
+def _depth_models(values) -> tuple[tuple[float, Path], ...] | None:
+    """--depth-model SPEEDUP=DIR values as (speedup, folder) pairs."""
+    import math
+
+    pairs = []
+    for value in values:
+        speedup, sep, folder = value.partition("=")
+        try:
+            number = float(speedup)
+        except ValueError:
+            number = math.nan
+        if not sep or not folder or not math.isfinite(number) or number <= 1:
+            raise UserError(f"--depth-model {value!r}: give SPEEDUP=DIR, e.g. 2=kjv16-2x-draft (a speedup above 1)")
+        pairs.append((number, Path(folder)))
+    if len({s for s, _ in pairs}) != len(pairs):
+        raise UserError("--depth-model: give each speedup once")
+    return tuple(pairs) or None

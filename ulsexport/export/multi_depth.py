@@ -8,6 +8,13 @@ layer `shared.<name>`), and each depth's graph is renamed to those names and poi
 file. A layer that several depths keep is stored once, so the folder holds about one full model, not
 the sum of the depths. Each graph still loads on its own (`onnxruntime.InferenceSession(file)`);
 `runtime.ort.MultiDepthDecoder` loads the shared weights once and gives them to a session per depth.
+
+A depth can come from a checkpoint of its own (`depth_models`, `onnx --depth-model 2=DIR`) instead of a
+plan: a student pruned from this model and healed alone, whose kept layers say which depth it is. The full
+depth then stays exactly this model and the healed depth drafts for self-speculative decoding
+(`runtime.speculative`) with the acceptance of its own healing. Its weights are its own: the tensors healing
+changed (all of them, after full training) are stored beside the model's, so the folder holds the model plus
+the draft, as a separate draft model would, not one model.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..artifact import BuildResult, artifact_path, write_manifest
+from ..artifact import BuildResult, artifact_path, file_sha256, write_manifest
 from ..errors import UserError
 from ..outputs import atomic_output_dir
 from ..progress import progress_bar
@@ -35,8 +42,9 @@ def depth_tag(speedup: float, full: bool) -> str:
 
 def export_multi_depth(model, out, speedups, strategy: str = "uls", calib=None, calib_tokens: int | None = None,
                        calib_device: str = "cpu", dtype: str = "fp32", device: str = "cpu", force: bool = False,
-                       quiet: bool = False, **export_options) -> BuildResult:
-    """Export checkpoint `model` at every speedup of `speedups` into `out`, the weights shared."""
+                       quiet: bool = False, depth_models: dict | None = None, **export_options) -> BuildResult:
+    """Export checkpoint `model` at every speedup of `speedups` into `out`, the weights shared; the speedups
+    of `depth_models` ({speedup: checkpoint folder}) from those checkpoints."""
     from ..checkpoint import load_model_info
     from ..plan.scoring import DEFAULT_CALIB_TOKENS, depth_plans
     from ..prune import prune_checkpoint
@@ -45,9 +53,16 @@ def export_multi_depth(model, out, speedups, strategy: str = "uls", calib=None, 
     start = time.perf_counter()
     model_dir, config, adapter = load_model_info(model)
     num_layers = adapter.num_layers(config)
-    plans = depth_plans(model_dir, speedups, strategy, calib, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS,
-                        device=calib_device, quiet=quiet)
-    with atomic_output_dir(Path(out), force, protect=(model_dir,)) as tmp, \
+    given = {float(s): Path(folder) for s, folder in (depth_models or {}).items()}
+    if set(given) - {float(s) for s in speedups}:
+        raise UserError(f"--depth-model {', '.join(f'{s:g}' for s in sorted(set(given) - set(map(float, speedups))))}: "
+                        "not one of --speedups")
+    planned = [s for s in speedups if float(s) not in given]
+    plans = depth_plans(model_dir, planned, strategy, calib, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS,
+                        device=calib_device, quiet=quiet) if planned else []
+    plans = sorted(plans + [(s, _given_depth_plan(model_dir, config, adapter, s, folder)) for s, folder in given.items()],
+                   key=lambda item: item[0])
+    with atomic_output_dir(Path(out), force, protect=(model_dir, *given.values())) as tmp, \
             progress_bar(len(plans), "export depths", unit="depth", quiet=quiet) as bar:
         work = tmp / ".depths"
         depths = []
@@ -56,10 +71,11 @@ def export_multi_depth(model, out, speedups, strategy: str = "uls", calib=None, 
             tag = depth_tag(speedup, full)
             if tag in {d["tag"] for d in depths}:
                 raise UserError(f"--speedups {speedup:g} keeps the same layers as another speedup; give each once")
-            pruned = prune_checkpoint(model_dir, work / tag / "hf", plan, quiet=True).out_dir
+            source = given.get(float(speedup))
+            pruned = source or prune_checkpoint(model_dir, work / tag / "hf", plan, quiet=True).out_dir
             exported = export_onnx(pruned, work / tag / "onnx", dtype, device, quiet=True, **export_options)
             depths.append({"tag": tag, "speedup": speedup, "plan": plan.to_dict(), "dir": exported.out_dir,
-                           "manifest": exported.manifest})
+                           "manifest": exported.manifest, "model": str(source.absolute()) if source else None})
             bar.update()
         manifest = merge_depths(depths, tmp, model_dir, config)
         for side in depths[0]["dir"].iterdir():  # tokenizer and configs, the same for every depth
@@ -110,6 +126,8 @@ def merge_depths(depths: list[dict], out: Path, model_dir: Path, config: dict) -
                            "kept": depth["plan"]["kept"],
                            "cache_to_original_layer": depth["manifest"]["cache_to_original_layer"],
                            "plan": depth["plan"], "onnx": onnx_section,
+                           **({"model": depth["model"], "model_config_sha256": file_sha256(
+                               Path(depth["model"]) / "config.json")} if depth.get("model") else {}),
                            "optimizations": depth["manifest"].get("optimizations"),
                            "parity_check": depth["manifest"].get("parity_check")})
         shared_bytes = data.tell()
@@ -130,6 +148,31 @@ def merge_depths(depths: list[dict], out: Path, model_dir: Path, config: dict) -
         "weights": {"file": WEIGHTS_FILE, "bytes": shared_bytes, "tensors": len(entries),
                     "bytes_if_each_depth_held_its_own": own_bytes},
     }
+
+
+def _given_depth_plan(model_dir: Path, config: dict, adapter, speedup: float, folder: Path):
+    """The plan of a depth taken from a checkpoint of its own: the layers of `model` it keeps, from its
+    manifest (a student pruned from `model`), checked against its config and `model`'s shape."""
+    from ..artifact import Artifact
+    from ..checkpoint import load_model_info
+    from ..plan.positional import plan_for_kept
+
+    option = f"--depth-model {speedup:g}={folder}"
+    folder_dir, folder_config, folder_adapter = load_model_info(folder)
+    kept = Artifact.open(folder_dir).kept
+    if not isinstance(kept, list) or not kept:
+        raise UserError(f"{option}: its ulsexport.json names no kept layers (a student ulsexport pruned from "
+                        "--model, healed or not)")
+    if speedup == 1:
+        raise UserError(f"{option}: the full depth is --model itself")
+    if folder_adapter.num_layers(folder_config) != len(kept):
+        raise UserError(f"{option}: its config has {folder_adapter.num_layers(folder_config)} layers but its "
+                        f"manifest keeps {len(kept)}")
+    shape = adapter.shape(config)
+    if folder_adapter.model_type != adapter.model_type or folder_adapter.shape(folder_config) != shape:
+        raise UserError(f"{option}: not a pruning of {model_dir} (its family or shape differs)")
+    strategy = (Artifact.open(folder_dir).get("plan") or {}).get("strategy", "given")
+    return plan_for_kept(adapter.num_layers(config), kept, strategy, speedup, shape, option="--depth-model")
 
 
 def _tensor_bytes(tensor, folder: Path) -> bytes:

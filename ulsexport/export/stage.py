@@ -23,6 +23,7 @@ class OnnxSettings:
     speedups: tuple[float, ...] | None = None   # several depths over one set of weights
     strategy: str = "uls"               # their plans
     calib: Path | None = None           # their calibration text
+    depth_models: tuple[tuple[float, Path], ...] | None = None   # depths taken from checkpoints of their own
     allow_pickle: bool = False
 
 
@@ -45,7 +46,10 @@ def export(model, out, settings: OnnxSettings = OnnxSettings(), force: bool = Fa
         if builder != DEFAULT_BUILDER:
             raise UserError("--speedups builds with --builder torch only")
         return export_multi_depth(model, out, list(s.speedups), s.strategy, s.calib, dtype=s.dtype, device=s.device,
-                                  force=force, quiet=quiet, **{k: v for k, v in options.items() if v is not None})
+                                  force=force, quiet=quiet, depth_models=dict(s.depth_models or ()),
+                                  **{k: v for k, v in options.items() if v is not None})
+    if s.depth_models:
+        raise UserError("--depth-model names a depth of a multi-depth export: it goes with --speedups")
     if s.strategy != "uls" or s.calib:
         raise UserError("--strategy and --calib go with --speedups (to prune one depth: ulsexport prune)")
     return get_builder(builder).build(model, out, s.dtype, s.device, force=force, quiet=quiet, **options)

@@ -134,9 +134,11 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
             if depth is not None:
                 opened.decoder(depth)  # an unknown depth is refused, naming the export's
             tags = [depth] if depth is not None else opened.depths
-            plans = {g["tag"]: g.get("plan") for g in candidate_manifest["graphs"]}
-            # (depth, kept, plan, runtime, the PyTorch checkpoint it must match): the reference pruned to its layers
-            targets = [(tag, opened.kept[tag], plans[tag], opened.decoder(tag),
+            graphs = {g["tag"]: g for g in candidate_manifest["graphs"]}
+            # (depth, kept, plan, runtime, the PyTorch checkpoint it must match): the reference pruned to its
+            # layers, or the checkpoint of its own the depth was exported from (onnx --depth-model)
+            targets = [(tag, opened.kept[tag], graphs[tag].get("plan"), opened.decoder(tag),
+                        _depth_checkpoint(graphs[tag]) if graphs[tag].get("model") else
                         pruned_reference(reference_dir, num_layers, opened.kept[tag], Path(tmp) / tag))
                        for tag in tags]
             full_depth = next((tag for tag in opened.depths if opened.kept[tag] == list(range(num_layers))), None)
@@ -199,6 +201,17 @@ def _measure(common: dict, target: tuple, parity_steps, tolerance, speed, full_s
 
         report["tasks"] = score_tasks(reference_dir, hf_checkpoint, tasks, device)
     return report
+
+
+def _depth_checkpoint(graph: dict) -> Path:
+    """The checkpoint a depth of a multi-depth export came from (`onnx --depth-model`), checked to be the one
+    exported: its config as recorded. Only read, as any reference is."""
+    folder = Path(str(graph["model"]))
+    config = folder / "config.json"
+    if not config.is_file() or file_sha256(config) != graph.get("model_config_sha256"):
+        raise UserError(f"depth {graph.get('tag')} was exported from its own checkpoint {folder}, which is gone or "
+                        "changed since: its parity cannot be checked (validate the other depths with --depth)")
+    return folder
 
 
 def _check_multi_depth_source(reference_dir: Path, candidate: Path, manifest: dict) -> None:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 31's acceptance table on kjv16 (CPU): which healing makes the best self-speculative draft. Each row
+# is a multi-depth export whose full depth verifies (ulsexport onnx --speedups ...), run by
+# benchmarks/speculative.py (acceptance, tokens per verify, tokens identical to the full depth's):
+#   unhealed    the 2x and 3x uls plans of kjv16 itself;
+#   alone       2x and 3x students healed alone (kd on KJV's training split, STEPS each), taken into the
+#               export with --depth-model: the full depth stays kjv16 exactly, the drafts' weights are their own;
+#   joint       heal --speedups 1,2,3 (3 x STEPS: STEPS per depth): one weight file, the full depth trained too;
+#   mixture     as alone, with the default mixture (half the windows sampled by kjv16 itself).
+# Usage: bash benchmarks/draft_acceptance_kjv16.sh WORK [STEPS] (default 200); results go to
+# benchmarks/results/speculative-cpu (one section per row, beside the earlier ones).
+set -euo pipefail
+work=${1:?work folder}; steps=${2:-200}
+here=$(cd "$(dirname "$0")/.." && pwd); data=$here/../shared/data; model=$here/../shared/models/kjv16
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+ux() { python3 -m ulsexport.cli --quiet "$@"; }
+mkdir -p "$work"
+heal=(--teacher "$model" --data "$data/kjv-train.txt" --eval-text "$data/kjv-valid.txt" --eval-tokens 20000
+      --batch 16 --seq-len 128 --lr 2e-3 --device cpu --force)
+for s in 2 3; do
+  ux prune --model "$model" --speedup $s --out "$work/pruned-${s}x" --force
+  ux heal "${heal[@]}" --student "$work/pruned-${s}x" --steps "$steps" --teacher-samples 0 --out "$work/alone-${s}x"
+  ux heal "${heal[@]}" --student "$work/pruned-${s}x" --steps "$steps" --out "$work/mixture-${s}x"
+done
+ux heal "${heal[@]}" --speedups 1,2,3 --steps $((3 * steps)) --teacher-samples 0 --out "$work/joint"
+ux onnx --model "$model" --speedups 1,2,3 --out "$work/x-unhealed" --force
+ux onnx --model "$work/joint" --speedups 1,2,3 --out "$work/x-joint" --force
+for how in alone mixture; do
+  ux onnx --model "$model" --speedups 1,2,3 --depth-model 2="$work/$how-2x" --depth-model 3="$work/$how-3x" \
+      --out "$work/x-$how" --force
+done
+label() { case $1 in
+  unhealed) echo "kjv16: unhealed drafts (uls plans)";;
+  alone) echo "kjv16: drafts healed alone ($steps kd steps each on KJV), full depth = kjv16 (--depth-model)";;
+  mixture) echo "kjv16: drafts healed alone on the default mixture ($steps steps, half kjv16's samples), full depth = kjv16";;
+  joint) echo "kjv16: healed jointly at 1,2,3 ($steps steps per depth), full depth trained too";; esac; }
+for how in unhealed alone mixture joint; do
+  python3 "$here/benchmarks/speculative.py" --export "$work/x-$how" --text "$data/kjv-valid.txt" --prompts 16 \
+      --new-tokens 64 --ks 1,2,4,6 --out "$here/benchmarks/results/speculative-cpu" --label "$(label $how)"
+done

@@ -1,0 +1,112 @@
+"""A depth of a multi-depth export taken from a checkpoint of its own (`onnx --speedups 1,2 --depth-model
+2=DIR`): a student pruned from the model and healed alone drafts, the full depth stays the model itself.
+The "healed" student here is a pruned tiny Llama whose weights were changed (healing's effect, without its
+minutes): the export must hold its weights, its graph must match it, speculative decoding must give the full
+depth's tokens, and validate must check the depth against that checkpoint, not the reference pruned afresh."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("onnxruntime")
+
+from conftest import MULTI_DEPTH_SHAPE as SHAPE, run_cli  # noqa: E402
+from ulsexport.artifact import read_manifest  # noqa: E402
+from ulsexport.errors import UserError  # noqa: E402
+from ulsexport.export.multi_depth import export_multi_depth  # noqa: E402
+from ulsexport.prune import plan_for_model, prune_checkpoint  # noqa: E402
+from ulsexport.runtime.ort import MultiDepthDecoder  # noqa: E402
+from ulsexport.runtime.speculative import speculative_greedy  # noqa: E402
+from ulsexport.testing import make_tiny_checkpoint  # noqa: E402
+from ulsexport.validate import validate  # noqa: E402
+
+KEEP = [0, 3]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Tiny models on one thread (conftest's one_thread)."""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("depth-model")
+    src = make_tiny_checkpoint("llama", root / "hf", num_layers=4, overrides=SHAPE)
+    student = prune_checkpoint(src, root / "student", plan_for_model(src, keep=KEEP), quiet=True).out_dir
+    weights = load_file(student / "model.safetensors")
+    for name, tensor in weights.items():   # "healing": every layer weight moved a little, embeddings kept
+        if ".layers." in name and tensor.ndim == 2:
+            tensor.add_(0.02 * tensor.std() * (1 + tensor.abs().sqrt()))
+    save_file(weights, student / "model.safetensors", metadata={"format": "pt"})
+    plain = export_multi_depth(src, root / "plain", [1, 2], quiet=True).out_dir
+    out = export_multi_depth(src, root / "multi", [1, 2], depth_models={2: student}, quiet=True).out_dir
+    return {"src": src, "student": student, "plain": plain, "out": out, "root": root}
+
+
+def _graphs(folder):
+    return {g["tag"]: g for g in read_manifest(folder)["graphs"]}
+
+
+def _prompt():
+    ids = np.random.default_rng(3).integers(3, 128, (2, 7), dtype=np.int64)
+    return ids, np.ones_like(ids)
+
+
+def test_the_depth_is_the_students_and_the_full_depth_the_models(built):
+    graphs = _graphs(built["out"])
+    assert graphs["2x"]["model"] == str(built["student"].absolute()) and "model" not in graphs["full"]
+    check = graphs["2x"]["parity_check"]   # the export compared its graph with the student in PyTorch
+    assert graphs["2x"]["kept"] == KEEP and check["relative_logit_error"] <= check["tolerance"]
+    plain, own = MultiDepthDecoder(built["plain"], "cpu"), MultiDepthDecoder(built["out"], "cpu")
+    ids, mask = _prompt()
+    full_plain = plain.greedy(ids, mask, 12, depth="full").tokens
+    np.testing.assert_array_equal(own.greedy(ids, mask, 12, depth="full").tokens, full_plain)
+    # the student's changed weights: its depth's tokens differ from the plainly pruned 2x's
+    assert not np.array_equal(own.greedy(ids, mask, 12, depth="2x").tokens, plain.greedy(ids, mask, 12, depth="2x").tokens)
+    # stored beside the model's: more bytes than the plain export, at most the two held apart
+    stored = read_manifest(built["out"])["weights"]
+    assert read_manifest(built["plain"])["weights"]["bytes"] < stored["bytes"] <= stored["bytes_if_each_depth_held_its_own"]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_speculative_tokens_are_the_full_depths(built, k):
+    runtime = MultiDepthDecoder(built["out"], "cpu")
+    ids, mask = _prompt()
+    run = speculative_greedy(runtime, ids, mask, 24, draft="2x", draft_tokens=k)
+    np.testing.assert_array_equal(np.array(run.tokens), runtime.greedy(ids, mask, 24, depth="full").tokens)
+
+
+def test_validate_checks_the_depth_against_its_own_checkpoint(built, tmp_path):
+    report = validate(built["src"], built["out"], runtime="ort", speed=None, parity_steps=6, depth="2x", quiet=True)
+    assert report["parity"]["passed"]
+    assert report["depths"]["2x"]["parity"]["reference_checkpoint"] == str(built["student"].absolute())
+    # the checkpoint changed after the export: refused in one line, not a parity failure
+    moved = shutil.copytree(built["out"], tmp_path / "multi")
+    manifest = read_manifest(built["out"])
+    for graph in manifest["graphs"]:
+        if graph["tag"] == "2x":
+            graph["model_config_sha256"] = "0" * 64
+    (moved / "ulsexport.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="gone or changed since"):
+        validate(built["src"], moved, runtime="ort", speed=None, parity_steps=2, depth="2x", quiet=True)
+
+
+def test_bad_depth_models_are_one_line_errors(built, tmp_path):
+    src, student = built["src"], built["student"]
+    cases = [({3: student}, [1, 2], "not one of --speedups"),
+             ({2: src}, [1, 2], "names no kept layers"),
+             ({2: make_tiny_checkpoint("llama", tmp_path / "other", num_layers=2)}, [1, 2], "names no kept layers")]
+    other = prune_checkpoint(make_tiny_checkpoint("llama", tmp_path / "wide", num_layers=4),
+                             tmp_path / "wide-2x", plan_for_model(tmp_path / "wide", keep=KEEP), quiet=True).out_dir
+    cases.append(({2: other}, [1, 2], "not a pruning of"))
+    for models, speedups, message in cases:
+        with pytest.raises(UserError, match=message):
+            export_multi_depth(src, tmp_path / "x", speedups, depth_models=models, quiet=True)
+        assert not (tmp_path / "x").exists()
+    for value in ("2", "x=dir", "1=dir", "=dir"):
+        result = run_cli("onnx", "--model", src, "--speedups", "1,2", "--depth-model", value, "--out", tmp_path / "y")
+        assert result.exit_code == 2 and "--depth-model" in result.output, result.output
+    result = run_cli("onnx", "--model", src, "--depth-model", f"2={student}", "--out", tmp_path / "y")
+    assert result.exit_code == 2 and "goes with --speedups" in result.output, result.output
