@@ -41,9 +41,14 @@ common=(--teacher "$MODEL" --data "$HEAL_TEXT" --dtype "${DTYPE:-bf16}" --batch 
 samples=${TEACHER_SAMPLES:-4096}
 common+=(--teacher-samples "$samples")
 ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --out "$work/warm" > "$work/warm.log" 2>&1 &
-[ "${SET:-choices}" = lr ] && ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 \
-    --sample-temperature 0.7 --out "$work/warm-0.7" > "$work/warm-0.7.log" 2>&1 &   # its own samples, made alongside
-wait
+warming=($!)
+if [ "${SET:-choices}" = lr ]; then   # its own samples, made alongside (no faster than one after the other)
+  ux --quiet heal "${common[@]}" --student "$work/pruned-2x" --steps 1 --sample-temperature 0.7 \
+      --out "$work/warm-0.7" > "$work/warm-0.7.log" 2>&1 &
+  warming+=($!)
+fi
+for pid in "${warming[@]}"; do wait "$pid"; done   # a failed warm-up stops the script (set -e)
+joint=(--strategy bi --calib "$HEAL_TEXT")   # joint healing plans as the pruned students were planned
 heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 & }
 if [ "${SET:-choices}" = domains ]; then   # does healing on every domain's own text close the gap? (4 runs)
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
@@ -59,11 +64,10 @@ elif [ "${SET:-choices}" = plans ]; then   # which layers to keep heals best? (b
   done
 elif [ "${SET:-choices}" = lr ]; then   # the sampling temperature at 2x; joint 1,2
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
-  heal joint-1,2-$long         --speedups 1,2 --strategy bi --calib "$HEAL_TEXT" --steps "$long"
+  heal joint-1,2-$long         --speedups 1,2 "${joint[@]}" --steps "$long"
   heal 2x-mix-st0.7-$long      --student "$work/pruned-2x" --steps "$long" --sample-temperature 0.7
 elif [ "${SET:-choices}" = joint ]; then   # one weight file for several depths (issue 31's drafts): the full
   # depth trained beside the draft depths, round robin, so that it stays the teacher's while they heal
-  joint=(--strategy bi --calib "$HEAL_TEXT")
   heal joint-1,2-$long         --speedups 1,2 "${joint[@]}" --steps "$long"
   heal joint-1,2,3-$((long * 3 / 2)) --speedups 1,2,3 "${joint[@]}" --steps $((long * 3 / 2))
 elif [ "${SET:-choices}" = long ]; then   # the long runs: four at a time fit an 80 GB card

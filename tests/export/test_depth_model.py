@@ -34,6 +34,11 @@ def _one_thread(one_thread):
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("depth-model")
     src = make_tiny_checkpoint("llama", root / "hf", num_layers=4, overrides=SHAPE)
+    weights = load_file(src / "model.safetensors")
+    for layer in (1, 2):   # layers 1 and 2 write nothing: the 2x depth (0, 3) computes what the full one does
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            weights[f"model.layers.{layer}.{name}"].zero_()
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
     student = prune_checkpoint(src, root / "student", plan_for_model(src, keep=KEEP), quiet=True).out_dir
     weights = load_file(student / "model.safetensors")
     for name, tensor in weights.items():   # "healing": every layer weight moved a little, embeddings kept
@@ -57,6 +62,7 @@ def _prompt():
 def test_the_depth_is_the_students_and_the_full_depth_the_models(built):
     graphs = _graphs(built["out"])
     assert graphs["2x"]["model"] == str(built["student"].absolute()) and "model" not in graphs["full"]
+    assert graphs["2x"]["speedup"] == 2 and graphs["2x"]["plan"]["strategy"] == "explicit"
     check = graphs["2x"]["parity_check"]   # the export compared its graph with the student in PyTorch
     assert graphs["2x"]["kept"] == KEEP and check["relative_logit_error"] <= check["tolerance"]
     plain, own = MultiDepthDecoder(built["plain"], "cpu"), MultiDepthDecoder(built["out"], "cpu")
@@ -72,41 +78,53 @@ def test_the_depth_is_the_students_and_the_full_depth_the_models(built):
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_speculative_tokens_are_the_full_depths(built, k):
+    """The student is near the full depth (the layers it drops write nothing), so drafts are both kept and
+    rejected: the tokens are the full depth's either way."""
     runtime = MultiDepthDecoder(built["out"], "cpu")
     ids, mask = _prompt()
     run = speculative_greedy(runtime, ids, mask, 24, draft="2x", draft_tokens=k)
     np.testing.assert_array_equal(np.array(run.tokens), runtime.greedy(ids, mask, 24, depth="full").tokens)
+    assert 0 < run.accepted < run.drafted, run.summary()
 
 
 def test_validate_checks_the_depth_against_its_own_checkpoint(built, tmp_path):
     report = validate(built["src"], built["out"], runtime="ort", speed=None, parity_steps=6, depth="2x", quiet=True)
     assert report["parity"]["passed"]
     assert report["depths"]["2x"]["parity"]["reference_checkpoint"] == str(built["student"].absolute())
-    # the checkpoint changed after the export: refused in one line, not a parity failure
-    moved = shutil.copytree(built["out"], tmp_path / "multi")
-    manifest = read_manifest(built["out"])
-    for graph in manifest["graphs"]:
-        if graph["tag"] == "2x":
-            graph["model_config_sha256"] = "0" * 64
-    (moved / "ulsexport.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="gone or changed since"):
-        validate(built["src"], moved, runtime="ort", speed=None, parity_steps=2, depth="2x", quiet=True)
+    # the student healed again after the export (its manifest changes): refused in one line, not a parity failure
+    manifest = built["student"] / "ulsexport.json"
+    before = manifest.read_text()
+    try:
+        manifest.write_text(json.dumps({**json.loads(before), "healing": {"steps": 1}}))
+        with pytest.raises(UserError, match="gone or changed since") as caught:
+            validate(built["src"], built["out"], runtime="ort", speed=None, parity_steps=2, depth="2x", quiet=True)
+        assert "\n" not in str(caught.value)
+    finally:
+        manifest.write_text(before)
 
 
 def test_bad_depth_models_are_one_line_errors(built, tmp_path):
     src, student = built["src"], built["student"]
-    cases = [({3: student}, [1, 2], "not one of --speedups"),
-             ({2: src}, [1, 2], "names no kept layers"),
-             ({2: make_tiny_checkpoint("llama", tmp_path / "other", num_layers=2)}, [1, 2], "names no kept layers")]
-    other = prune_checkpoint(make_tiny_checkpoint("llama", tmp_path / "wide", num_layers=4),
-                             tmp_path / "wide-2x", plan_for_model(tmp_path / "wide", keep=KEEP), quiet=True).out_dir
-    cases.append(({2: other}, [1, 2], "not a pruning of"))
-    for models, speedups, message in cases:
-        with pytest.raises(UserError, match=message):
+    wide = make_tiny_checkpoint("llama", tmp_path / "wide", num_layers=4)
+    from_wide = prune_checkpoint(wide, tmp_path / "wide-2x", plan_for_model(wide, keep=KEEP), quiet=True).out_dir
+    whole = prune_checkpoint(src, tmp_path / "whole", plan_for_model(src, keep=[0, 1, 2, 3]), quiet=True).out_dir
+    for models, speedups, message in [({3: student}, [1, 2], "not one of --speedups"),
+                                      ({1: student}, [1, 2], "speedup is above 1"),
+                                      ({2: src}, [1, 2], "names no kept layers"),
+                                      ({2: from_wide}, [1, 2], "not pruned from"),
+                                      ({2: whole}, [1, 2], "a pruned depth keeps fewer")]:
+        with pytest.raises(UserError, match=message) as caught:
             export_multi_depth(src, tmp_path / "x", speedups, depth_models=models, quiet=True)
-        assert not (tmp_path / "x").exists()
-    for value in ("2", "x=dir", "1=dir", "=dir"):
+        assert "\n" not in str(caught.value)
+    pruned_for_other = prune_checkpoint(src, tmp_path / "p1.5", plan_for_model(src, 1.5), quiet=True).out_dir
+    with pytest.raises(UserError, match="pruned for speedup 1.5, not 2"):
+        export_multi_depth(src, tmp_path / "x", [1, 2], depth_models={2: pruned_for_other}, quiet=True)
+    for value in ("2", "x=dir", "=dir", "2= "):
         result = run_cli("onnx", "--model", src, "--speedups", "1,2", "--depth-model", value, "--out", tmp_path / "y")
         assert result.exit_code == 2 and "--depth-model" in result.output, result.output
+    result = run_cli("onnx", "--model", src, "--speedups", "1,2", "--depth-model", f"2={student}",
+                     "--depth-model", f"2.0={student}", "--out", tmp_path / "y")
+    assert result.exit_code == 2 and "each speedup once" in result.output, result.output
     result = run_cli("onnx", "--model", src, "--depth-model", f"2={student}", "--out", tmp_path / "y")
     assert result.exit_code == 2 and "goes with --speedups" in result.output, result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

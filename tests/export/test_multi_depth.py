@@ -111,9 +111,18 @@ def test_real_models_at_two_depths(name, model, speedups, tmp_path):
 # one that differs most from llama and costs least (learned positions, no rotary)
 @pytest.mark.parametrize("family", sampled([f for f in FAMILIES if f != "llama"], ("opt",)))
 def test_each_family_at_two_depths(family, tmp_path):
+    """Each depth matches its prune, and self-speculative decoding over the two is lossless (issue 31: every
+    family multi-depth supports, K 1-6, 128 steps, rows of two prompt lengths)."""
+    from ulsexport.runtime.speculative import speculative_greedy
+
     src = make_tiny_checkpoint(family, tmp_path / "hf", num_layers=4)
     result = export_multi_depth(src, tmp_path / "multi", [1, 2], quiet=True)
-    assert_depths_match_their_prunes(src, result.out_dir, tmp_path)
+    manifest, runtime = assert_depths_match_their_prunes(src, result.out_dir, tmp_path)
+    ids, mask = _prompt(manifest["onnx"]["io_shapes"]["logits"][-1])
+    expected = runtime.greedy(ids, mask, 128, depth="full").tokens
+    for k in range(1, 7):
+        run = speculative_greedy(runtime, ids, mask, 128, draft="2x", draft_tokens=k)
+        np.testing.assert_array_equal(np.array(run.tokens), expected, err_msg=f"{family}, K={k}")
 
 
 def test_depth_names_and_bad_speedups(multi, tmp_path):

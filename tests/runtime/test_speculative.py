@@ -133,6 +133,26 @@ def test_kjv16_128_steps(kjv16_multi, k):
     assert run.accepted > 0
 
 
+@pytest.mark.extended
+def test_smollm2_128_steps_every_k(smollm2, tmp_path):
+    """The real pretrained model (30 layers, GQA 9/3, tied embeddings) at 1 and 2, its unhealed 2x drafting:
+    the full depth's tokens over 128 steps for K 1-6, two prompts of different lengths in one batch. A few
+    minutes on 2 cores (its unhealed draft seldom agrees, so each round keeps about one token)."""
+    from ulsexport.tokenizer import load_tokenizer
+
+    runtime = MultiDepthDecoder(export_multi_depth(smollm2, tmp_path / "multi", [1, 2], quiet=True).out_dir, "cpu")
+    tokenizer = load_tokenizer(smollm2)
+    encoded = [tokenizer(t)["input_ids"] for t in ("The capital of France is",
+                                                   "The urllib.parse module defines functions that fall into")]
+    width = max(map(len, encoded))
+    ids = np.array([[0] * (width - len(e)) + e for e in encoded], np.int64)
+    mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded], np.int64)
+    expected = _full(runtime, ids, mask, 128)
+    for k in range(1, 7):
+        run = speculative_greedy(runtime, ids, mask, 128, draft="2x", draft_tokens=k)
+        np.testing.assert_array_equal(np.array(run.tokens), expected, err_msg=f"K={k}")
+
+
 def test_generate_and_validate_commands(kjv16_multi, tmp_path):
     common = ["generate", "--model", kjv16_multi, "--prompt", "And God said", "-n", "30"]
     full = run_cli(*common, "--depth", "full", "--json")

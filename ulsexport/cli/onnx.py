@@ -42,7 +42,7 @@ from .options import quiet_option
 @click.option("--calib", type=click.Path(path_type=Path), help="With --speedups: calibration text for bi|angular|greedy-ppl.")
 @click.option("--depth-model", "depth_models", multiple=True, metavar="SPEEDUP=DIR",
               help="With --speedups: take that depth from checkpoint DIR (a student pruned from --model and healed "
-                   "alone) instead of planning it; repeatable. The full depth stays --model exactly and DIR's "
+                   "alone) instead of planning it. The full depth stays --model exactly and DIR's "
                    "depth drafts for `generate --speculative`; the tensors healing changed are stored beside "
                    "--model's (a draft's own weights).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only an earlier ulsexport output).")
@@ -90,19 +90,17 @@ def onnx(ctx, model, out, builder, dtype, device, opset, no_optimize, attention,
 
 
 def _depth_models(values) -> tuple[tuple[float, Path], ...] | None:
-    """--depth-model SPEEDUP=DIR values as (speedup, folder) pairs."""
-    import math
-
+    """--depth-model SPEEDUP=DIR values as (speedup, folder) pairs (export_multi_depth checks the rest)."""
     pairs = []
     for value in values:
         speedup, sep, folder = value.partition("=")
         try:
             number = float(speedup)
         except ValueError:
-            number = math.nan
-        if not sep or not folder or not math.isfinite(number) or number <= 1:
-            raise UserError(f"--depth-model {value!r}: give SPEEDUP=DIR, e.g. 2=kjv16-2x-draft (a speedup above 1)")
-        pairs.append((number, Path(folder)))
+            number = None
+        if not sep or not folder.strip() or number is None:
+            raise UserError(f"--depth-model {value!r}: give SPEEDUP=DIR, e.g. 2=kjv16-2x-healed")
+        pairs.append((number, Path(folder.strip()).expanduser()))
     if len({s for s, _ in pairs}) != len(pairs):
         raise UserError("--depth-model: give each speedup once")
     return tuple(pairs) or None

@@ -22,9 +22,10 @@ import hashlib
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifact import BuildResult, artifact_path, file_sha256, write_manifest
+from ..artifact import MANIFEST_NAME, Artifact, BuildResult, artifact_path, file_sha256, write_manifest
 from ..errors import UserError
 from ..outputs import atomic_output_dir
 from ..progress import progress_bar
@@ -53,16 +54,17 @@ def export_multi_depth(model, out, speedups, strategy: str = "uls", calib=None, 
     start = time.perf_counter()
     model_dir, config, adapter = load_model_info(model)
     num_layers = adapter.num_layers(config)
-    given = {float(s): Path(folder) for s, folder in (depth_models or {}).items()}
-    if set(given) - {float(s) for s in speedups}:
-        raise UserError(f"--depth-model {', '.join(f'{s:g}' for s in sorted(set(given) - set(map(float, speedups))))}: "
-                        "not one of --speedups")
+    # depths from checkpoints of their own, checked before any plan is made (calibration can take minutes)
+    given = {float(s): _GivenDepth.of(model_dir, config, adapter, float(s), folder)
+             for s, folder in (depth_models or {}).items()}
+    unknown = sorted(set(given) - {float(s) for s in speedups})
+    if unknown:
+        raise UserError(f"--depth-model {', '.join(f'{s:g}' for s in unknown)}: not one of --speedups")
     planned = [s for s in speedups if float(s) not in given]
     plans = depth_plans(model_dir, planned, strategy, calib, calib_tokens=calib_tokens or DEFAULT_CALIB_TOKENS,
                         device=calib_device, quiet=quiet) if planned else []
-    plans = sorted(plans + [(s, _given_depth_plan(model_dir, config, adapter, s, folder)) for s, folder in given.items()],
-                   key=lambda item: item[0])
-    with atomic_output_dir(Path(out), force, protect=(model_dir, *given.values())) as tmp, \
+    plans = sorted(plans + [(s, d.plan) for s, d in given.items()], key=lambda item: item[0])
+    with atomic_output_dir(Path(out), force, protect=(model_dir, *(d.folder for d in given.values()))) as tmp, \
             progress_bar(len(plans), "export depths", unit="depth", quiet=quiet) as bar:
         work = tmp / ".depths"
         depths = []
@@ -72,13 +74,14 @@ def export_multi_depth(model, out, speedups, strategy: str = "uls", calib=None, 
             if tag in {d["tag"] for d in depths}:
                 raise UserError(f"--speedups {speedup:g} keeps the same layers as another speedup; give each once")
             source = given.get(float(speedup))
-            pruned = source or prune_checkpoint(model_dir, work / tag / "hf", plan, quiet=True).out_dir
+            pruned = source.folder if source else prune_checkpoint(model_dir, work / tag / "hf", plan, quiet=True).out_dir
             exported = export_onnx(pruned, work / tag / "onnx", dtype, device, quiet=True, **export_options)
             depths.append({"tag": tag, "speedup": speedup, "plan": plan.to_dict(), "dir": exported.out_dir,
-                           "manifest": exported.manifest, "model": str(source.absolute()) if source else None})
+                           "manifest": exported.manifest, "model": source.record() if source else None})
             bar.update()
         manifest = merge_depths(depths, tmp, model_dir, config)
-        for side in depths[0]["dir"].iterdir():  # tokenizer and configs, the same for every depth
+        planned_first = next((d for d in depths if not d["model"]), depths[0])   # --model's own side files
+        for side in planned_first["dir"].iterdir():  # tokenizer and configs, the same for every depth
             if side.is_file() and not side.name.endswith(PER_DEPTH_FILES):
                 shutil.copy2(side, tmp / side.name)
         shutil.rmtree(work)
@@ -126,8 +129,7 @@ def merge_depths(depths: list[dict], out: Path, model_dir: Path, config: dict) -
                            "kept": depth["plan"]["kept"],
                            "cache_to_original_layer": depth["manifest"]["cache_to_original_layer"],
                            "plan": depth["plan"], "onnx": onnx_section,
-                           **({"model": depth["model"], "model_config_sha256": file_sha256(
-                               Path(depth["model"]) / "config.json")} if depth.get("model") else {}),
+                           **(depth["model"] or {}),
                            "optimizations": depth["manifest"].get("optimizations"),
                            "parity_check": depth["manifest"].get("parity_check")})
         shared_bytes = data.tell()
@@ -150,29 +152,52 @@ def merge_depths(depths: list[dict], out: Path, model_dir: Path, config: dict) -
     }
 
 
-def _given_depth_plan(model_dir: Path, config: dict, adapter, speedup: float, folder: Path):
-    """The plan of a depth taken from a checkpoint of its own: the layers of `model` it keeps, from its
-    manifest (a student pruned from `model`), checked against its config and `model`'s shape."""
-    from ..artifact import Artifact
-    from ..checkpoint import load_model_info
-    from ..plan.positional import plan_for_kept
+@dataclass(frozen=True)
+class _GivenDepth:
+    """A depth taken from a checkpoint of its own (`--depth-model SPEEDUP=DIR`): a student `ulsexport prune` made
+    from --model (healed or not), whose manifest says which of --model's layers it keeps."""
+    folder: Path
+    plan: object                # LayerPlan
+    config_sha256: str
+    manifest_sha256: str
 
-    option = f"--depth-model {speedup:g}={folder}"
-    folder_dir, folder_config, folder_adapter = load_model_info(folder)
-    kept = Artifact.open(folder_dir).kept
-    if not isinstance(kept, list) or not kept:
-        raise UserError(f"{option}: its ulsexport.json names no kept layers (a student ulsexport pruned from "
-                        "--model, healed or not)")
-    if speedup == 1:
-        raise UserError(f"{option}: the full depth is --model itself")
-    if folder_adapter.num_layers(folder_config) != len(kept):
-        raise UserError(f"{option}: its config has {folder_adapter.num_layers(folder_config)} layers but its "
-                        f"manifest keeps {len(kept)}")
-    shape = adapter.shape(config)
-    if folder_adapter.model_type != adapter.model_type or folder_adapter.shape(folder_config) != shape:
-        raise UserError(f"{option}: not a pruning of {model_dir} (its family or shape differs)")
-    strategy = (Artifact.open(folder_dir).get("plan") or {}).get("strategy", "given")
-    return plan_for_kept(adapter.num_layers(config), kept, strategy, speedup, shape, option="--depth-model")
+    @classmethod
+    def of(cls, model_dir: Path, config: dict, adapter, speedup: float, folder) -> _GivenDepth:
+        from ..checkpoint import CONFIG_NAME, load_model_info
+        from ..plan.positional import plan_for_kept
+
+        option = f"--depth-model {speedup:g}={folder}"
+        if not speedup > 1:
+            raise UserError(f"{option}: a pruned depth's speedup is above 1 (the full depth is --model itself)")
+        folder_dir, folder_config, folder_adapter = load_model_info(folder)
+        artifact = Artifact.open(folder_dir)
+        kept, num_layers = artifact.kept, adapter.num_layers(config)
+        if not isinstance(kept, list) or not kept or artifact.record is None:
+            raise UserError(f"{option}: not a student `ulsexport prune` made from --model (its ulsexport.json "
+                            "names no kept layers)")
+        if artifact.get("num_layers_original") != num_layers or \
+                artifact.get("source_config_sha256") != file_sha256(model_dir / CONFIG_NAME):
+            raise UserError(f"{option}: not pruned from {model_dir} itself (its manifest records another source "
+                            "config or layer count)")
+        if folder_adapter.num_layers(folder_config) != len(kept) or len(kept) >= num_layers:
+            raise UserError(f"{option}: keeps {folder_adapter.num_layers(folder_config)} layers (its manifest: "
+                            f"{len(kept)}) of {num_layers}; a pruned depth keeps fewer, as its manifest says")
+        if folder_adapter.model_type != adapter.model_type or folder_adapter.shape(folder_config) != adapter.shape(config):
+            raise UserError(f"{option}: not a pruning of {model_dir} (its family or shape differs)")
+        plan = artifact.get("plan")
+        plan = plan if isinstance(plan, dict) else {}
+        target = plan.get("speedup_target")
+        if isinstance(target, (int, float)) and not isinstance(target, bool) and target != speedup:
+            raise UserError(f"{option}: it was pruned for speedup {target:g}, not {speedup:g}")
+        strategy = plan.get("strategy") if isinstance(plan.get("strategy"), str) else "given"
+        return cls(folder_dir.absolute(),
+                   plan_for_kept(num_layers, kept, strategy, speedup, adapter.shape(config), option="--depth-model"),
+                   file_sha256(folder_dir / CONFIG_NAME), file_sha256(folder_dir / MANIFEST_NAME))
+
+    def record(self) -> dict:
+        """What the export's graph entry says of it (validate checks the checkpoint against it)."""
+        return {"model": str(self.folder), "model_config_sha256": self.config_sha256,
+                "model_manifest_sha256": self.manifest_sha256}
 
 
 def _tensor_bytes(tensor, folder: Path) -> bytes:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..artifact import Artifact, artifact_kind, file_sha256
+from ..artifact import MANIFEST_NAME, Artifact, artifact_kind, file_sha256
 from ..errors import UserError
 from ..precision import tolerance_for
 from ..progress import progress_bar
@@ -205,12 +205,15 @@ def _measure(common: dict, target: tuple, parity_steps, tolerance, speed, full_s
 
 def _depth_checkpoint(graph: dict) -> Path:
     """The checkpoint a depth of a multi-depth export came from (`onnx --depth-model`), checked to be the one
-    exported: its config as recorded. Only read, as any reference is."""
-    folder = Path(str(graph["model"]))
-    config = folder / "config.json"
-    if not config.is_file() or file_sha256(config) != graph.get("model_config_sha256"):
-        raise UserError(f"depth {graph.get('tag')} was exported from its own checkpoint {folder}, which is gone or "
-                        "changed since: its parity cannot be checked (validate the other depths with --depth)")
+    exported: its config and manifest as recorded (healing it again changes its manifest). Only read, as any
+    reference is."""
+    folder = Path(graph["model"]) if isinstance(graph["model"], str) else None
+    recorded = {"config.json": graph.get("model_config_sha256"), MANIFEST_NAME: graph.get("model_manifest_sha256")}
+    if folder is None or any(not (folder / name).is_file() or file_sha256(folder / name) != sha
+                             for name, sha in recorded.items()):
+        raise UserError(f"depth {graph.get('tag')} was exported from its own checkpoint {graph['model']}, which is "
+                        "gone or changed since (its config or manifest): its parity cannot be checked (validate "
+                        "the other depths with --depth)")
     return folder
 
 
