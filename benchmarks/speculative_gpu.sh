@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 31 on a GPU, end to end: SmolLM2 (or MODEL) exported at 1, 2 and 3 with the drafts healed alone
+# (onnx --depth-model: the full depth stays the original), then `ulsexport validate --speculative` for each
+# draft and K: tokens identical to the full depth's, acceptance, tokens per verify, and the speculative loop
+# timed against the full depth's fastest loop at batch 1.
+# Run after `SET=drafts ... bash benchmarks/heal_quality_gpu.sh WORK RESULTS smollm2 STEPS` (its healed
+# 2x and 3x students); needs onnxruntime-gpu (carried as wheels, benchmarks/gpu_session.sh says how).
+#   bash benchmarks/speculative_gpu.sh WORK RESULTS_DIR STEPS [MODEL]
+# DEVICE (cuda), DTYPE (fp16), KS (1,2,3,4) and NEW_TOKENS (128) change the run.
+set -euo pipefail
+work=${1:?work folder}; results=${2:?results folder}; steps=${3:?the heal runs\' steps}; model=${4:-}
+device=${DEVICE:-cuda}; dtype=${DTYPE:-fp16}
+here=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+ux() { python3 -m ulsexport.cli "$@"; }
+[ -n "$model" ] || model=$(python3 -c "from ulsexport.testing import smollm2_checkpoint as s; print(s())")
+mkdir -p "$results"
+ux --quiet onnx --model "$model" --speedups 1,2,3 --depth-model 2="$work/healed-2x-mix-$steps" \
+    --depth-model 3="$work/healed-3x-mix-$steps" --dtype "$dtype" --device "$device" --out "$work/drafts-multi" --force
+for draft in 2x 3x; do
+  for k in ${KS:-1 2 3 4}; do
+    ux --quiet validate --candidate "$work/drafts-multi" --speculative "$draft" --draft-tokens "$k" --runtime ort \
+        --device "$device" --new-tokens "${NEW_TOKENS:-128}" --parity-steps "${NEW_TOKENS:-128}" \
+        --json "$results/speculative-$draft-k$k.json" --report "$results/speculative-$draft-k$k.md" || true
+  done
+  ux --quiet validate --candidate "$work/drafts-multi" --speculative "$draft" --draft-tokens 6 --adaptive --runtime ort \
+      --device "$device" --new-tokens "${NEW_TOKENS:-128}" --parity-steps "${NEW_TOKENS:-128}" \
+      --json "$results/speculative-$draft-adaptive.json" --report "$results/speculative-$draft-adaptive.md" || true
+done
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
+python3 - "$results" "${gpu:-$device}" <<'PY'
+import json, sys
+from pathlib import Path
+results, device = Path(sys.argv[1]), sys.argv[2]
+lines = [f"# Self-speculative decoding end to end, drafts healed alone (device: {device})", "",
+         "| draft | K | parity | acceptance | tokens / verify | full tok/s | speculative tok/s | speedup |",
+         "|---|---|---|---|---|---|---|---|"]
+for path in sorted(results.glob("speculative-*.json")):
+    r = json.loads(path.read_text())
+    a, s = r["acceptance"], r.get("speed") or {}
+    k = f"adaptive, <= {r['draft_tokens']}" if r["adaptive"] else r["draft_tokens"]
+    lines.append(f"| {r['draft']} | {k} | {'pass' if r['parity']['passed'] else 'FAIL'} | {a['acceptance_rate']:.3f} | "
+                 f"{a['tokens_per_verify']:.2f} | {s.get('full_tokens_per_s', 0):.1f} | "
+                 f"{s.get('speculative_tokens_per_s', 0):.1f} | {s.get('speedup', 0):.2f}x |")
+(results / "speculative-summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
