@@ -9,6 +9,8 @@
 #   mixture     as alone, with the default mixture (half the windows sampled by kjv16 itself).
 # Usage: bash benchmarks/draft_acceptance_kjv16.sh WORK [STEPS] (default 200); results go to
 # benchmarks/results/speculative-cpu (one section per row, beside the earlier ones).
+# With a third argument, `plans`: the 3x draft of each plan (uls, bi, angular, greedy-ppl) healed alone on the
+# default mixture, STEPS each; each heal's own generality table gives its greedy agreement (the acceptance).
 set -euo pipefail
 work=${1:?work folder}; steps=${2:-200}
 here=$(cd "$(dirname "$0")/.." && pwd); data=$here/../shared/data; model=$here/../shared/models/kjv16
@@ -17,6 +19,15 @@ ux() { python3 -m ulsexport.cli --quiet "$@"; }
 mkdir -p "$work"
 heal=(--teacher "$model" --data "$data/kjv-train.txt" --eval-text "$data/kjv-valid.txt" --eval-tokens 20000
       --batch 16 --seq-len 128 --lr 2e-3 --device cpu --force)
+if [ "${3:-}" = plans ]; then
+  for strategy in uls bi angular greedy-ppl; do
+    calib=(); [ "$strategy" = uls ] || calib=(--calib "$data/kjv-train.txt")
+    ux prune --model "$model" --speedup 3 --strategy "$strategy" "${calib[@]}" --out "$work/plan-$strategy-3x" --force
+    python3 -m ulsexport.cli heal "${heal[@]}" --student "$work/plan-$strategy-3x" --steps "$steps" \
+        --out "$work/plan-$strategy-3x-healed"
+  done
+  exit 0
+fi
 for s in 2 3; do
   ux prune --model "$model" --speedup $s --out "$work/pruned-${s}x" --force
   ux heal "${heal[@]}" --student "$work/pruned-${s}x" --steps "$steps" --teacher-samples 0 --out "$work/alone-${s}x"
