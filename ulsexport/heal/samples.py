@@ -8,9 +8,9 @@ general behaviour back into the student ("self-data distillation"). Three kinds,
 - `chat`: where the tokenizer has a chat template, a dialogue: the user turn is a sentence of the
   user's text (every other one) or written by the teacher itself, then the teacher answers and goes on.
 Sampling never stops at EOS (the teacher goes on as after any document end), so every window is
-full. Samples are generated in batches on the teacher's device (each batch from its own seeded generator,
-so the samples do not depend on how many processes make them: healing over several ranks shares the
-batches out, `distributed.py`) and cached as an int32 array under
+full. Samples are generated in batches on the teacher's device (`gpu_rows` rows at once on a GPU, 32 on
+the CPU; each batch from its own seeded generator, so the samples do not depend on how many processes make
+them: healing over several ranks shares the batches out, `distributed.py`) and cached as an int32 array under
 `$XDG_CACHE_HOME/ulsexport/teacher-samples/<key>.npy` (the key covers the teacher's config and
 weights' sizes, the data, the count, the length, the temperature and the seed), written whole.
 """
@@ -36,19 +36,49 @@ PROMPT_TOKENS = 32       # tokens of a user document a continuation starts from
 _PLACEHOLDER = "\x00ULSEXPORT\x00"
 
 
+CPU_ROWS = 32            # rows sampled at once on the CPU
+MAX_GPU_ROWS = 2048      # and at most on a GPU, where the KV cache's size decides (`gpu_rows`)
+KV_BUDGET_SHARE = 0.25   # of the GPU's memory, for the sampling batch's KV cache
+KV_BUDGET_MAX = 16 * 2 ** 30
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     count: int
     seq_len: int
     temperature: float = 1.0
     seed: int = 0
-    batch: int | None = None   # rows sampled at once: 512 on a GPU, 32 on the CPU
+    batch: int | None = None   # rows sampled at once (None: 32 on the CPU, `gpu_rows` on a GPU)
 
-    def rows_at_once(self, device) -> int:
-        return self.batch or (512 if str(device).startswith("cuda") else 32)
+    def rows_at_once(self, device, model=None) -> int:
+        if self.batch:
+            return self.batch
+        if not str(device).startswith("cuda") or model is None:
+            return CPU_ROWS
+        import torch
+
+        return gpu_rows(model.config, self.seq_len, torch.cuda.get_device_properties(device).total_memory,
+                        next(model.parameters()).element_size())
 
     def record(self) -> dict:
         return {"count": self.count, "seq_len": self.seq_len, "temperature": self.temperature, "seed": self.seed}
+
+
+def gpu_rows(config, seq_len: int, gpu_bytes: int, dtype_bytes: int) -> int:
+    """How many rows to sample at once on a GPU of `gpu_bytes`: as many as keep the batch's KV cache within
+    a quarter of the card (at most 16 GiB; the cache is counted twice, as transformers' DynamicCache
+    concatenates a new copy each step), a power of two from 1 to 2048. A function of the model and the
+    card, not of the memory free at the time, so the same batches (and samples) come out on every run and
+    every rank. SmolLM2-135M at 256 tokens: 1024 rows on an 80 GB card (fewer steps, one per token of a
+    batch); a 7B Llama (32 key/value heads) in bf16: 64, where a fixed 512 needed 68 GB of cache."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_row = 2 * 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes * seq_len   # K and V, twice
+    budget = min(KV_BUDGET_SHARE * gpu_bytes, KV_BUDGET_MAX)
+    rows = max(1, min(MAX_GPU_ROWS, int(budget // per_row)))
+    return 1 << (rows.bit_length() - 1)
 
 
 def cache_root() -> Path:
@@ -170,7 +200,7 @@ def _sample_all(model, prompts: list[list[int]], settings: SampleSettings, quiet
     import torch
 
     device = next(model.parameters()).device
-    step = settings.rows_at_once(device)
+    step = int(-distributed.maximum(world, -settings.rows_at_once(device, model)))   # the least card's, on all ranks
     starts = list(range(0, len(prompts), step))
     mine = starts[world.rank::world.size]
     rounds = -(-len(starts) // world.size)
