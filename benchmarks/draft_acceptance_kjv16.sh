@@ -19,13 +19,37 @@ ux() { python3 -m ulsexport.cli --quiet "$@"; }
 mkdir -p "$work"
 heal=(--teacher "$model" --data "$data/kjv-train.txt" --eval-text "$data/kjv-valid.txt" --eval-tokens 20000
       --batch 16 --seq-len 128 --lr 2e-3 --device cpu --force)
-if [ "${3:-}" = plans ]; then
+case ${3:-} in "" | plans) ;; *) echo "the third argument is plans or nothing, not '$3'" >&2; exit 2;; esac
+if [ "${3:-}" = plans ]; then   # (a heal already in WORK is kept)
   for strategy in uls bi angular greedy-ppl; do
     calib=(); [ "$strategy" = uls ] || calib=(--calib "$data/kjv-train.txt")
-    ux prune --model "$model" --speedup 3 --strategy "$strategy" "${calib[@]}" --out "$work/plan-$strategy-3x" --force
-    python3 -m ulsexport.cli heal "${heal[@]}" --student "$work/plan-$strategy-3x" --steps "$steps" \
-        --out "$work/plan-$strategy-3x-healed"
+    [ -f "$work/plan-$strategy-3x/ulsexport.json" ] || ux prune --model "$model" --speedup 3 --strategy "$strategy" \
+        ${calib[@]+"${calib[@]}"} --out "$work/plan-$strategy-3x" --force
+    [ -f "$work/plan-$strategy-3x-healed/ulsexport.json" ] || ux heal "${heal[@]}" \
+        --student "$work/plan-$strategy-3x" --steps "$steps" --out "$work/plan-$strategy-3x-healed"
   done
+  python3 - "$work" "$steps" "$here/benchmarks/results/draft-plans-kjv16" <<'PY'
+import json, sys
+from pathlib import Path
+from ulsexport.testing import write_results
+work, steps, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+rows = []
+for strategy in ("uls", "bi", "angular", "greedy-ppl"):
+    manifest = json.loads((work / f"plan-{strategy}-3x-healed" / "ulsexport.json").read_text())
+    after, before = manifest["healing"]["quality_after"], manifest["healing"]["quality_before"]
+    rows.append({"strategy": strategy, "kept": manifest["kept"], "greedy_before": before["greedy_agreement"],
+                 "greedy_after": after["greedy_agreement"], "top1_after": after["top1_agreement"],
+                 "perplexity_after": after["perplexity"]})
+lines = ["# Which plan makes the best 3x draft (kjv16, CPU)", "",
+         f"Each plan's 3x student healed alone on the default mixture (KJV's training split and kjv16's own samples), "
+         f"{steps} steps of 16 x 128 tokens, lr 2e-3; greedy agreement (the acceptance rate it would get as a "
+         f"self-speculative draft) and top-1 agreement from each heal's own generality table on kjv-valid.txt. "
+         f"Command: `bash benchmarks/draft_acceptance_kjv16.sh WORK {steps} plans`.", "",
+         "| plan | kept | greedy agreement before -> after | top-1 agreement after | perplexity after |", "|---|---|---|---|---|"]
+lines += [f"| {r['strategy']} | {','.join(map(str, r['kept']))} | {r['greedy_before']:.3f} -> {r['greedy_after']:.3f} | "
+          f"{r['top1_after']:.3f} | {list(r['perplexity_after'].values())[0]:.2f} |" for r in rows]
+write_results(out.with_suffix(".json"), {"rows": rows}, "\n".join(lines) + "\n")
+PY
   exit 0
 fi
 for s in 2 3; do

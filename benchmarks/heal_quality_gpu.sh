@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Healing choices side by side on one GPU (SmolLM2-135M-Instruct by default), each a plain `ulsexport heal`,
-# run in parallel (four fit an 80 GB H100; six ran out of memory), then one table of them all
+# run in parallel (four fit an 80 GB H100; SET=choices's six ran two out of memory there), then one table of them all
 # (benchmarks/heal_quality.py table). Usage:
 #   bash benchmarks/heal_quality_gpu.sh WORK RESULTS_DIR [MODEL] [LONG_STEPS] [SHORT_STEPS]
 # MODEL: smollm2 (default) or a checkpoint folder. DEVICE=cpu runs it (slowly) without a GPU. DATA_DIR: the folder
@@ -52,7 +52,9 @@ if [ "${SET:-choices}" = lr ]; then   # its own samples, made alongside (no fast
 fi
 for pid in "${warming[@]}"; do wait "$pid"; done   # a failed warm-up stops the script (set -e)
 joint=(--strategy bi --calib "$HEAL_TEXT")   # joint healing plans as the pruned students were planned
-heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 & }
+running=()
+heal() { local name=$1; shift; ux --quiet heal "${common[@]}" --out "$work/healed-$name" "$@" > "$work/$name.log" 2>&1 &
+         running+=($!); }
 if [ "${SET:-choices}" = domains ]; then   # does healing on every domain's own text close the gap? (4 runs)
   heal 2x-mix-$long            --student "$work/pruned-2x" --steps "$long"
   heal 2x-mix-w0.8-$long       --student "$work/pruned-2x" --steps "$long" --teacher-weight 0.8
@@ -90,8 +92,10 @@ else
   heal 2x-mix-$long              --student "$work/pruned-2x" --steps "$long"
   heal 3x-mix-$long              --student "$work/pruned-3x" --steps "$long"
 fi
-wait
+failed=0
+for pid in "${running[@]}"; do wait "$pid" || failed=1; done   # a failed run: its log says why; the table has the rest
 python3 "$here/benchmarks/heal_quality.py" table --work "$work" --out "$results/heal-$name" \
     --title "$name: healing choices side by side (bi plan)" \
     --device-name "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu)" \
     --command "SET=${SET:-choices} TEACHER_SAMPLES=$samples BATCH=${BATCH:-32} SEQ_LEN=${SEQ_LEN:-256} DTYPE=${DTYPE:-bf16} EVAL_TOKENS=${EVAL_TOKENS:-200000} DEVICE=$device bash benchmarks/heal_quality_gpu.sh WORK RESULTS $model $long $short"
+exit $failed

@@ -4,9 +4,11 @@
 # draft and K: tokens identical to the full depth's, acceptance, tokens per verify, and the speculative loop
 # timed against the full depth's fastest loop at batch 1.
 # Run after `SET=drafts ... bash benchmarks/heal_quality_gpu.sh WORK RESULTS smollm2 STEPS` (its healed
-# 2x and 3x students); needs onnxruntime-gpu (carried as wheels, benchmarks/gpu_session.sh says how).
+# 2x and 3x students); needs onnxruntime-gpu importable (carried as wheels and installed with --target
+# /root/ortsite, benchmarks/gpu_session.sh says how; put that folder on PYTHONPATH).
 #   bash benchmarks/speculative_gpu.sh WORK RESULTS_DIR STEPS [MODEL]
-# DEVICE (cuda), DTYPE (fp16), KS (1,2,3,4) and NEW_TOKENS (128) change the run.
+# DEVICE (cuda), DTYPE (fp16), KS (1,2,3,4) and NEW_TOKENS (128) change the run. Exits non-zero if any
+# validate failed to run or found tokens that differ from the full depth's (the table is written either way).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; steps=${3:?the heal runs\' steps}; model=${4:-}
 device=${DEVICE:-cuda}; dtype=${DTYPE:-fp16}
@@ -15,17 +17,20 @@ export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 ux() { python3 -m ulsexport.cli "$@"; }
 [ -n "$model" ] || model=$(python3 -c "from ulsexport.testing import smollm2_checkpoint as s; print(s())")
 mkdir -p "$results"
+rm -f "$results"/speculative-*.json "$results"/speculative-*.md   # this run's reports only
+failed=0
 ux --quiet onnx --model "$model" --speedups 1,2,3 --depth-model 2="$work/healed-2x-mix-$steps" \
     --depth-model 3="$work/healed-3x-mix-$steps" --dtype "$dtype" --device "$device" --out "$work/drafts-multi" --force
 for draft in 2x 3x; do
-  for k in ${KS:-1 2 3 4}; do
+  ks=${KS:-1,2,3,4}
+  for k in ${ks//,/ }; do
     ux --quiet validate --candidate "$work/drafts-multi" --speculative "$draft" --draft-tokens "$k" --runtime ort \
         --device "$device" --new-tokens "${NEW_TOKENS:-128}" --parity-steps "${NEW_TOKENS:-128}" \
-        --json "$results/speculative-$draft-k$k.json" --report "$results/speculative-$draft-k$k.md" || true
+        --json "$results/speculative-$draft-k$k.json" --report "$results/speculative-$draft-k$k.md" || failed=1
   done
   ux --quiet validate --candidate "$work/drafts-multi" --speculative "$draft" --draft-tokens 6 --adaptive --runtime ort \
       --device "$device" --new-tokens "${NEW_TOKENS:-128}" --parity-steps "${NEW_TOKENS:-128}" \
-      --json "$results/speculative-$draft-adaptive.json" --report "$results/speculative-$draft-adaptive.md" || true
+      --json "$results/speculative-$draft-adaptive.json" --report "$results/speculative-$draft-adaptive.md" || failed=1
 done
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
 python3 - "$results" "${gpu:-$device}" <<'PY'
@@ -45,3 +50,4 @@ for path in sorted(results.glob("speculative-*.json")):
 (results / "speculative-summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
+exit $failed

@@ -76,20 +76,36 @@ def test_teacher_samples_are_full_windows_of_every_kind_and_cached(models):
 def test_sampling_batches_are_sized_by_the_kv_cache_and_the_card():
     """Rows sampled at once on a GPU: bounded by the batch's KV cache (a quarter of the card, at most 16 GiB),
     a power of two; a function of model and card only, so every run and rank makes the same batches."""
-    from transformers import LlamaConfig
+    from transformers import GPT2Config, LlamaConfig
 
     from ulsexport.heal.samples import gpu_rows
 
     gib = 2 ** 30
     smollm2 = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
     llama7b = LlamaConfig(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32)
-    assert gpu_rows(smollm2, 256, 80 * gib, 2) == 1024    # 11.8 MB a row: 1456 fit 16 GiB
-    assert gpu_rows(llama7b, 256, 80 * gib, 2) == 64      # 256 MiB a row (512 rows: 64 GiB of cache)
+    assert gpu_rows(smollm2, 256, 80 * gib, 2) == 1024    # 9.6 MB a row (384 cached tokens, logits): 1782 fit
+    assert gpu_rows(llama7b, 256, 80 * gib, 2) == 64      # 192 MiB a row (at 256 tokens, 512 rows: 64 GiB of cache)
     assert gpu_rows(llama7b, 256, 24 * gib, 2) == 16      # a quarter of a 24 GB card
     assert gpu_rows(llama7b, 4096, 24 * gib, 4) == 1      # never fewer than one
     assert gpu_rows(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4), 64, 80 * gib, 4) == 2048
+    assert gpu_rows(GPT2Config(n_layer=12, n_embd=768, n_head=12), 256, 80 * gib, 2) == 1024   # no kv-head field
     assert SampleSettings(count=1, seq_len=8).rows_at_once("cpu") == 32
     assert SampleSettings(count=1, seq_len=8, batch=5).rows_at_once("cuda") == 5
+
+
+def test_sampling_batch_on_a_gpu_comes_from_the_loaded_model(models, monkeypatch):
+    """The CUDA branch of rows_at_once: the model's own config and parameter dtype, the card's memory."""
+    import torch
+
+    teacher = load_causal_lm(models["teacher"], "bf16")
+    card = type("Props", (), {"total_memory": 80 * 2 ** 30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    from ulsexport.heal.samples import gpu_rows
+
+    expected = gpu_rows(teacher.config, 64, 80 * 2 ** 30, 2)
+    assert SampleSettings(count=1, seq_len=64).rows_at_once("cuda:0", teacher) == expected == 2048
+    with pytest.raises(ValueError, match="needs the model"):
+        SampleSettings(count=1, seq_len=64).rows_at_once("cuda:0")
 
 
 def test_generality_of_the_teacher_against_itself_is_perfect_agreement(models):

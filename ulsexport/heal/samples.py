@@ -51,10 +51,13 @@ class SampleSettings:
     batch: int | None = None   # rows sampled at once (None: 32 on the CPU, `gpu_rows` on a GPU)
 
     def rows_at_once(self, device, model=None) -> int:
+        """`batch`, else 32 on the CPU, else `gpu_rows` for `model` on the card of `device`."""
         if self.batch:
             return self.batch
-        if not str(device).startswith("cuda") or model is None:
+        if not str(device).startswith("cuda"):
             return CPU_ROWS
+        if model is None:
+            raise ValueError("rows_at_once on a GPU needs the model (its KV cache sizes the batch)")
         import torch
 
         return gpu_rows(model.config, self.seq_len, torch.cuda.get_device_properties(device).total_memory,
@@ -65,17 +68,19 @@ class SampleSettings:
 
 
 def gpu_rows(config, seq_len: int, gpu_bytes: int, dtype_bytes: int) -> int:
-    """How many rows to sample at once on a GPU of `gpu_bytes`: as many as keep the batch's KV cache within
-    a quarter of the card (at most 16 GiB; the cache is counted twice, as transformers' DynamicCache
-    concatenates a new copy each step), a power of two from 1 to 2048. A function of the model and the
-    card, not of the memory free at the time, so the same batches (and samples) come out on every run and
-    every rank. SmolLM2-135M at 256 tokens: 1024 rows on an 80 GB card (fewer steps, one per token of a
-    batch); a 7B Llama (32 key/value heads) in bf16: 64, where a fixed 512 needed 68 GB of cache."""
+    """How many rows to sample at once on a GPU of `gpu_bytes`: as many as keep the batch's KV cache and its
+    logits within a quarter of the card (at most 16 GiB), a power of two from 1 to 2048. The cache is counted
+    at 1.5 x seq_len, as prompts are left-padded to the longest; the logits at 16 bytes a vocabulary entry (the
+    copies sampling makes). A function of the model, its dtype and the card, not of the memory free at the
+    time, so a run (and every rank of it) on the same card and dtype makes the same batches, and the same
+    samples. SmolLM2-135M at 256 tokens in bf16: 1024 rows on an 80 GB card; a 7B Llama with 32 key/value
+    heads: 64, where a fixed 512 rows needed 64 GiB of cache."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    per_row = 2 * 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes * seq_len   # K and V, twice
+    length = seq_len + seq_len // 2
+    per_row = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes * length + 16 * text.vocab_size
     budget = min(KV_BUDGET_SHARE * gpu_bytes, KV_BUDGET_MAX)
     rows = max(1, min(MAX_GPU_ROWS, int(budget // per_row)))
     return 1 << (rows.bit_length() - 1)
@@ -118,8 +123,9 @@ def teacher_samples(teacher, tokenizer, teacher_dir: Path, files: list[Path] | N
         return array, {**record, "cached": True}
     started = time.perf_counter()
     prompts = _prompts(tokenizer, files, settings)
-    rows = _sample_all(teacher, prompts, settings, quiet, world)
+    rows, at_once = _sample_all(teacher, prompts, settings, quiet, world)
     array = np.asarray(rows, dtype=np.int32)
+    record["rows_at_once"] = at_once   # the batching the samples were drawn in (they differ with it)
     if not world.leader:
         return array, {**record, "cached": False}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,10 +199,10 @@ def _chat_prompt(tokenizer, user_text: str | None) -> list[int]:
 
 
 def _sample_all(model, prompts: list[list[int]], settings: SampleSettings, quiet: bool,
-                world: World = World()) -> list[list[int]]:
+                world: World = World()) -> tuple[list[list[int]], int]:
     """Every prompt continued to seq_len tokens, a batch at a time; with several ranks, batch i is made by
     rank i % size (all ranks step together: a sharded teacher's forward passes are collective) and the
-    rows are gathered on every rank, in prompt order."""
+    rows are gathered on every rank, in prompt order. Also returns the rows sampled at once."""
     import torch
 
     device = next(model.parameters()).device
@@ -216,4 +222,4 @@ def _sample_all(model, prompts: list[list[int]], settings: SampleSettings, quiet
             if start is not None:
                 rows.extend((start + i, (p + g)[:settings.seq_len]) for i, (p, g) in enumerate(zip(chunk, new)))
             bar.update(min(len(prompts), (r + 1) * step * world.size) - bar.n)
-    return [row for _, row in sorted(distributed.gather_rows(world, rows))]
+    return [row for _, row in sorted(distributed.gather_rows(world, rows))], step
