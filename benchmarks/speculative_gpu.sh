@@ -21,16 +21,15 @@ rm -f "$results"/speculative-*.json "$results"/speculative-*.md   # this run's r
 failed=0
 ux --quiet onnx --model "$model" --speedups 1,2,3 --depth-model 2="$work/healed-2x-mix-$steps" \
     --depth-model 3="$work/healed-3x-mix-$steps" --dtype "$dtype" --device "$device" --out "$work/drafts-multi" --force
+speculative() {  # draft, report name, K options: one validate --speculative, its reports in RESULTS
+  ux --quiet validate --candidate "$work/drafts-multi" --speculative "$1" --runtime ort --device "$device" \
+      --new-tokens "${NEW_TOKENS:-128}" --parity-steps "${NEW_TOKENS:-128}" "${@:3}" \
+      --json "$results/speculative-$1-$2.json" --report "$results/speculative-$1-$2.md" || failed=1
+}
 for draft in 2x 3x; do
   ks=${KS:-1,2,3,4}
-  for k in ${ks//,/ }; do
-    ux --quiet validate --candidate "$work/drafts-multi" --speculative "$draft" --draft-tokens "$k" --runtime ort \
-        --device "$device" --new-tokens "${NEW_TOKENS:-128}" --parity-steps "${NEW_TOKENS:-128}" \
-        --json "$results/speculative-$draft-k$k.json" --report "$results/speculative-$draft-k$k.md" || failed=1
-  done
-  ux --quiet validate --candidate "$work/drafts-multi" --speculative "$draft" --draft-tokens 6 --adaptive --runtime ort \
-      --device "$device" --new-tokens "${NEW_TOKENS:-128}" --parity-steps "${NEW_TOKENS:-128}" \
-      --json "$results/speculative-$draft-adaptive.json" --report "$results/speculative-$draft-adaptive.md" || failed=1
+  for k in ${ks//,/ }; do speculative "$draft" "k$k" --draft-tokens "$k"; done
+  speculative "$draft" adaptive --draft-tokens 6 --adaptive
 done
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
 python3 - "$results" "${gpu:-$device}" <<'PY'

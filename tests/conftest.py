@@ -33,6 +33,18 @@ MULTI_DEPTH_SHAPE = dict(hidden_size=64, intermediate_size=96, head_dim=16, num_
                          num_key_value_heads=2)
 
 
+def silence_layers(checkpoint, layers) -> None:
+    """Zero the output projections of `layers` of a tiny Llama checkpoint: they then write nothing into the
+    residual stream, and a depth that drops them computes what the full depth does (drafts that agree)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(checkpoint / "model.safetensors")
+    for layer in layers:
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            weights[f"model.layers.{layer}.{name}"].zero_()
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.fixture(scope="session")
 def multi_depth_exports(tmp_path_factory):
     """Tiny Llama multi-depth exports, built once per session (each takes 15-50 s here), by cache layout:

@@ -32,6 +32,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_hashes(folder: Path) -> dict[str, str | None]:
+    """sha256 of a checkpoint's config and manifest (None for one it lacks): what says it is still the one
+    an export recorded (healing it again rewrites its manifest)."""
+    return {name: file_sha256(Path(folder) / name) if (Path(folder) / name).is_file() else None
+            for name in ("config.json", MANIFEST_NAME)}
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A folder ulsexport reads: its manifest (`ulsexport.json`) read and checked once, and typed views of

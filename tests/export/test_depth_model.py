@@ -4,7 +4,6 @@ The "healed" student here is a pruned tiny Llama whose weights were changed (hea
 minutes): the export must hold its weights, its graph must match it, speculative decoding must give the full
 depth's tokens, and validate must check the depth against that checkpoint, not the reference pruned afresh."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("onnxruntime")
 
-from conftest import MULTI_DEPTH_SHAPE as SHAPE, run_cli  # noqa: E402
+from conftest import MULTI_DEPTH_SHAPE as SHAPE, run_cli, silence_layers  # noqa: E402
 from ulsexport.artifact import read_manifest  # noqa: E402
 from ulsexport.errors import UserError  # noqa: E402
 from ulsexport.export.multi_depth import export_multi_depth  # noqa: E402
@@ -34,11 +33,7 @@ def _one_thread(one_thread):
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("depth-model")
     src = make_tiny_checkpoint("llama", root / "hf", num_layers=4, overrides=SHAPE)
-    weights = load_file(src / "model.safetensors")
-    for layer in (1, 2):   # layers 1 and 2 write nothing: the 2x depth (0, 3) computes what the full one does
-        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-            weights[f"model.layers.{layer}.{name}"].zero_()
-    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    silence_layers(src, (1, 2))   # the 2x depth (0, 3) computes what the full one does
     student = prune_checkpoint(src, root / "student", plan_for_model(src, keep=KEEP), quiet=True).out_dir
     weights = load_file(student / "model.safetensors")
     for name, tensor in weights.items():   # "healing": every layer weight moved a little, embeddings kept

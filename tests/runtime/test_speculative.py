@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file, save_file
 
 pytest.importorskip("onnxruntime")
 
-from conftest import KJV16, MULTI_DEPTH_SHAPE as SHAPE, run_cli, sampled  # noqa: E402
+from conftest import KJV16, MULTI_DEPTH_SHAPE as SHAPE, run_cli, sampled, silence_layers  # noqa: E402
 from ulsexport.errors import UserError  # noqa: E402
 from ulsexport.export.multi_depth import export_multi_depth  # noqa: E402
 from ulsexport.runtime.ort import MultiDepthDecoder  # noqa: E402
@@ -62,11 +61,7 @@ def agreeing(tmp_path_factory):
     2x depth (layers 0, 3, 5) computes exactly what the full depth does: every draft is accepted."""
     root = tmp_path_factory.mktemp("agree")
     src = make_tiny_checkpoint("llama", root / "hf", num_layers=6, overrides=SHAPE)
-    weights = load_file(src / "model.safetensors")
-    for layer in (1, 2, 4):
-        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-            weights[f"model.layers.{layer}.{name}"].zero_()
-    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    silence_layers(src, (1, 2, 4))
     return MultiDepthDecoder(export_multi_depth(src, root / "multi", [1, 2], quiet=True).out_dir, "cpu")
 
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifact import MANIFEST_NAME, Artifact, BuildResult, artifact_path, file_sha256, write_manifest
+from ..artifact import Artifact, BuildResult, artifact_path, checkpoint_hashes, file_sha256, write_manifest
 from ..errors import UserError
 from ..outputs import atomic_output_dir
 from ..progress import progress_bar
@@ -158,8 +158,7 @@ class _GivenDepth:
     from --model (healed or not), whose manifest says which of --model's layers it keeps."""
     folder: Path
     plan: object                # LayerPlan
-    config_sha256: str
-    manifest_sha256: str
+    hashes: dict                # checkpoint_hashes(folder), as exported
 
     @classmethod
     def of(cls, model_dir: Path, config: dict, adapter, speedup: float, folder) -> _GivenDepth:
@@ -192,12 +191,11 @@ class _GivenDepth:
         strategy = plan.get("strategy") if isinstance(plan.get("strategy"), str) else "given"
         return cls(folder_dir.absolute(),
                    plan_for_kept(num_layers, kept, strategy, speedup, adapter.shape(config), option="--depth-model"),
-                   file_sha256(folder_dir / CONFIG_NAME), file_sha256(folder_dir / MANIFEST_NAME))
+                   checkpoint_hashes(folder_dir))
 
     def record(self) -> dict:
         """What the export's graph entry says of it (validate checks the checkpoint against it)."""
-        return {"model": str(self.folder), "model_config_sha256": self.config_sha256,
-                "model_manifest_sha256": self.manifest_sha256}
+        return {"model": str(self.folder), "model_hashes": self.hashes}
 
 
 def _tensor_bytes(tensor, folder: Path) -> bytes:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..artifact import MANIFEST_NAME, Artifact, artifact_kind, file_sha256
+from ..artifact import Artifact, artifact_kind, checkpoint_hashes, file_sha256
 from ..errors import UserError
 from ..precision import tolerance_for
 from ..progress import progress_bar
@@ -208,9 +208,7 @@ def _depth_checkpoint(graph: dict) -> Path:
     exported: its config and manifest as recorded (healing it again changes its manifest). Only read, as any
     reference is."""
     folder = Path(graph["model"]) if isinstance(graph["model"], str) else None
-    recorded = {"config.json": graph.get("model_config_sha256"), MANIFEST_NAME: graph.get("model_manifest_sha256")}
-    if folder is None or any(not (folder / name).is_file() or file_sha256(folder / name) != sha
-                             for name, sha in recorded.items()):
+    if folder is None or checkpoint_hashes(folder) != graph.get("model_hashes"):
         raise UserError(f"depth {graph.get('tag')} was exported from its own checkpoint {graph['model']}, which is "
                         "gone or changed since (its config or manifest): its parity cannot be checked (validate "
                         "the other depths with --depth)")
