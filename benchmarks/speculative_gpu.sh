@@ -17,7 +17,9 @@ export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 ux() { python3 -m ulsexport.cli "$@"; }
 [ -n "$model" ] || model=$(python3 -c "from ulsexport.testing import smollm2_checkpoint as s; print(s())")
 mkdir -p "$results"
-rm -f "$results"/speculative-*.json "$results"/speculative-*.md   # this run's reports only
+if compgen -G "$results/speculative-*" > /dev/null; then   # the table is this run's reports only; delete nothing
+  echo "$results already holds speculative-* reports: give a fresh results folder" >&2; exit 2
+fi
 failed=0
 ux --quiet onnx --model "$model" --speedups 1,2,3 --depth-model 2="$work/healed-2x-mix-$steps" \
     --depth-model 3="$work/healed-3x-mix-$steps" --dtype "$dtype" --device "$device" --out "$work/drafts-multi" --force

@@ -126,6 +126,7 @@ NOT_IN_RECIPES = {
                        "calib": "multi-depth's", "depth_models": "multi-depth's"},
     ("validate", "validate"): {"quiet": "run --quiet", "reference": "the recipe's model",
                                "candidate": "the onnx stage's output", "reference_artifact": "the recipe's model",
+                               "depth_references": "multi-depth exports from the command line",
                                "report_path": "artifacts/<name>/report/", "json_path": "artifacts/<name>/report/",
                                "plot_path": "artifacts/<name>/report/",
                                **{o: "a multi-depth export's (onnx --speedups: from the command line)"

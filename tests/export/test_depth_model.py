@@ -83,19 +83,36 @@ def test_speculative_tokens_are_the_full_depths(built, k):
 
 
 def test_validate_checks_the_depth_against_its_own_checkpoint(built, tmp_path):
-    report = validate(built["src"], built["out"], runtime="ort", speed=None, parity_steps=6, depth="2x", quiet=True)
+    """The depth's parity against the checkpoint the user names (--depth-reference); the path the manifest
+    records is never opened, and a checkpoint other than the exported one, or changed since, is refused."""
+    student = built["student"]
+    report = validate(built["src"], built["out"], runtime="ort", speed=None, parity_steps=6, depth="2x", quiet=True,
+                      depth_references={"2x": student})
     assert report["parity"]["passed"]
-    assert report["depths"]["2x"]["parity"]["reference_checkpoint"] == str(built["student"].absolute())
+    assert report["depths"]["2x"]["parity"]["reference_checkpoint"] == str(student)
+    with pytest.raises(UserError, match="give it with --depth-reference 2x=DIR") as caught:
+        validate(built["src"], built["out"], runtime="ort", speed=None, parity_steps=2, depth="2x", quiet=True)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UserError, match="not the checkpoint depth 2x was exported from"):
+        validate(built["src"], built["out"], runtime="ort", speed=None, parity_steps=2, depth="2x", quiet=True,
+                 depth_references={"2x": built["src"]})
     # the student healed again after the export (its manifest changes): refused in one line, not a parity failure
-    manifest = built["student"] / "ulsexport.json"
+    manifest = student / "ulsexport.json"
     before = manifest.read_text()
     try:
         manifest.write_text(json.dumps({**json.loads(before), "healing": {"steps": 1}}))
-        with pytest.raises(UserError, match="gone or changed since") as caught:
-            validate(built["src"], built["out"], runtime="ort", speed=None, parity_steps=2, depth="2x", quiet=True)
+        with pytest.raises(UserError, match="or changed since") as caught:
+            validate(built["src"], built["out"], runtime="ort", speed=None, parity_steps=2, depth="2x", quiet=True,
+                     depth_references={"2x": student})
         assert "\n" not in str(caught.value)
     finally:
         manifest.write_text(before)
+    result = run_cli("validate", "--reference", built["src"], "--candidate", built["out"], "--runtime", "ort",
+                     "--depth", "2x", "--no-speed", "--parity-steps", "4", "--depth-reference", f"2x={student}")
+    assert result.exit_code == 0, result.output
+    result = run_cli("validate", "--reference", built["src"], "--candidate", built["out"], "--runtime", "ort",
+                     "--depth", "2x", "--no-speed", "--depth-reference", "2x")
+    assert result.exit_code == 2 and "--depth-reference" in result.output, result.output
 
 
 def test_bad_depth_models_are_one_line_errors(built, tmp_path):

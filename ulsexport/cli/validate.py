@@ -41,6 +41,10 @@ from .options import quiet_option
 @click.option("--eval-samples", default=ValidateSettings.eval_samples, show_default=True,
               help="With --text: windows the full model samples for the top-1 agreement column (0: none).")
 @click.option("--tasks", type=click.Path(path_type=Path), help="JSONL of prompt/reference: BLEU and ROUGE-L.")
+@click.option("--depth-reference", "depth_references", multiple=True, metavar="DEPTH=DIR",
+              help="A multi-depth export with a depth from a checkpoint of its own (onnx --depth-model): that "
+                   "checkpoint, which the depth's parity is checked against (its hashes must match the export's "
+                   "record; the path the manifest records is never opened).")
 @click.option("--reference-artifact", type=click.Path(path_type=Path),
               help="The full model built like the candidate (e.g. its ONNX export) [default: built on the fly].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
@@ -54,7 +58,7 @@ from .options import quiet_option
 @quiet_option
 @click.pass_context
 def validate(ctx, reference, candidate, depth, speculative, draft_tokens, adaptive, runtime, device, dtype, batches, prompt_len, new_tokens, runs, warmup,
-             no_speed, parity_steps, tolerance, text, eval_samples, tasks, reference_artifact, json_path, report_path, plot_path,
+             no_speed, parity_steps, tolerance, text, eval_samples, tasks, depth_references, reference_artifact, json_path, report_path, plot_path,
              no_cuda_graph, decode_kernels):
     """Check an artifact's output parity and measure its speedup over the full model.
 
@@ -75,7 +79,11 @@ def validate(ctx, reference, candidate, depth, speculative, draft_tokens, adapti
     settings.check()
     for option, path in (("--json", json_path), ("--report", report_path), ("--plot", plot_path)):
         check_writable_file(path, option)  # before the work, not after it
-    result = settings.run(reference, candidate, reference_artifact, quiet=ctx.obj["quiet"])
+    pairs = [value.partition("=") for value in depth_references]
+    if any(not tag or not sep or not folder.strip() for tag, sep, folder in pairs):
+        raise UserError(f"--depth-reference: give DEPTH=DIR, e.g. 2x=kjv16-2x-healed (got {', '.join(depth_references)})")
+    result = settings.run(reference, candidate, reference_artifact, quiet=ctx.obj["quiet"],
+                          depth_references={tag: Path(folder.strip()).expanduser() for tag, _, folder in pairs})
     if speculative:
         _write_speculative(result, json_path, report_path)
     else:

@@ -84,7 +84,8 @@ def check_device(device: str, option: str = "--device") -> None:
 def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", dtype: str | None = None,
              speed: SpeedSettings | None = SpeedSettings(), parity_steps: int = 32, tolerance: float | None = None,
              text=None, tasks=None, reference_artifact=None, quiet: bool = False, cuda_graph: bool | None = None,
-             decode_kernels: bool = False, depth: str | None = None, eval_samples: int = 32) -> dict:
+             decode_kernels: bool = False, depth: str | None = None, eval_samples: int = 32,
+             depth_references: dict | None = None) -> dict:
     """Validate artifact `candidate` against the original checkpoint `reference`; returns the report.
     `cuda_graph=False` runs `--runtime ort` on CUDA without capturing decode steps (None: where it can);
     `decode_kernels` runs its products on ulsexport's CUDA kernels (`runtime.kernels`), full model too.
@@ -138,7 +139,7 @@ def validate(reference, candidate, runtime: str = "torch", device: str = "cpu", 
             # (depth, kept, plan, runtime, the PyTorch checkpoint it must match): the reference pruned to its
             # layers, or the checkpoint of its own the depth was exported from (onnx --depth-model)
             targets = [(tag, opened.kept[tag], graphs[tag].get("plan"), opened.decoder(tag),
-                        _depth_checkpoint(graphs[tag]) if graphs[tag].get("model") else
+                        _depth_checkpoint(graphs[tag], (depth_references or {}).get(tag)) if graphs[tag].get("model") else
                         pruned_reference(reference_dir, num_layers, opened.kept[tag], Path(tmp) / tag))
                        for tag in tags]
             full_depth = next((tag for tag in opened.depths if opened.kept[tag] == list(range(num_layers))), None)
@@ -203,16 +204,18 @@ def _measure(common: dict, target: tuple, parity_steps, tolerance, speed, full_s
     return report
 
 
-def _depth_checkpoint(graph: dict) -> Path:
-    """The checkpoint a depth of a multi-depth export came from (`onnx --depth-model`), checked to be the one
-    exported: its config and manifest as recorded (healing it again changes its manifest). Only read, as any
-    reference is."""
-    folder = Path(graph["model"]) if isinstance(graph["model"], str) else None
-    if folder is None or checkpoint_hashes(folder) != graph.get("model_hashes"):
-        raise UserError(f"depth {graph.get('tag')} was exported from its own checkpoint {graph['model']}, which is "
-                        "gone or changed since (its config or manifest): its parity cannot be checked (validate "
-                        "the other depths with --depth)")
-    return folder
+def _depth_checkpoint(graph: dict, given: Path | None) -> Path:
+    """The checkpoint a depth of a multi-depth export came from (`onnx --depth-model`), as the user gives it
+    (`--depth-reference DEPTH=DIR`; the path the manifest records is shown, never opened), checked to be the
+    one exported: its config and manifest hashes as recorded (healing it again changes its manifest)."""
+    tag, recorded = graph.get("tag"), graph.get("model")
+    if given is None:
+        raise UserError(f"depth {tag} was exported from its own checkpoint (recorded as {recorded}): give it with "
+                        f"--depth-reference {tag}=DIR to check that depth's parity (or validate another --depth)")
+    if checkpoint_hashes(given) != graph.get("model_hashes"):
+        raise UserError(f"--depth-reference {tag}={given}: not the checkpoint depth {tag} was exported from, or "
+                        "changed since (its config or manifest differs from the export's record)")
+    return Path(given)
 
 
 def _check_multi_depth_source(reference_dir: Path, candidate: Path, manifest: dict) -> None:

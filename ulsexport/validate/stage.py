@@ -47,7 +47,8 @@ class ValidateSettings:
         if not 0 <= self.eval_samples <= 100_000:
             raise UserError(f"--eval-samples {self.eval_samples} must be between 0 and 100000")
 
-    def run(self, reference, candidate, reference_artifact=None, quiet: bool = False) -> dict:
+    def run(self, reference, candidate, reference_artifact=None, quiet: bool = False,
+            depth_references: dict | None = None) -> dict:
         """The report: `candidate` against `reference` (parity, speed, quality), or self-speculative decoding
         of a multi-depth `candidate` against its own full depth (`speculative`; no reference needed)."""
         self.check()
@@ -63,4 +64,5 @@ class ValidateSettings:
         return validate(reference, candidate, self.runtime, self.device, self.dtype, self.speed, self.parity_steps,
                         self.tolerance, list(self.text) if self.text else None, self.tasks, reference_artifact,
                         quiet=quiet, cuda_graph=False if self.no_cuda_graph else None,
-                        decode_kernels=self.decode_kernels, depth=self.depth, eval_samples=self.eval_samples)
+                        decode_kernels=self.decode_kernels, depth=self.depth, eval_samples=self.eval_samples,
+                        depth_references=depth_references)
