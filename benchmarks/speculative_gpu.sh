@@ -7,7 +7,8 @@
 # 2x and 3x students); needs onnxruntime-gpu importable (carried as wheels and installed with --target
 # /root/ortsite, benchmarks/gpu_session.sh says how; put that folder on PYTHONPATH).
 #   bash benchmarks/speculative_gpu.sh WORK RESULTS_DIR STEPS [MODEL]
-# DEVICE (cuda), DTYPE (fp16), KS (1,2,3,4) and NEW_TOKENS (128) change the run. Exits non-zero if any
+# DEVICE (cuda), DTYPE (fp16), KS (1,2,3,4) and NEW_TOKENS (128) change the run. On CUDA validate runs the
+# captured speculative loop (runtime/speculative.py) against the full depth's captured greedy decode. Exits non-zero if any
 # validate failed to run or found tokens that differ from the full depth's (the table is written either way).
 set -euo pipefail
 work=${1:?work folder}; results=${2:?results folder}; steps=${3:?the heal runs\' steps}; model=${4:-}
@@ -39,13 +40,14 @@ import json, sys
 from pathlib import Path
 results, device = Path(sys.argv[1]), sys.argv[2]
 lines = [f"# Self-speculative decoding end to end, drafts healed alone (device: {device})", "",
-         "| draft | K | parity | acceptance | tokens / verify | full tok/s | speculative tok/s | speedup |",
-         "|---|---|---|---|---|---|---|---|"]
+         "| draft | K | loop | parity | acceptance | tokens / verify | full tok/s | speculative tok/s | speedup |",
+         "|---|---|---|---|---|---|---|---|---|"]
 for path in sorted(results.glob("speculative-*.json")):
     r = json.loads(path.read_text())
     a, s = r["acceptance"], r.get("speed") or {}
     k = f"adaptive, <= {r['draft_tokens']}" if r["adaptive"] else r["draft_tokens"]
-    lines.append(f"| {r['draft']} | {k} | {'pass' if r['parity']['passed'] else 'FAIL'} | {a['acceptance_rate']:.3f} | "
+    loop = r.get("loop", "plain") + (" (verify uncaptured)" if r.get("verify_capture_off") else "")
+    lines.append(f"| {r['draft']} | {k} | {loop} | {'pass' if r['parity']['passed'] else 'FAIL'} | {a['acceptance_rate']:.3f} | "
                  f"{a['tokens_per_verify']:.2f} | {s.get('full_tokens_per_s', 0):.1f} | "
                  f"{s.get('speculative_tokens_per_s', 0):.1f} | {s.get('speedup', 0):.2f}x |")
 (results / "speculative-summary.md").write_text("\n".join(lines) + "\n")

@@ -64,7 +64,7 @@ def generate(model: str | Path, prompt: str, max_tokens: int = 64, depth: str | 
         from .runtime.ort import MultiDepthDecoder
         from .runtime.speculative import speculative_greedy
 
-        decoder = MultiDepthDecoder(folder, device, cuda_graph=False)
+        decoder = MultiDepthDecoder(folder, device)   # on CUDA: the captured speculative loop
         run = speculative_greedy(decoder, input_ids, mask, max_tokens, speculative, draft_tokens, eos_id=eos,
                                  adaptive=adaptive)
         new, stats = run.tokens[0], run.summary()

@@ -56,13 +56,18 @@ def test_tokens_are_the_full_depths_for_every_k(tiny, k):
 
 
 @pytest.fixture(scope="module")
-def agreeing(tmp_path_factory):
+def agreeing_export(tmp_path_factory):
     """Layers 1, 2 and 4 write nothing into the residual stream (their output projections are zero), so the
     2x depth (layers 0, 3, 5) computes exactly what the full depth does: every draft is accepted."""
     root = tmp_path_factory.mktemp("agree")
     src = make_tiny_checkpoint("llama", root / "hf", num_layers=6, overrides=SHAPE)
     silence_layers(src, (1, 2, 4))
-    return MultiDepthDecoder(export_multi_depth(src, root / "multi", [1, 2], quiet=True).out_dir, "cpu")
+    return export_multi_depth(src, root / "multi", [1, 2], quiet=True).out_dir
+
+
+@pytest.fixture(scope="module")
+def agreeing(agreeing_export):
+    return MultiDepthDecoder(agreeing_export, "cpu")
 
 
 @pytest.mark.parametrize("k", [1, 4, 6])
@@ -95,6 +100,54 @@ def test_an_eos_inside_a_drafted_block_ends_the_row_there(agreeing):
         full = list(expected[row])
         assert tokens == (full[:full.index(eos) + 1] if eos in full else full)
     assert run.tokens[0] == list(expected[0, :7])
+
+
+# The captured loop (CUDA's default: fixed-width draft steps that choose their own ids, a verify pass through
+# buffers of its own, rollback by one mask) runs on the CPU too, uncaptured, with `fixed_width=True`.
+@pytest.fixture(scope="module")
+def fixed(multi_depth_exports):
+    return MultiDepthDecoder(multi_depth_exports("shared")[1], "cpu", fixed_width=True)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_the_captured_loop_keeps_the_full_depths_tokens_for_every_k(fixed, tiny, k):
+    ids, mask = _prompts(128)
+    expected = _full(fixed, ids, mask, STEPS)
+    if tiny.decoders["full"].shared_cache:   # the plain loop's full depth gives the same tokens
+        np.testing.assert_array_equal(_full(tiny, ids, mask, STEPS), expected)
+    for draft in [d for d in ("2x", "3x") if d in fixed.depths]:
+        run = speculative_greedy(fixed, ids, mask, STEPS, draft=draft, draft_tokens=k)
+        assert run.captured and run.summary()["loop"] == "captured"
+        np.testing.assert_array_equal(np.array(run.tokens), expected, err_msg=f"{draft} K={k}")
+        plain = speculative_greedy(fixed, ids, mask, STEPS, draft=draft, draft_tokens=k, captured=False)
+        assert (plain.accepted, plain.rounds) == (run.accepted, run.rounds)   # the same rounds, the same choices
+
+
+def test_the_captured_loop_with_a_draft_that_always_agrees_adaptive_k_and_an_eos(agreeing_export):
+    """Every round fully accepted (the draft then runs two pending tokens), adaptive K, and an EOS inside a
+    drafted block, through the captured loop."""
+    runtime = MultiDepthDecoder(agreeing_export, "cpu", fixed_width=True)
+    ids, mask = _prompts(128)
+    expected = _full(runtime, ids, mask, STEPS)
+    for k in (1, 4, 6):
+        run = speculative_greedy(runtime, ids, mask, STEPS, draft="2x", draft_tokens=k)
+        np.testing.assert_array_equal(np.array(run.tokens), expected, err_msg=f"K={k}")
+        assert run.captured and run.acceptance_rate == 1.0 and run.rounds == 3 * -(-(STEPS - 1) // (k + 1))
+    adaptive = speculative_greedy(runtime, ids, mask, STEPS, draft="2x", draft_tokens=6, adaptive=True)
+    np.testing.assert_array_equal(np.array(adaptive.tokens), expected)
+    eos = int(expected[0, 6])
+    run = speculative_greedy(runtime, ids, mask, STEPS, draft="2x", draft_tokens=4, eos_id=eos)
+    assert run.tokens[0] == list(expected[0, :7])
+
+
+def test_the_captured_loop_is_refused_where_the_depths_cannot_run_it(tiny, fixed):
+    ids, mask = _prompts(128)
+    with pytest.raises(UserError, match="captured speculative loop needs"):
+        speculative_greedy(tiny, ids, mask, 4, draft="2x", captured=True)
+    stream, _ = fixed.decoder("full").prefill(ids, mask, 8)   # three rows
+    for call in (lambda: stream.verify([1, 2]), lambda: stream.truncate(4)):
+        with pytest.raises(UserError, match="takes one row"):
+            call()
 
 
 def test_bad_requests_are_one_line_errors(tiny):

@@ -46,10 +46,11 @@ from . import kernels
 from .base import Runtime
 from .ort_session import (NEXT_MASK, NEXT_TOKEN, NUMPY_DTYPES, PROVIDERS, nodes_off_cuda, session_graph,
                           session_options)
-from .ort_streams import ConcatCacheStream, SharedCacheStream, StepBuffers
+from .ort_streams import ConcatCacheStream, SharedCacheStream, StepBuffers, VerifyBuffers
 
 CAPACITY_STEP = 256  # fixed-width cache buffers are rounded up to this, so that calls share captured graphs
 QUEUED_STEPS = 8  # captured decode steps queued before their ids are read: the host's time per step / 8
+VERIFY_GRAPHS = 1 << 16  # graph ids of verify passes start here, past any decode step's
 
 
 class OnnxDecoder(Runtime):
@@ -127,6 +128,8 @@ class OnnxDecoder(Runtime):
         self.phases = max(2, queued_steps + 1) if self.device_argmax else 1  # of each step's buffers
         self._run_options: dict[tuple[int, bool], object] = {}
         self._step_buffers: dict[tuple[int, int], StepBuffers] = {}
+        self._verify_buffers: dict[tuple[int, int, int], VerifyBuffers] = {}
+        self.verify_capture_off = None  # why verify passes run uncaptured where decode steps are captured
         # the shared buffer is bound as input and output at once: that needs io binding, on any provider
         self.io_binding = self.shared_cache or (provider == "cuda" if io_binding is None else io_binding)
         self.cache_inputs = [n for pair in self.onnx["cache_inputs"] for n in pair]
@@ -228,6 +231,44 @@ class OnnxDecoder(Runtime):
                     binding.bind_ortvalue_output(present, value)
             self._step_buffers[key] = buffers
         return self._step_buffers[key]
+
+    def verify_buffers(self, batch: int, capacity: int, tokens: int) -> VerifyBuffers:
+        """The buffers of a pass of `tokens` new tokens over the (batch, capacity) step's cache (speculative
+        decoding's verify pass): its own ids, mask, logits and chosen ids, the cache the step's, made and
+        bound on first use; a graph id of its own, so that the pass is captured like a decode step."""
+        key = (batch, capacity, tokens)
+        if key not in self._verify_buffers:
+            step = self.step_buffers(batch, capacity)
+            vocab = self.onnx["io_shapes"]["logits"][-1]
+            buffers = VerifyBuffers(ids=self.to_device(np.zeros((batch, tokens), np.int64)),
+                                    mask=self.to_device(np.zeros((batch, capacity), np.int64)),
+                                    chosen=self.to_device(np.zeros((batch, tokens), np.int64)),
+                                    binding=self.session.io_binding(),
+                                    graph_id=VERIFY_GRAPHS + len(self._verify_buffers))
+            binding = buffers.binding
+            binding.bind_ortvalue_input("input_ids", buffers.ids)
+            binding.bind_ortvalue_input("attention_mask", buffers.mask)
+            binding.bind_ortvalue_output("logits", self.to_device(np.zeros((batch, tokens, vocab), self.dtype)))
+            binding.bind_ortvalue_output(NEXT_TOKEN, buffers.chosen)
+            binding.bind_ortvalue_output(NEXT_MASK, self.to_device(np.zeros((batch, capacity), np.int64)))
+            for past, present, value in zip(self.cache_inputs, self.cache_outputs, step.cache):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            self._verify_buffers[key] = buffers
+        return self._verify_buffers[key]
+
+    def run_verify(self, buffers: VerifyBuffers) -> None:
+        """One verify pass through its buffers: captured (the first run captures, later ones replay) where
+        decode steps are; should onnxruntime refuse to capture it, uncaptured from then on
+        (`verify_capture_off` says why); returns when its ids are written."""
+        graph_id = -1 if self.verify_capture_off else buffers.graph_id
+        try:
+            self.session.run_with_iobinding(buffers.binding, self.run_options(graph_id))
+        except Exception as exc:
+            if graph_id == -1 or not self.cuda_graph:
+                raise
+            self.verify_capture_off = first_line(exc)
+            self.session.run_with_iobinding(buffers.binding, self.run_options(-1))
 
     def to_device(self, array: np.ndarray):
         import onnxruntime as ort

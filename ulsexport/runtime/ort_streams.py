@@ -28,6 +28,18 @@ class StepBuffers:
     graph_ids: list
 
 
+@dataclass
+class VerifyBuffers:
+    """What a pass of several new tokens over a (one-row, capacity) step's cache reads and writes (speculative
+    decoding's verify pass), at fixed addresses: ids [batch, n], mask [batch, capacity], the ids it chooses
+    [batch, n]; its logits and next mask stay on the device, unread."""
+    ids: object
+    mask: object
+    chosen: object
+    binding: object
+    graph_id: int
+
+
 class ConcatCacheStream:
     """Left-padded rows; each step's present cache becomes the next step's past."""
 
@@ -103,6 +115,7 @@ class SharedCacheStream:
         self.binding = decoder.session.io_binding()
         self.steps = 0
         self.phase, self.chosen = 0, None  # the fixed-width step's phase; the ids its graph chose last
+        self.mask_stale = False  # fixed width: the next step uploads its mask (after a rollback or a verify pass)
         # given buffers are not the fixed ones; `plain` asks for the plain loop
         self.fixed_width = decoder.fixed_width and cache is None and not plain
         # rows past the caller's `rows` (a given cache's, or a fixed-width step's batch rounded up): one
@@ -184,14 +197,44 @@ class SharedCacheStream:
 
     @property
     def length(self) -> int:
-        """Positions in the cache of the longest row."""
+        """Positions in the cache of the longest row (fixed width: the prompt's and one per token run since)."""
+        if self.fixed_width:
+            return int(self.lengths.max()) + self.steps
         return self.mask.shape[1]
 
     def truncate(self, length: int) -> None:
-        """Forget every position past `length` (a rejected draft's): the graph writes the next tokens there."""
-        if self.fixed_width:
-            raise UserError("rolling the cache back needs the plain decode loop (fixed_width=False)")
-        self.mask = self.mask[:, :length]
+        """Forget every position past `length` (a rejected draft's): the graph writes the next tokens there.
+        Fixed width (one row): the next step uploads a mask of `length` ones, as the first step does."""
+        if not self.fixed_width:
+            self.mask = self.mask[:, :length]
+            return
+        self._one_row("rolling the fixed-width cache back")
+        self.steps = length - int(self.lengths[0])
+        self.wide_mask[0, :length], self.wide_mask[0, length:] = 1, 0
+        self.mask_stale = True
+
+    def verify(self, ids) -> np.ndarray:
+        """Fixed width, one row: `ids` after the cache's positions in one pass through buffers of their own
+        (`OnnxDecoder.verify_buffers`: captured once per count of ids, as a decode step is), the cache
+        written in place; the greedy id after each, chosen by the graph (only they come back)."""
+        self._one_row("a verify pass")
+        if not self.decoder.device_argmax:
+            raise UserError("a verify pass needs the fixed-width step that chooses its own ids")
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        start, n = self.length, ids.shape[1]
+        buffers = self.decoder.verify_buffers(len(self.lengths), self.wide_mask.shape[1], n)
+        self.wide_mask[0, :start + n], self.wide_mask[0, start + n:] = 1, 0
+        buffers.mask.update_inplace(self.wide_mask)
+        buffers.ids.update_inplace(ids)
+        self.decoder.run_verify(buffers)
+        self.steps += n
+        self.mask_stale = True   # the step buffers' masks have not seen these positions
+        return buffers.chosen.numpy()[0].copy()
+
+    def _one_row(self, what: str) -> None:
+        if len(self.lengths) != 1:
+            raise UserError(f"{what} takes one row (onnxruntime's GroupQueryAttention runs several new tokens over a "
+                            "cache only at batch 1)")
 
     def _fixed_width_step(self, next_ids: np.ndarray):
         """One decode step through the fixed buffers (captured as a CUDA graph, or replayed): the logits,
@@ -220,9 +263,10 @@ class SharedCacheStream:
         (None: they are); with `wait` False onnxruntime returns once the captured graph is launched."""
         buffers, phase = self.buffers, self.phase
         self.steps += 1
-        if self.steps == 1 or not self.decoder.device_argmax:  # later masks the graph makes itself
+        if self.steps == 1 or self.mask_stale or not self.decoder.device_argmax:  # else the graph made it
             self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
             buffers.mask[phase].update_inplace(self.wide_mask)
+            self.mask_stale = False
         if next_ids is not None and (self.chosen is None or not np.array_equal(next_ids.reshape(-1), self.chosen)):
             buffers.ids[phase].update_inplace(self._padded(next_ids)[:, None])
         self.chosen = None

@@ -12,6 +12,13 @@ keeps its own KV cache (the draft's layers see other hidden states than the full
 The result is token for token the full depth's greedy output: every kept token is the full depth's
 argmax after exactly the tokens before it. onnxruntime's GroupQueryAttention takes several new tokens
 over a cache only at batch 1, so rows run one at a time (each its own batch-1 streams).
+
+Two loops run a round. The plain one feeds tokens from the host and reads each pass's logits back. The
+captured one (`captured`, where both depths have the fixed-width step that chooses its own ids: CUDA by
+default) runs the draft's steps as the plain greedy decode runs them (CUDA graphs, queued back to back,
+only their ids read), the verify pass as a graph of its own per K (`SharedCacheStream.verify`), and rolls
+back by uploading one mask: the host waits twice per round (the drafted ids, the verified ids), never
+per token, and no logits leave the device.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ class SpeculativeRun:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     row_seconds: list[float] = field(default_factory=list)
+    captured: bool = False             # the captured loop (else the plain one)
 
     @property
     def acceptance_rate(self) -> float:
@@ -59,6 +67,7 @@ class SpeculativeRun:
                 "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": round(self.acceptance_rate, 4), "tokens_per_verify": round(self.tokens_per_verify, 4),
                 "mean_draft_tokens": round(self.drafted / self.rounds, 4) if self.rounds else 0.0,
+                "loop": "captured" if self.captured else "plain",
                 "prefill_seconds": round(self.prefill_seconds, 6), "draft_seconds": round(self.draft_seconds, 6),
                 "verify_seconds": round(self.verify_seconds, 6)}
 
@@ -78,21 +87,33 @@ def check_draft(runtime, draft: str, draft_tokens: int, verify: str | None = Non
     return verify
 
 
+def can_capture(drafter, verifier) -> bool:
+    """Whether both depths have the fixed-width step that chooses its own ids (the captured loop's)."""
+    return all(d.fixed_width and d.device_argmax for d in (drafter, verifier))
+
+
 def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draft: str, draft_tokens: int = 4,
-                       verify: str | None = None, eos_id: int | None = None, adaptive: bool = False) -> SpeculativeRun:
+                       verify: str | None = None, eos_id: int | None = None, adaptive: bool = False,
+                       captured: bool | None = None) -> SpeculativeRun:
     """`new_tokens` greedy tokens per row of the `verify` depth (default: the export's default graph, the
     full depth), drafted `draft_tokens` at a time by the `draft` depth. With `eos_id` a row stops after its
     first EOS. `adaptive` chooses K each round, at most `draft_tokens` (`SpeculativeRow.choose_k`).
-    `runtime` is a MultiDepthDecoder; its streams here run the plain (uncaptured) loop."""
+    `runtime` is a MultiDepthDecoder; `captured` (default: where both depths can) runs the captured loop,
+    whose streams take the depths' fixed-width buffers, one row after another."""
     verify = check_draft(runtime, draft, draft_tokens, verify)
     if new_tokens < 1:
         raise UserError(f"new tokens {new_tokens} must be at least 1")
+    drafter, verifier = runtime.decoder(draft), runtime.decoder(verify)
+    able = can_capture(drafter, verifier)
+    if captured and not able:
+        raise UserError("the captured speculative loop needs both depths' fixed-width step that chooses its own ids "
+                        "(a shared-cache export on CUDA)")
     ids, mask = np.asarray(input_ids), np.asarray(attention_mask).astype(bool)
-    run = SpeculativeRun([], draft, verify, draft_tokens)
+    run = SpeculativeRun([], draft, verify, draft_tokens, captured=able if captured is None else captured)
     for row in range(len(ids)):
         start = time.perf_counter()
-        stream = SpeculativeRow(runtime.decoder(draft), runtime.decoder(verify), ids[row][mask[row]], new_tokens,
-                                draft_tokens, run, adaptive)
+        stream = SpeculativeRow(drafter, verifier, ids[row][mask[row]], new_tokens, draft_tokens, run, adaptive,
+                                captured=run.captured)
         while not stream.done and not (eos_id is not None and eos_id in stream.tokens):
             stream.advance()
         out = stream.tokens[:new_tokens]
@@ -107,8 +128,8 @@ class SpeculativeRow:
     then 1 to K + 1 per round), `run` collects the counts and times."""
 
     def __init__(self, drafter, verifier, prompt, new_tokens: int, draft_tokens: int, run: SpeculativeRun | None = None,
-                 adaptive: bool = False):
-        self.new_tokens, self.k_max, self.adaptive = new_tokens, draft_tokens, adaptive
+                 adaptive: bool = False, captured: bool = False):
+        self.new_tokens, self.k_max, self.adaptive, self.captured = new_tokens, draft_tokens, adaptive, captured
         self.step_seconds: list[float] = []      # per draft step, per verify pass (adaptive K's costs)
         self.verify_seconds: list[float] = []
         self.judged = self.kept_drafts = 0
@@ -117,9 +138,10 @@ class SpeculativeRow:
         capacity = new_tokens + draft_tokens + 1      # a verify pass may run K past the last token kept
         ones = np.ones_like(prompt)
         started = time.perf_counter()
-        # the plain loop (several tokens per pass, rollbacks), uncaptured where the session captures its steps
-        self.full, logits = verifier.prefill(prompt, ones, capacity, plain=True)
-        self.small, _ = drafter.prefill(prompt, ones, capacity, plain=True)
+        # the plain loop runs uncaptured where the session captures its steps; the captured one takes the
+        # depths' fixed-width buffers of one row
+        self.full, logits = verifier.prefill(prompt, ones, capacity, plain=not captured)
+        self.small, _ = drafter.prefill(prompt, ones, capacity, plain=not captured)
         self.run.prefill_seconds += time.perf_counter() - started
         self.tokens = [int(greedy_tokens(np.asarray(logits))[0])]
         self.pending = [self.tokens[-1]]               # kept tokens the draft has not run yet
@@ -134,14 +156,14 @@ class SpeculativeRow:
         k = min(self.choose_k() if self.adaptive else self.k_max, self.new_tokens - len(self.tokens))
         started = time.perf_counter()
         draft_start = small.length
-        drafted = []
-        step = np.array([self.pending], np.int64)
-        for _ in range(k):
-            drafted.append(int(greedy_tokens(np.asarray(small.feed(step))[0, -1])))
-            step = np.array([[drafted[-1]]], np.int64)
+        drafted = self._draft_captured(k) if self.captured else self._draft(k)
         middle = time.perf_counter()
         verify_start = full.length
-        chosen = greedy_tokens(np.asarray(full.feed(np.array([[self.tokens[-1], *drafted]], np.int64)))[0])
+        block = [self.tokens[-1], *drafted]
+        if self.captured:
+            chosen = full.verify(block)
+        else:
+            chosen = greedy_tokens(np.asarray(full.feed(np.array([block], np.int64)))[0])
         n = 0
         while n < k and drafted[n] == int(chosen[n]):
             n += 1
@@ -162,6 +184,29 @@ class SpeculativeRow:
         self.judged, self.kept_drafts = self.judged + k, self.kept_drafts + n
         self.tokens.extend(kept)
         return kept
+
+    def _draft(self, k: int) -> list[int]:
+        """The plain loop's K draft tokens: the pending tokens in one pass, then one token a pass, each pass's
+        logits read on the host."""
+        drafted, step = [], np.array([self.pending], np.int64)
+        for _ in range(k):
+            drafted.append(int(greedy_tokens(np.asarray(self.small.feed(step))[0, -1])))
+            step = np.array([[drafted[-1]]], np.int64)
+        return drafted
+
+    def _draft_captured(self, k: int) -> list[int]:
+        """The captured loop's K draft tokens: fixed-width steps (a pending token before the last, once per
+        fully accepted round, is one step whose choice is dropped), queued as many at a time as the
+        step's buffers allow; the host waits once per queue."""
+        small = self.small
+        for token in self.pending[:-1]:
+            small.forward(np.array([token], np.int64))
+        drafted, token = [], self.pending[-1]
+        while len(drafted) < k:
+            steps = min(k - len(drafted), len(small.buffers.ids) - 1)
+            drafted.extend(int(ids[0]) for ids in small.decode(np.array([token], np.int64), steps))
+            token = drafted[-1]
+        return drafted
 
     def choose_k(self) -> int:
         """Adaptive K: the number of drafts that maximises the expected tokens kept per second, from this

@@ -26,9 +26,10 @@ def validate_speculative(candidate: Path, draft: str, draft_tokens: int, device:
     if not Artifact.open(candidate).multi_depth:
         raise UserError(f"--speculative needs a multi-depth export (ulsexport onnx --speedups 1,2 ...); {candidate} "
                         "has one depth")
-    plain = MultiDepthDecoder(candidate, device, cuda_graph=False)
-    verify = plain.default
-    plain.decoder(draft)  # an unknown depth is refused, naming the export's
+    # the fastest loops: on CUDA the full depth's captured greedy decode, and the captured speculative loop
+    runtime = MultiDepthDecoder(candidate, device)
+    verify = runtime.default
+    runtime.decoder(draft)  # an unknown depth is refused, naming the export's
     tokenizer = load_tokenizer(candidate)
     texts = [t for t in CHAT_PROMPTS.read_text().splitlines() if t.strip()][:PROMPTS]
     prompts = [np.array([tokenizer(t)["input_ids"]], np.int64) for t in texts]
@@ -36,8 +37,8 @@ def validate_speculative(candidate: Path, draft: str, draft_tokens: int, device:
     with progress_bar(len(prompts), "speculative parity", unit="prompt", quiet=quiet) as bar:
         for i, ids in enumerate(prompts):
             mask = np.ones_like(ids)
-            expected = [int(t) for t in plain.greedy(ids, mask, parity_steps, depth=verify).tokens[0]]
-            run = speculative_greedy(plain, ids, mask, parity_steps, draft, draft_tokens, verify=verify,
+            expected = [int(t) for t in runtime.greedy(ids, mask, parity_steps, depth=verify).tokens[0]]
+            run = speculative_greedy(runtime, ids, mask, parity_steps, draft, draft_tokens, verify=verify,
                                      adaptive=adaptive)
             got = run.tokens[0]
             if got != expected:
@@ -45,8 +46,10 @@ def validate_speculative(candidate: Path, draft: str, draft_tokens: int, device:
                 mismatches.append({"prompt": i, "step": step, "expected": expected[step], "got": got[step]})
             totals = _add(totals, run)
             bar.update(1)
+    loop = "captured" if totals.captured else "plain"
     report = {"kind": "speculative", "candidate": str(candidate), "device": device, "draft": draft, "verify": verify,
-              "draft_tokens": draft_tokens, "adaptive": adaptive,
+              "draft_tokens": draft_tokens, "adaptive": adaptive, "loop": loop,
+              "verify_capture_off": runtime.decoder(verify).verify_capture_off,
               "parity": {"passed": not mismatches, "steps": parity_steps, "prompts": len(prompts),
                          "mismatches": mismatches},
               "acceptance": {"rounds": totals.rounds, "drafted": totals.drafted, "accepted": totals.accepted,
@@ -54,7 +57,7 @@ def validate_speculative(candidate: Path, draft: str, draft_tokens: int, device:
                              "tokens_per_verify": round(totals.tokens_per_verify, 4),
                              "mean_draft_tokens": round(totals.drafted / totals.rounds, 4) if totals.rounds else 0.0}}
     if speed is not None:
-        report["speed"] = _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed, quiet, adaptive)
+        report["speed"] = _speed(runtime, prompts, draft, draft_tokens, verify, speed, quiet, adaptive)
     return report
 
 
@@ -66,15 +69,12 @@ def _add(totals, run):
     return totals
 
 
-def _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed: SpeedSettings, quiet,
-           adaptive: bool = False) -> dict:
-    """Decode tokens/s of the full depth (its fastest loop: captured on CUDA) and of the speculative loop,
-    each prompt run by one then the other, `runs` times after `warmup`."""
+def _speed(runtime, prompts, draft, draft_tokens, verify, speed: SpeedSettings, quiet, adaptive: bool = False) -> dict:
+    """Decode tokens/s of the full depth and of the speculative loop, each in its fastest loop over the one
+    runtime (captured on CUDA), each prompt run by one then the other, `runs` times after `warmup`."""
     from ..progress import progress_bar
-    from ..runtime.ort import MultiDepthDecoder
     from ..runtime.speculative import speculative_greedy
 
-    fastest = MultiDepthDecoder(candidate, device)
     new = speed.new_tokens
     full_times, spec_times = [], []
     with progress_bar((speed.warmup + speed.runs) * len(prompts), "speculative timing", unit="run",
@@ -83,9 +83,9 @@ def _speed(candidate, plain, prompts, draft, draft_tokens, verify, device, speed
             for ids in prompts:
                 mask = np.ones_like(ids)
                 start = time.perf_counter()
-                fastest.greedy(ids, mask, new, depth=verify)
+                runtime.greedy(ids, mask, new, depth=verify)
                 middle = time.perf_counter()
-                speculative_greedy(plain, ids, mask, new, draft, draft_tokens, verify=verify, adaptive=adaptive)
+                speculative_greedy(runtime, ids, mask, new, draft, draft_tokens, verify=verify, adaptive=adaptive)
                 end = time.perf_counter()
                 if i >= speed.warmup:
                     full_times.append(middle - start)
@@ -105,6 +105,8 @@ def speculative_markdown(report: dict) -> str:
              f"- parity: {'PASS' if parity['passed'] else 'FAIL'}: greedy tokens identical to the {report['verify']} "
              f"depth's over {parity['steps']} steps on {parity['prompts']} prompts"
              + ("" if parity["passed"] else f"; first mismatches: {parity['mismatches'][:3]}"),
+             f"- loop: {report.get('loop', 'plain')}"
+             + (f" (verify passes uncaptured: {report['verify_capture_off']})" if report.get("verify_capture_off") else ""),
              f"- acceptance rate {acc['acceptance_rate']:.3f}, {acc['tokens_per_verify']:.2f} tokens per verify pass "
              f"({acc['rounds']} passes, {acc['mean_draft_tokens']:.2f} drafted per pass)"]
     if "speed" in report:
