@@ -35,7 +35,8 @@ step() {  # name, command...: run one measurement, log it, note how it ended
   local name=$1; shift
   echo "$(date +%T) start $name" >> "$RESULTS/progress.txt"
   "$@" > "$RESULTS/$name.log" 2>&1
-  echo "$(date +%T) end $name rc=$?" >> "$RESULTS/progress.txt"
+  local rc=$?   # before $(date) below, which would set $? to its own status
+  echo "$(date +%T) end $name rc=$rc" >> "$RESULTS/progress.txt"
 }
 
 for s in ${STEPS//,/ }; do
