@@ -10,7 +10,9 @@ the script), interleaved rounds of:
   draft ms per round (K draft steps, their queue and the wait for their ids) and verify ms per round
   (the pass of K + 1 tokens, the accept test and the rollback).
 
-From these: c = draft ms per drafted token / t (a draft step's cost, as a share of a full step), the verify
+Each row also gives the acceptance on this prompt and the decode speedup measured there (plain greedy
+seconds / speculative seconds after the first token, the same prompt, the same round). From these: c = draft
+ms per drafted token / t (a draft step's cost, as a share of a full step), the verify
 pass against a full step (v = verify ms / t, for K + 1 tokens), and for each acceptance rate given
 (--acceptance LABEL:DEPTH=RATE, measured elsewhere on a trained model and named as such) the expected
 speedup over plain greedy decoding, E[tokens per round] / (K c + v) with E = (1 - a^(K+1)) / (1 - a)
@@ -106,7 +108,9 @@ def main():
                 loops.add("captured" if spec.captured else "plain")
                 identical &= spec.tokens[0] == [int(x) for x in run.tokens[0]]
                 if round_:
-                    cell = per_round.setdefault(f"{draft}|{k}", {"draft_ms": [], "verify_ms": [], "acceptance": []})
+                    cell = per_round.setdefault(f"{draft}|{k}", {"draft_ms": [], "verify_ms": [], "acceptance": [],
+                                                                 "speedup": []})
+                    cell["speedup"].append(run.decode_seconds / spec.decode_seconds)   # both: the tokens after the first
                     cell["draft_ms"].append(1000 * spec.draft_seconds / spec.rounds)
                     cell["verify_ms"].append(1000 * spec.verify_seconds / spec.rounds)
                     cell["acceptance"].append(spec.acceptance_rate)
@@ -118,7 +122,8 @@ def main():
         k = int(k)
         d, v = statistics.median(cell["draft_ms"]), statistics.median(cell["verify_ms"])
         rows.append({"draft": draft, "k": k, "draft_ms_per_round": d, "verify_ms_per_round": v,
-                     "c": d / k / t, "verify_over_step": v / t, "acceptance_measured": statistics.mean(cell["acceptance"])})
+                     "c": d / k / t, "verify_over_step": v / t, "acceptance_measured": statistics.mean(cell["acceptance"]),
+                     "speedup_measured": statistics.median(cell["speedup"])})
     device = "CPU (a check of the script)"
     if args.device == "cuda":
         import torch
@@ -161,10 +166,11 @@ def save(report: dict, out: Path | None) -> None:
              f"{'yes' if report['tokens_identical'] else 'NO'}",
              f"- full depth, plain greedy (queued captured steps on CUDA): **{report['full_step_ms']:.3f} ms per token**",
              "", "| draft | K | draft ms / round | c (draft step / full step) | verify ms / round (K + 1 tokens) | "
-             "verify / full step |", "|---|---|---|---|---|---|"]
+             "verify / full step | acceptance here | speedup here (decode) |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["rows"], key=lambda r: (r["draft"], r["k"])):
         lines.append(f"| {r['draft']} | {r['k']} | {r['draft_ms_per_round']:.3f} | {r['c']:.3f} | "
-                     f"{r['verify_ms_per_round']:.3f} | {r['verify_over_step']:.2f} |")
+                     f"{r['verify_ms_per_round']:.3f} | {r['verify_over_step']:.2f} | {r['acceptance_measured']:.3f} | "
+                     f"{r['speedup_measured']:.2f}x |")
     if report["estimates"]:
         lines += ["", "Expected speedup over plain greedy decoding with acceptance rates measured elsewhere "
                   "(E[tokens per round] / (K c + v), the best K):", "",
