@@ -5,10 +5,10 @@ Over a multi-depth export (--export; or a random fp16 Llama of --shape/--layers,
 the script), interleaved rounds of:
 
 - the full depth's plain greedy decode (queued captured steps): ms per token, t;
-- for each draft depth and K (--ks): speculative_greedy over the same prompt. A random model's draft is
-  almost never accepted, so every round drafts K tokens and verifies K + 1 (the full price of a round):
-  draft ms per round (K draft steps, their queue and the wait for their ids) and verify ms per round
-  (the pass of K + 1 tokens, the accept test and the rollback).
+- for each draft depth and K (--ks): speculative_greedy over the same prompt: draft ms per drafted token
+  times K (K draft steps, their queue and the wait for their ids; per drafted token because the last rounds
+  draft fewer than K) and verify ms per round (the pass of K + 1 tokens, the accept test and the rollback).
+  A random model's draft is almost never accepted, so there every round pays the full price of a round.
 
 Each row also gives the acceptance on this prompt and the decode speedup measured there (plain greedy
 seconds / speculative seconds after the first token, the same prompt, the same round). From these: c = draft
@@ -17,8 +17,9 @@ pass against a full step (v = verify ms / t, for K + 1 tokens), and for each acc
 (--acceptance LABEL:DEPTH=RATE, measured elsewhere on a trained model and named as such) the expected
 speedup over plain greedy decoding, E[tokens per round] / (K c + v) with E = (1 - a^(K+1)) / (1 - a)
 (each draft kept with chance a after the ones before it). A round that keeps every draft costs one more
-draft step than one that does not (the draft runs the last accepted token too); the estimate leaves that
-out (at a = 0.8, K = 3 such rounds are 41%), so it errs on the high side by at most c / (K c + v) there.
+draft step than one that does not (the draft runs the last accepted token too): a random model's rows leave
+that out of the estimate (at a = 0.8, K = 3 such rounds are 41%), which then errs on the high side by at most
+c / (K c + v); a trained model's rows count it in the draft time per drafted token.
 
     python benchmarks/speculative_costs.py --shape 7b --layers 32 --workdir /root/sc --out RESULTS/speculative-costs-7b \\
         --acceptance "SmolLM2 healed alone:2x=0.772" --acceptance "kjv16 on the mixture:2x=0.740,3x=0.700"
@@ -39,9 +40,11 @@ def build(args) -> Path:
     from ulsexport.export.multi_depth import export_multi_depth
     from ulsexport.testing import make_random_llama
 
-    work, dtype = Path(args.workdir), "fp16" if args.device == "cuda" else "fp32"
+    shape = shape_from_args(args)   # a folder per shape, depth and speedups: a changed option builds anew
+    work = Path(args.workdir) / f"{args.shape}-{shape['num_hidden_layers']}-{args.speedups.replace(',', '_')}"
+    dtype = "fp16" if args.device == "cuda" else "fp32"
     if not (work / "full" / "config.json").is_file():
-        make_random_llama(work / "full", shape_from_args(args), dtype, args.device)
+        make_random_llama(work / "full", shape, dtype, args.device)
     multi = work / "multi"
     if not (multi / "ulsexport.json").is_file():
         export_multi_depth(work / "full", multi, [float(s) for s in args.speedups.split(",")], dtype=dtype,
@@ -78,6 +81,8 @@ def main():
     ap.add_argument("--estimate-only", action="store_true",
                     help="measure nothing: NAME.json's costs with these --acceptance rates, NAME.md rewritten")
     args = ap.parse_args()
+    if args.estimate_only and not args.out:
+        ap.error("--estimate-only needs --out NAME (the NAME.json of an earlier run)")
     if args.estimate_only:
         report = json.loads(args.out.with_suffix(".json").read_text())
         report["estimates"] = estimate(report["rows"], report["full_step_ms"], args.acceptance)
@@ -109,9 +114,12 @@ def main():
                 identical &= spec.tokens[0] == [int(x) for x in run.tokens[0]]
                 if round_:
                     cell = per_round.setdefault(f"{draft}|{k}", {"draft_ms": [], "verify_ms": [], "acceptance": [],
-                                                                 "speedup": []})
+                                                                 "speedup": [], "drafted_per_round": []})
                     cell["speedup"].append(run.decode_seconds / spec.decode_seconds)   # both: the tokens after the first
-                    cell["draft_ms"].append(1000 * spec.draft_seconds / spec.rounds)
+                    # per drafted token, times K: the last rounds draft fewer than K (the tokens left), and a
+                    # round that kept every draft runs one more draft step
+                    cell["draft_ms"].append(1000 * spec.draft_seconds / spec.drafted * k)
+                    cell["drafted_per_round"].append(spec.drafted / spec.rounds)
                     cell["verify_ms"].append(1000 * spec.verify_seconds / spec.rounds)
                     cell["acceptance"].append(spec.acceptance_rate)
         print(f"round {round_} done", flush=True)
@@ -130,7 +138,8 @@ def main():
 
         device = torch.cuda.get_device_name()
     manifest = json.loads((Path(export) / "ulsexport.json").read_text())
-    report = {"device": device, "export": str(export), "kept_layers": {g["tag"]: len(g["kept"]) for g in manifest["graphs"]},
+    capture_off = runtime.decoder(full).verify_capture_off
+    report = {"device": device, "export": str(export), "verify_capture_off": capture_off, "kept_layers": {g["tag"]: len(g["kept"]) for g in manifest["graphs"]},
               "settings": vars(args) | {"export": str(export), "out": str(args.out)}, "loops": sorted(loops),
               "tokens_identical": identical, "full_step_ms": t, "full_step_ms_rounds": step_ms, "rows": rows,
               "per_round": per_round, "estimates": estimate(rows, t, args.acceptance)}
@@ -147,7 +156,7 @@ def estimate(rows: list[dict], t: float, acceptance: list[str]) -> list[dict]:
             best = None
             for row in (r for r in rows if r["draft"] == draft):
                 k = row["k"]
-                kept = (1 - a ** (k + 1)) / (1 - a)
+                kept = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
                 speedup = kept * t / (row["draft_ms_per_round"] + row["verify_ms_per_round"])
                 if best is None or speedup > best["speedup"]:
                     best = {"label": given["label"], "draft": draft, "acceptance": a, "k": k,
@@ -163,9 +172,10 @@ def save(report: dict, out: Path | None) -> None:
              f"- export: `{report['export']}`, kept layers {report['kept_layers']}; prompt {s['prompt_len']} random "
              f"tokens, {s['new_tokens']} new tokens, medians of {s['rounds']} interleaved rounds; loop: "
              f"{', '.join(report['loops'])}; speculative tokens identical to the full depth's: "
-             f"{'yes' if report['tokens_identical'] else 'NO'}",
+             f"{'yes' if report['tokens_identical'] else 'NO'}"
+             + (f"; verify passes ran uncaptured: {report['verify_capture_off']}" if report.get("verify_capture_off") else ""),
              f"- full depth, plain greedy (queued captured steps on CUDA): **{report['full_step_ms']:.3f} ms per token**",
-             "", "| draft | K | draft ms / round | c (draft step / full step) | verify ms / round (K + 1 tokens) | "
+             "", "| draft | K | draft ms / round (K steps) | c (draft step / full step) | verify ms / round (K + 1 tokens) | "
              "verify / full step | acceptance here | speedup here (decode) |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["rows"], key=lambda r: (r["draft"], r["k"])):
         lines.append(f"| {r['draft']} | {r['k']} | {r['draft_ms_per_round']:.3f} | {r['c']:.3f} | "

@@ -36,12 +36,11 @@ first+=($!)
 step build-7b python3 "$here/benchmarks/speculative_costs.py" --shape 7b --layers "${LAYERS:-32}" --workdir "$work/7b" --device "${DEVICE:-cuda}" \
     --build-only &
 build=$!
-wait "${first[@]}"
-[ "${HEAL:-1}" = 1 ] && step speculative env KS=${KS:-2,3} bash "$here/benchmarks/speculative_gpu.sh" "$work" \
+wait "${first[@]}" "$build"   # everything timed below runs on an otherwise idle card
+[ "${HEAL:-1}" = 1 ] && step speculative env "KS=${KS:-2,3}" bash "$here/benchmarks/speculative_gpu.sh" "$work" \
     "$results/speculative" "$steps"
 step costs-smollm2 python3 "$here/benchmarks/speculative_costs.py" --export "$multi" --device "${DEVICE:-cuda}" --ks 1,2,3,4 --rounds 2 \
     --out "$results/costs-smollm2"
-wait $build
 step costs-7b python3 "$here/benchmarks/speculative_costs.py" --shape 7b --layers "${LAYERS:-32}" --workdir "$work/7b" --device "${DEVICE:-cuda}" \
     --ks 1,2,3,4,5,6 --rounds 2 --out "$results/costs-7b"
 echo "$(date +%T) done" >> "$results/progress.txt"

@@ -243,14 +243,16 @@ class OnnxDecoder(Runtime):
             buffers = VerifyBuffers(ids=self.to_device(np.zeros((batch, tokens), np.int64)),
                                     mask=self.to_device(np.zeros((batch, capacity), np.int64)),
                                     chosen=self.to_device(np.zeros((batch, tokens), np.int64)),
+                                    logits=self.to_device(np.zeros((batch, tokens, vocab), self.dtype)),
+                                    next_mask=self.to_device(np.zeros((batch, capacity), np.int64)),
                                     binding=self.session.io_binding(),
                                     graph_id=VERIFY_GRAPHS + len(self._verify_buffers))
             binding = buffers.binding
             binding.bind_ortvalue_input("input_ids", buffers.ids)
             binding.bind_ortvalue_input("attention_mask", buffers.mask)
-            binding.bind_ortvalue_output("logits", self.to_device(np.zeros((batch, tokens, vocab), self.dtype)))
+            binding.bind_ortvalue_output("logits", buffers.logits)
             binding.bind_ortvalue_output(NEXT_TOKEN, buffers.chosen)
-            binding.bind_ortvalue_output(NEXT_MASK, self.to_device(np.zeros((batch, capacity), np.int64)))
+            binding.bind_ortvalue_output(NEXT_MASK, buffers.next_mask)
             for past, present, value in zip(self.cache_inputs, self.cache_outputs, step.cache):
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)

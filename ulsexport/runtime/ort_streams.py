@@ -36,6 +36,8 @@ class VerifyBuffers:
     ids: object
     mask: object
     chosen: object
+    logits: object     # bound outputs, kept here: a binding need not hold a reference to what it writes into
+    next_mask: object
     binding: object
     graph_id: int
 
@@ -218,7 +220,7 @@ class SharedCacheStream:
         (`OnnxDecoder.verify_buffers`: captured once per count of ids, as a decode step is), the cache
         written in place; the greedy id after each, chosen by the graph (only they come back)."""
         self._one_row("a verify pass")
-        if not self.decoder.device_argmax:
+        if not (self.fixed_width and self.decoder.device_argmax):
             raise UserError("a verify pass needs the fixed-width step that chooses its own ids")
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         start, n = self.length, ids.shape[1]

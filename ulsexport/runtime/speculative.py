@@ -124,8 +124,10 @@ def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draf
 
 class SpeculativeRow:
     """One prompt's self-speculative decoding, a round at a time (`advance`), so that a loop serving other
-    requests can interleave it; `tokens` are the verify depth's greedy tokens so far (the prefill's first,
-    then 1 to K + 1 per round), `run` collects the counts and times."""
+    requests can interleave it (the plain loop's rows only: a `captured` row takes its depths' fixed-width
+    buffers of one row, which any other captured row or fixed-width stream of those depths would overwrite);
+    `tokens` are the verify depth's greedy tokens so far (the prefill's first, then 1 to K + 1 per round),
+    `run` collects the counts and times."""
 
     def __init__(self, drafter, verifier, prompt, new_tokens: int, draft_tokens: int, run: SpeculativeRun | None = None,
                  adaptive: bool = False, captured: bool = False):
