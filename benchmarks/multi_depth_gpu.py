@@ -17,12 +17,11 @@ import argparse
 import gc
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
-from ulsexport.testing import add_shape_arguments, make_random_llama, shape_from_args
+from ulsexport.testing import add_shape_arguments, make_multi_depth_set, shape_from_args
 
 
 def used_bytes(device: str) -> int:
@@ -41,7 +40,6 @@ def used_bytes(device: str) -> int:
 
 
 def main():
-    from ulsexport.export.multi_depth import export_multi_depth
     from ulsexport.runtime.ort import MultiDepthDecoder, OnnxDecoder
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,14 +56,9 @@ def main():
     work, shape = Path(args.workdir), shape_from_args(args)
     args.results.mkdir(parents=True, exist_ok=True)
     report = {"settings": vars(args) | {"results": str(args.results)}, "shape": shape}
-    if not (work / "full" / "config.json").is_file():
-        make_random_llama(work / "full", shape, "fp16" if args.device == "cuda" else "fp32", args.device)
-    multi = work / "multi"
-    if not multi.exists():
-        start = time.perf_counter()
-        export_multi_depth(work / "full", multi, [float(s) for s in args.speedups.split(",")],
-                           dtype="fp16" if args.device == "cuda" else "fp32", device=args.device, quiet=True)
-        report["export_seconds"] = time.perf_counter() - start
+    multi, seconds = make_multi_depth_set(work, shape, args.speedups.split(","), args.device)
+    if seconds is not None:
+        report["export_seconds"] = seconds
     manifest = json.loads((multi / "ulsexport.json").read_text())
     report["weights"] = manifest["weights"]
     report["graphs"] = [{k: g[k] for k in ("tag", "file", "kept")} for g in manifest["graphs"]]

@@ -33,23 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ulsexport.testing import add_shape_arguments, shape_from_args
+from ulsexport.testing import add_shape_arguments, make_multi_depth_set, shape_from_args
 
 
 def build(args) -> Path:
-    from ulsexport.export.multi_depth import export_multi_depth
-    from ulsexport.testing import make_random_llama
-
     shape = shape_from_args(args)   # a folder per shape, depth and speedups: a changed option builds anew
     work = Path(args.workdir) / f"{args.shape}-{shape['num_hidden_layers']}-{args.speedups.replace(',', '_')}"
-    dtype = "fp16" if args.device == "cuda" else "fp32"
-    if not (work / "full" / "config.json").is_file():
-        make_random_llama(work / "full", shape, dtype, args.device)
-    multi = work / "multi"
-    if not (multi / "ulsexport.json").is_file():
-        export_multi_depth(work / "full", multi, [float(s) for s in args.speedups.split(",")], dtype=dtype,
-                           device=args.device, quiet=True)
-    return multi
+    return make_multi_depth_set(work, shape, args.speedups.split(","), args.device)[0]
 
 
 def parse_acceptance(items: list[str]) -> list[dict]:

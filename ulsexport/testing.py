@@ -164,6 +164,25 @@ def make_pruned_set(work, shape: dict, device: str = "cpu", speedups=(2, 3)) -> 
     return folders
 
 
+def make_multi_depth_set(work, shape: dict, speedups, device: str = "cpu") -> tuple[Path, float | None]:
+    """work/full (a random Llama of `shape`: fp16 on CUDA, fp32 elsewhere) and work/multi (its multi-depth
+    export at `speedups`), each made only if missing; the export's folder and the seconds its export took
+    (None where it was there already)."""
+    import time
+
+    from .export.multi_depth import export_multi_depth
+
+    work, dtype = Path(work), "fp16" if device == "cuda" else "fp32"
+    if not (work / "full" / "config.json").is_file():
+        make_random_llama(work / "full", shape, dtype, device)
+    multi, seconds = work / "multi", None
+    if not (multi / "ulsexport.json").is_file():
+        start = time.perf_counter()
+        export_multi_depth(work / "full", multi, [float(s) for s in speedups], dtype=dtype, device=device, quiet=True)
+        seconds = time.perf_counter() - start
+    return multi, seconds
+
+
 # --- command-line options the benchmark scripts share ---
 
 def add_decode_arguments(ap: argparse.ArgumentParser) -> None:

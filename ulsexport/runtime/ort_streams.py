@@ -117,7 +117,7 @@ class SharedCacheStream:
         self.binding = decoder.session.io_binding()
         self.steps = 0
         self.phase, self.chosen = 0, None  # the fixed-width step's phase; the ids its graph chose last
-        self.mask_stale = False  # fixed width: the next step uploads its mask (after a rollback or a verify pass)
+        self.mask_stale = True  # fixed width: the next step uploads its mask (the first, after a rollback or a verify)
         # given buffers are not the fixed ones; `plain` asks for the plain loop
         self.fixed_width = decoder.fixed_width and cache is None and not plain
         # rows past the caller's `rows` (a given cache's, or a fixed-width step's batch rounded up): one
@@ -265,7 +265,7 @@ class SharedCacheStream:
         (None: they are); with `wait` False onnxruntime returns once the captured graph is launched."""
         buffers, phase = self.buffers, self.phase
         self.steps += 1
-        if self.steps == 1 or self.mask_stale or not self.decoder.device_argmax:  # else the graph made it
+        if self.mask_stale or not self.decoder.device_argmax:  # else the graph made it
             self.wide_mask[np.arange(len(self.lengths)), self.lengths + self.steps - 1] = 1
             buffers.mask[phase].update_inplace(self.wide_mask)
             self.mask_stale = False
