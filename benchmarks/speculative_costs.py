@@ -5,10 +5,12 @@ Over a multi-depth export (--export; or a random fp16 Llama of --shape/--layers,
 the script), interleaved rounds of:
 
 - the full depth's plain greedy decode (queued captured steps): ms per token, t;
-- for each draft depth and K (--ks): speculative_greedy over the same prompt: draft ms per drafted token
-  times K (K draft steps, their queue and the wait for their ids; per drafted token because the last rounds
-  draft fewer than K) and verify ms per round (the pass of K + 1 tokens, the accept test and the rollback).
-  A random model's draft is almost never accepted, so there every round pays the full price of a round.
+- for each draft depth and K (--ks): speculative_greedy over the same prompt: draft ms per draft pass times
+  K (K draft passes, their queue and the wait for their ids; per pass because the last rounds draft fewer
+  than K) and verify ms per round (the pass of K + 1 tokens, the accept test and the rollback). A round
+  after one that kept every draft runs its two pending tokens in its first pass (runtime/speculative.py), so
+  a round is K passes either way. A random model's draft is almost never accepted, so there every round pays
+  the full price of a round and no pass has two tokens.
 
 Each row also gives the acceptance on this prompt and the decode speedup measured there (plain greedy
 seconds / speculative seconds after the first token, the same prompt, the same round). From these: c = draft
@@ -16,10 +18,8 @@ ms per drafted token / t (a draft step's cost, as a share of a full step), the v
 pass against a full step (v = verify ms / t, for K + 1 tokens), and for each acceptance rate given
 (--acceptance LABEL:DEPTH=RATE, measured elsewhere on a trained model and named as such) the expected
 speedup over plain greedy decoding, E[tokens per round] / (K c + v) with E = (1 - a^(K+1)) / (1 - a)
-(each draft kept with chance a after the ones before it). A round that keeps every draft costs one more
-draft step than one that does not (the draft runs the last accepted token too): a random model's rows leave
-that out of the estimate (at a = 0.8, K = 3 such rounds are 41%), which then errs on the high side by at most
-c / (K c + v); a trained model's rows count it in the draft time per drafted token.
+(each draft kept with chance a after the ones before it). The estimate prices a first pass of two tokens
+(after a round that kept every draft: a^K of rounds) as a step; a trained model's rows measure it.
 
     python benchmarks/speculative_costs.py --shape 7b --layers 32 --workdir /root/sc --out RESULTS/speculative-costs-7b \\
         --acceptance "SmolLM2 healed alone:2x=0.772" --acceptance "kjv16 on the mixture:2x=0.740,3x=0.700"
@@ -53,7 +53,7 @@ def parse_acceptance(items: list[str]) -> list[dict]:
 
 def main():
     from ulsexport.runtime.ort import MultiDepthDecoder
-    from ulsexport.runtime.speculative import speculative_greedy
+    from ulsexport.runtime.speculative import multi_token_capture_off, speculative_greedy
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(ap, "7b")
@@ -106,9 +106,8 @@ def main():
                     cell = per_round.setdefault(f"{draft}|{k}", {"draft_ms": [], "verify_ms": [], "acceptance": [],
                                                                  "speedup": [], "drafted_per_round": []})
                     cell["speedup"].append(run.decode_seconds / spec.decode_seconds)   # both: the tokens after the first
-                    # per drafted token, times K: the last rounds draft fewer than K (the tokens left), and a
-                    # round that kept every draft runs one more draft step
-                    cell["draft_ms"].append(1000 * spec.draft_seconds / spec.drafted * k)
+                    # per draft pass, times K: the last rounds draft fewer than K (the tokens left)
+                    cell["draft_ms"].append(1000 * spec.draft_seconds / spec.draft_passes * k)
                     cell["drafted_per_round"].append(spec.drafted / spec.rounds)
                     cell["verify_ms"].append(1000 * spec.verify_seconds / spec.rounds)
                     cell["acceptance"].append(spec.acceptance_rate)
@@ -128,7 +127,7 @@ def main():
 
         device = torch.cuda.get_device_name()
     manifest = json.loads((Path(export) / "ulsexport.json").read_text())
-    capture_off = runtime.decoder(full).verify_capture_off
+    capture_off = next((why for d in drafts if (why := multi_token_capture_off(runtime, d, full))), None)
     report = {"device": device, "export": str(export), "verify_capture_off": capture_off, "kept_layers": {g["tag"]: len(g["kept"]) for g in manifest["graphs"]},
               "settings": vars(args) | {"export": str(export), "out": str(args.out)}, "loops": sorted(loops),
               "tokens_identical": identical, "full_step_ms": t, "full_step_ms_rounds": step_ms, "rows": rows,
@@ -165,7 +164,7 @@ def save(report: dict, out: Path | None) -> None:
              f"{'yes' if report['tokens_identical'] else 'NO'}"
              + (f"; verify passes ran uncaptured: {report['verify_capture_off']}" if report.get("verify_capture_off") else ""),
              f"- full depth, plain greedy (queued captured steps on CUDA): **{report['full_step_ms']:.3f} ms per token**",
-             "", "| draft | K | draft ms / round (K steps) | c (draft step / full step) | verify ms / round (K + 1 tokens) | "
+             "", "| draft | K | draft ms / round (K passes) | c (draft pass / full step) | verify ms / round (K + 1 tokens) | "
              "verify / full step | acceptance here | speedup here (decode) |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["rows"], key=lambda r: (r["draft"], r["k"])):
         lines.append(f"| {r['draft']} | {r['k']} | {r['draft_ms_per_round']:.3f} | {r['c']:.3f} | "

@@ -133,11 +133,45 @@ def test_the_captured_loop_with_a_draft_that_always_agrees_adaptive_k_and_an_eos
         run = speculative_greedy(runtime, ids, mask, STEPS, draft="2x", draft_tokens=k)
         np.testing.assert_array_equal(np.array(run.tokens), expected, err_msg=f"K={k}")
         assert run.captured and run.acceptance_rate == 1.0 and run.rounds == 3 * -(-(STEPS - 1) // (k + 1))
+        # every round after the first runs its two pending tokens in one pass: K passes a round, not K + 1
+        assert run.draft_passes == run.drafted, (run.draft_passes, run.drafted)
     adaptive = speculative_greedy(runtime, ids, mask, STEPS, draft="2x", draft_tokens=6, adaptive=True)
     np.testing.assert_array_equal(np.array(adaptive.tokens), expected)
     eos = int(expected[0, 6])
     run = speculative_greedy(runtime, ids, mask, STEPS, draft="2x", draft_tokens=4, eos_id=eos)
     assert run.tokens[0] == list(expected[0, :7])
+
+
+def test_parity_names_the_full_depths_margin_where_tokens_part(kjv16_multi, monkeypatch):
+    """A speculative run whose tokens part from the full depth's (here made to: one token replaced by the full
+    depth's runner-up) fails parity, and the report gives the full depth's own margin at that step, so that a
+    part at a near tie (fp16 rounding of the verify pass) reads as such and any other as a failure."""
+    import ulsexport.runtime.speculative as speculative
+    from ulsexport.validate.parity import tie
+    from ulsexport.validate.speculative import speculative_markdown, validate_speculative
+
+    original, step = speculative.speculative_greedy, 5
+    seen = {}
+
+    def parted(runtime_, ids, *args, **kwargs):
+        run = original(runtime_, ids, *args, **kwargs)
+        logits = runtime_.greedy(ids, np.ones_like(ids), step + 1, keep_logits=True, depth="full").logits[step][0]
+        runner_up = int(np.argsort(logits)[-2])
+        seen.setdefault("margin", float(logits.max() - logits[runner_up]) / float(np.abs(logits).max()))
+        run.tokens[0][step] = runner_up
+        return run
+
+    monkeypatch.setattr(speculative, "speculative_greedy", parted)
+    report = validate_speculative(kjv16_multi, "2x", 2, "cpu", 8, None, quiet=True)
+    parity = report["parity"]
+    first = parity["mismatches"][0]
+    assert not parity["passed"] and not parity["tokens_identical"] and len(parity["mismatches"]) == 8
+    assert first["step"] == step and first["reference_margin"] == pytest.approx(seen["margin"], rel=1e-5)
+    assert first["near_tie"] is (seen["margin"] <= 1e-4)
+    assert "parity: FAIL" in speculative_markdown(report) and "the full depth's margin" in speculative_markdown(report)
+    # the rule itself: within the tolerance of the step's largest logit is a near tie, past it is not
+    logits = np.array([[10.0, 9.9995, 3.0]])
+    assert tie(logits, 0, 0, 1, 1e-4)["near_tie"] and not tie(logits, 0, 0, 2, 1e-4)["near_tie"]
 
 
 def test_the_captured_loop_is_refused_where_the_depths_cannot_run_it(tiny, fixed):
@@ -219,7 +253,8 @@ def test_generate_and_validate_commands(kjv16_multi, tmp_path):
                      "--new-tokens", "16", "--runs", "1", "--warmup", "0", "--json", report)
     assert result.exit_code == 0 and "parity: PASS" in result.stdout, result.output
     written = json.loads(report.read_text())
-    assert written["parity"] == {"passed": True, "steps": 24, "prompts": 8, "mismatches": []}
+    assert written["parity"] == {"passed": True, "tokens_identical": True, "steps": 24, "prompts": 8,
+                                 "tolerance": 1e-4, "mismatches": []}
     assert written["speed"]["speedup"] > 0 and written["acceptance"]["drafted"] > 0
     for args, message in [(["--depth", "2x", "--speculative", "2x"], "not both"),
                           (["--speculative", "full"], "is the depth it would be verified by"),

@@ -42,6 +42,7 @@ class SpeculativeRun:
     draft_tokens: int                  # K
     rounds: int = 0                    # verify passes
     drafted: int = 0                   # draft tokens the verify passes judged
+    draft_passes: int = 0              # the draft's passes in rounds (a step, or the pending tokens in one pass)
     accepted: int = 0                  # of them, kept
     prefill_seconds: float = 0.0       # both depths' prompt passes
     draft_seconds: float = 0.0
@@ -67,7 +68,7 @@ class SpeculativeRun:
                 "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": round(self.acceptance_rate, 4), "tokens_per_verify": round(self.tokens_per_verify, 4),
                 "mean_draft_tokens": round(self.drafted / self.rounds, 4) if self.rounds else 0.0,
-                "loop": "captured" if self.captured else "plain",
+                "draft_passes": self.draft_passes, "loop": "captured" if self.captured else "plain",
                 "prefill_seconds": round(self.prefill_seconds, 6), "draft_seconds": round(self.draft_seconds, 6),
                 "verify_seconds": round(self.verify_seconds, 6)}
 
@@ -90,6 +91,15 @@ def check_draft(runtime, draft: str, draft_tokens: int, verify: str | None = Non
 def can_capture(drafter, verifier) -> bool:
     """Whether both depths have the fixed-width step that chooses its own ids (the captured loop's)."""
     return all(d.fixed_width and d.device_argmax for d in (drafter, verifier))
+
+
+def multi_token_capture_off(runtime, draft: str, verify: str) -> str | None:
+    """Why passes of several tokens (the verify pass; the draft's pending tokens) ran uncaptured, or None."""
+    for depth in (verify, draft):
+        why = runtime.decoder(depth).verify_capture_off
+        if why:
+            return why if depth == verify else f"the draft's: {why}"
+    return None
 
 
 def speculative_greedy(runtime, input_ids, attention_mask, new_tokens: int, draft: str, draft_tokens: int = 4,
@@ -194,20 +204,25 @@ class SpeculativeRow:
         for _ in range(k):
             drafted.append(int(greedy_tokens(np.asarray(self.small.feed(step))[0, -1])))
             step = np.array([[drafted[-1]]], np.int64)
+        self.run.draft_passes += k
         return drafted
 
     def _draft_captured(self, k: int) -> list[int]:
-        """The captured loop's K draft tokens: fixed-width steps (a pending token before the last, once per
-        fully accepted round, is one step whose choice is dropped), queued as many at a time as the
-        step's buffers allow; the host waits once per queue."""
-        small = self.small
-        for token in self.pending[:-1]:
-            small.forward(np.array([token], np.int64))
-        drafted, token = [], self.pending[-1]
+        """The captured loop's K draft tokens: fixed-width steps, queued as many at a time as the step's buffers
+        allow (the host waits once per queue). After a round that kept every draft, the two pending tokens (the
+        last draft, which the draft has not run, and the full depth's token) run in one pass through verify
+        buffers of the draft's own, whose last choice is the first draft: K passes a round either way, where
+        a step for each pending token would make K + 1."""
+        small, drafted = self.small, []
+        if len(self.pending) > 1:
+            drafted.append(int(small.verify(self.pending)[-1]))
+        passes = 1 if drafted else 0
         while len(drafted) < k:
             steps = min(k - len(drafted), len(small.buffers.ids) - 1)
+            token = drafted[-1] if drafted else self.pending[-1]
             drafted.extend(int(ids[0]) for ids in small.decode(np.array([token], np.int64), steps))
-            token = drafted[-1]
+            passes += steps
+        self.run.draft_passes += passes
         return drafted
 
     def choose_k(self) -> int:

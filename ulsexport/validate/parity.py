@@ -29,9 +29,8 @@ def compare_runs(reference: GreedyRun, candidate: GreedyRun, tolerance: float) -
                       "top1_agreement": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))})
         if divergence is None and not rows_same.all():
             row = int(np.flatnonzero(~rows_same)[0])
-            margin = float(ref[row, reference.tokens[row, step]] - ref[row, candidate.tokens[row, step]])
-            divergence = {"step": step, "row": row, "reference_margin": margin / float(np.abs(ref).max()),
-                          "near_tie": margin <= tolerance * float(np.abs(ref).max())}
+            divergence = {"step": step, "row": row, **tie(ref, row, int(reference.tokens[row, step]),
+                                                          int(candidate.tokens[row, step]), tolerance)}
         if divergence is not None:
             break  # after the tokens part, the two runs see different inputs
     worst = max(s["relative_error"] for s in steps)
@@ -48,6 +47,14 @@ def compare_runs(reference: GreedyRun, candidate: GreedyRun, tolerance: float) -
         "passed": failed_step is None and (divergence is None or divergence["near_tie"]),
         "per_step": steps,
     }
+
+
+def tie(logits: np.ndarray, row: int, expected: int, got: int, tolerance: float) -> dict:
+    """Where greedy tokens part: the reference's margin between its token and the other (relative to the
+    step's largest logit), and whether it is a near tie, within `tolerance`."""
+    scale = float(np.abs(logits).max())
+    margin = float(logits[row, expected] - logits[row, got])
+    return {"reference_margin": margin / scale, "near_tie": margin <= tolerance * scale}
 
 
 def parity_prompt(vocab_size: int, batch: int = 2, prompt_len: int = 12, seed: int = 0):
