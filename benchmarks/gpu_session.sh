@@ -12,8 +12,8 @@
 #
 #   setsid nohup bash benchmarks/gpu_session.sh [STEPS] > /root/session.log 2>&1 < /dev/null &
 #
-# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,captured,gemm,gemm-probe,kernels,tensorrt,stub-env,serve,multi-depth (default:
-# heal,parity,bench, in that order). CUDA_GRAPH_ARGS, TENSORRT_ARGS, SERVE_ARGS and MULTI_DEPTH_ARGS pass extra
+# STEPS: comma-separated, from heal,parity,fusion,bench,cuda-graph,captured,gemm,gemm-probe,kernels,tensorrt,stub-env,serve,multi-depth,engine-load (default:
+# heal,parity,bench, in that order). CUDA_GRAPH_ARGS, TENSORRT_ARGS, SERVE_ARGS, MULTI_DEPTH_ARGS and ENGINE_LOAD_ARGS pass extra
 # flags to their scripts; PYTHON names the interpreter of the serve and multi-depth steps. cuda-graph, captured,
 # kernels and serve share WORK (default /root/w), so the artifacts one builds the next reuses.
 # stub-env makes /root/stubenv (benchmarks/stub_env.sh, from the wheels in WHEELS, default /root/wheels),
@@ -66,6 +66,8 @@ for s in ${STEPS//,/ }; do
                 --results "$RESULTS/serve" --model-python /root/stubenv/bin/python ${SERVE_ARGS:-} ;;
     multi-depth) step multi-depth "${PYTHON:-python3}" benchmarks/multi_depth_gpu.py --workdir /root/multi-depth-work \
                 --results "$RESULTS/multi-depth" ${MULTI_DEPTH_ARGS:-} ;;
+    engine-load) step engine-load python3 benchmarks/engine_load.py --workdir /root/engine-load-work \
+                --out "$RESULTS/engine-load/engine-load" ${ENGINE_LOAD_ARGS:-} ;;
     *) echo "unknown step $s" >> "$RESULTS/progress.txt" ;;
   esac
 done

@@ -230,3 +230,17 @@ def test_validate_runtime_genai_builds_the_full_model_the_same_way(pruned, tmp_p
     assert report["candidate_kind"] == "genai" and report["runtime"] == "genai"
     assert report["parity"]["passed"] and report["parity"]["max_relative_error"] < 1e-4
     assert set(report["speed"]["full"]) == {"1", "2"} and report["speedup"]["measured"]["2"]["decode_tokens_per_s"] > 0
+
+
+def test_builder_options_reach_genais_builder(tmp_path):
+    """`extra_options` go to genai's builder as its own KEY=VALUE options (benchmarks/engine_load.py builds with
+    use_paged_attention=true on CUDA, for genai's Engine): on the CPU the builder refuses paged attention, and
+    that refusal is one UserError naming it, with nothing left at the output."""
+    from ulsexport.errors import UserError
+    from ulsexport.testing import make_tiny_checkpoint
+
+    source = make_tiny_checkpoint("llama", tmp_path / "hf", num_layers=2, overrides=GENAI_SHAPE)
+    save_word_tokenizer(source, GENAI_SHAPE["vocab_size"])
+    with pytest.raises(UserError, match="PagedAttention"):
+        build_genai(source, tmp_path / "paged", quiet=True, extra_options=("use_paged_attention=true",))
+    assert not (tmp_path / "paged").exists()

@@ -32,8 +32,10 @@ BUILDER_TARGETS = {("fp32", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("int4",
 USE_TORCH = "use --builder torch"
 
 
-def build_genai(model, out, dtype: str = "fp32", device: str = "cpu", force: bool = False, quiet: bool = False):
-    """Build `model` (a checkpoint directory) with onnxruntime-genai's model builder into `out`."""
+def build_genai(model, out, dtype: str = "fp32", device: str = "cpu", force: bool = False, quiet: bool = False,
+                extra_options: tuple[str, ...] = ()):
+    """Build `model` (a checkpoint directory) with onnxruntime-genai's model builder into `out`;
+    `extra_options` are the builder's own KEY=VALUE options (e.g. use_paged_attention=true, for its Engine)."""
     from ..checkpoint import load_model_info
     from ..tokenizer import load_tokenizer
     from ..runtime.genai import import_genai
@@ -45,7 +47,7 @@ def build_genai(model, out, dtype: str = "fp32", device: str = "cpu", force: boo
     load_tokenizer(model_dir)  # the builder copies the tokenizer and fails without one
     out = Path(out)
     with atomic_output_dir(out, force, protect=(model_dir,)) as tmp:
-        _run_builder(model_dir, tmp, dtype, device, config["model_type"], quiet)
+        _run_builder(model_dir, tmp, dtype, device, config["model_type"], quiet, extra_options)
         genai_config = json.loads((tmp / GENAI_CONFIG).read_text())
         decoder = genai_config["model"]["decoder"]
         manifest = {
@@ -121,7 +123,8 @@ def _vocab_wide_linears(model_dir: Path) -> list[str]:
             if isinstance(module, torch.nn.Linear) and module.out_features == vocab and module is not head]
 
 
-def _run_builder(model_dir: Path, out: Path, dtype: str, device: str, model_type: str, quiet: bool) -> None:
+def _run_builder(model_dir: Path, out: Path, dtype: str, device: str, model_type: str, quiet: bool,
+                 extra_options: tuple[str, ...] = ()) -> None:
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     log = io.StringIO()
@@ -130,7 +133,7 @@ def _run_builder(model_dir: Path, out: Path, dtype: str, device: str, model_type
         for redirect in quieted:
             stack.enter_context(redirect)
         try:
-            options = parse_extra_options(None, str(model_dir), str(out), dtype, device, cache, [])
+            options = parse_extra_options(None, str(model_dir), str(out), dtype, device, cache, list(extra_options))
             create_model(None, str(model_dir), str(out), dtype, device, cache, **options)
         except NotImplementedError as exc:
             raise UserError(f"onnxruntime-genai's builder does not handle '{model_type}' "
