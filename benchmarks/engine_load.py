@@ -39,9 +39,11 @@ def build(args, shape: dict) -> tuple[dict[str, Path], Path | None]:
     from ulsexport.export import get_builder
     from ulsexport.export.genai import build_genai
 
-    work = Path(args.workdir) / f"{args.shape}-{shape['num_hidden_layers']}"
+    work = Path(args.workdir) / f"{args.shape}-{shape['num_hidden_layers']}-{shape['vocab_size']}"
     dtype = "fp16" if args.device == "cuda" else "fp32"
-    checkpoints = make_pruned_set(work, shape, args.device, [int(s) for s in args.speedups.split(",") if s != "1"])
+    # a tokenizer that round-trips text, so that serving_session.sh can serve these exports with `ulsexport triton`
+    checkpoints = make_pruned_set(work, shape, args.device, [int(s) for s in args.speedups.split(",") if s != "1"],
+                                  tokenizer="bytes")
     ours = {}
     for name, checkpoint in checkpoints.items():
         ours[name] = work / f"{name}-ours"

@@ -49,15 +49,17 @@ from ulsexport.testing import add_section_arguments, cpu_machine, free_ports, sa
 
 # -- the server ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def serving(repo: Path, root: Path, ready_s: float = 300):
-    """`ulsexport serve REPO` on free ports (logs under `root`); yields (base url, the stream model's name);
-    always stopped: SIGTERM to the CLI, then SIGKILL to its process group, and the tritonserver's group killed."""
+def serving(repo: Path, root: Path, ready_s: float = 300, model_python: str | None = None):
+    """`ulsexport serve REPO` on free ports (logs under `root`; the models in `model_python`'s environment where
+    given); yields (base url, the stream model's name); always stopped: SIGTERM to the CLI, then SIGKILL to its
+    process group, and the tritonserver's group killed."""
     http, grpc, metrics = free_ports(3)
     stdout = root / "serve.out"
     with open(stdout, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "ulsexport.cli", "serve", str(repo), "--http-port", str(http),
                                     "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                                    "--log-file", str(root / "tritonserver.log")],
+                                    "--log-file", str(root / "tritonserver.log"),
+                                    *(["--python", model_python] if model_python else [])],
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + ready_s
@@ -293,6 +295,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
+    ap.add_argument("--model-python", help="--serve: the interpreter of the models' environment (`ulsexport serve "
+                                           "--python`; a GPU machine's, from benchmarks/stub_env.sh)")
     add_section_arguments(ap, "server")
     args = ap.parse_args()
     section = None
@@ -314,7 +318,7 @@ def main():
                                                                   "device", "max_tokens", "queue_delay_us")}
             vocab = args.vocab or repo_vocab(repo)
             with tempfile.TemporaryDirectory(prefix="serve-load-") as root:
-                with serving(repo, Path(root)) as (base, model):
+                with serving(repo, Path(root), model_python=args.model_python) as (base, model):
                     section["results"] = measure(args, base, args.model or model, vocab)
         else:
             if not (args.url and args.model and args.vocab):

@@ -127,10 +127,30 @@ def save_word_tokenizer(directory, vocab_size):
                             pad_token="t0").save_pretrained(directory)
 
 
+def save_byte_tokenizer(directory, vocab_size):
+    """A byte-level tokenizer (ids 0-2 pad, bos, eos; then the 256 bytes; the rest of the vocabulary filler
+    words) that round-trips any text, as `ulsexport triton` requires of what it serves; vocab_size >= 259."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    symbols = specials + sorted(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < len(symbols):
+        raise ValueError(f"a byte-level tokenizer needs a vocabulary of {len(symbols)} or more, not {vocab_size}")
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    vocab.update({f"<extra_{i}>": i for i in range(len(symbols), vocab_size)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)
+
+
 def make_random_llama(directory, shape: dict, dtype: str = "fp16", device: str = "cpu", seed: int = 0,
-                      tokenizer: bool = True, max_shard_size: str | None = None, **config) -> Path:
+                      tokenizer: bool | str = True, max_shard_size: str | None = None, **config) -> Path:
     """Save a Llama of `shape` (extra LlamaConfig fields in `config`) with random weights made on `device`,
-    and a word tokenizer over its vocabulary unless told not to (onnxruntime-genai's builder wants one)."""
+    and a word tokenizer over its vocabulary unless told not to (onnxruntime-genai's builder wants one), or
+    with tokenizer="bytes" a byte-level one that round-trips text (what `ulsexport triton` serves)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -143,19 +163,22 @@ def make_random_llama(directory, shape: dict, dtype: str = "fp16", device: str =
     model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     model.generation_config.save_pretrained(directory)
     del model
-    if tokenizer:
+    if tokenizer == "bytes":
+        save_byte_tokenizer(directory, shape["vocab_size"])
+    elif tokenizer:
         save_word_tokenizer(directory, shape["vocab_size"])
     return Path(directory)
 
 
-def make_pruned_set(work, shape: dict, device: str = "cpu", speedups=(2, 3)) -> dict[str, Path]:
-    """work/full (a random fp16 Llama of `shape`) and work/uls{s} (its uls prune at each speedup), each
-    made only if missing; name -> folder."""
+def make_pruned_set(work, shape: dict, device: str = "cpu", speedups=(2, 3), tokenizer: bool | str = True
+                    ) -> dict[str, Path]:
+    """work/full (a random fp16 Llama of `shape`, its tokenizer as `make_random_llama`'s) and work/uls{s}
+    (its uls prune at each speedup), each made only if missing; name -> folder."""
     from .prune import plan_for_model, prune_checkpoint
 
     work = Path(work)
     if not (work / "full" / "tokenizer.json").is_file():
-        make_random_llama(work / "full", shape, "fp16", device)
+        make_random_llama(work / "full", shape, "fp16", device, tokenizer=tokenizer)
     folders = {"full": work / "full"}
     for s in speedups:
         folders[f"uls{s}"] = work / f"uls{s}"
@@ -194,14 +217,17 @@ def add_decode_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def add_shape_arguments(ap: argparse.ArgumentParser, shape: str) -> None:
-    """--shape (a key of SHAPES) and --layers (its depth before pruning); read them with `shape_from_args`."""
+    """--shape (a key of SHAPES), --layers (its depth before pruning) and --vocab; read them with
+    `shape_from_args`."""
     ap.add_argument("--shape", choices=SHAPES, default=shape)
     ap.add_argument("--layers", type=int, help="decoder layers of the model before pruning [default: the shape's]")
+    ap.add_argument("--vocab", type=int, help="vocabulary size [default: the shape's]")
 
 
 def shape_from_args(args) -> dict:
     shape = dict(SHAPES[args.shape])
     shape["num_hidden_layers"] = args.layers or shape["num_hidden_layers"]
+    shape["vocab_size"] = getattr(args, "vocab", None) or shape["vocab_size"]
     return shape
 
 
@@ -487,7 +513,7 @@ def profile_decode(folder, device: str, batch: int, prompt_len: int, steps: int,
 
 
 __all__ = ["copy_bandwidth", "weight_bytes", "per_layer_kernels", "is_gemm_kernel", "SEVEN_B", "ONE_B", "TINY", "SHAPES", "VOCAB", "SLIDING_WINDOW", "TINY_CONFIGS", "FAMILIES",
-           "tiny_config", "make_tiny_checkpoint", "save_word_tokenizer", "make_random_llama", "make_pruned_set",
+           "tiny_config", "make_tiny_checkpoint", "save_word_tokenizer", "save_byte_tokenizer", "make_random_llama", "make_pruned_set",
            "add_decode_arguments", "add_shape_arguments", "shape_from_args", "gpu_events", "kernel_totals",
            "gpu_intervals", "gpu_time_split", "write_results", "TimedSession",
            "decode_kernel_time", "PROFILE_WARMUP_STEPS", "profiled_decoder", "op_times", "profile_decode"]
