@@ -31,13 +31,8 @@ WORK=${WORK:-/root/w}
 WHEELS=${WHEELS:-/root/wheels}
 KERNEL_ARTIFACTS=${KERNEL_ARTIFACTS:-"$WORK/uls2-torch:ort $WORK/uls2-genai:ort $WORK/full-genai:ort $WORK/full-genai:genai"}
 
-step() {  # name, command...: run one measurement, log it, note how it ended
-  local name=$1; shift
-  echo "$(date +%T) start $name" >> "$RESULTS/progress.txt"
-  "$@" > "$RESULTS/$name.log" 2>&1
-  local rc=$?   # before $(date) below, which would set $? to its own status
-  echo "$(date +%T) end $name rc=$rc" >> "$RESULTS/progress.txt"
-}
+results=$RESULTS
+. benchmarks/session_step.sh   # step NAME COMMAND...
 
 for s in ${STEPS//,/ }; do
   case $s in

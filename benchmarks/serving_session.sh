@@ -22,13 +22,7 @@ prompt=${PROMPT_LEN:-128}; new=${NEW_TOKENS:-128}
 here=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$results"
-step() {  # name, command...: run it, log it, note how it ended
-  local name=$1; shift
-  echo "$(date +%T) start $name" >> "$results/progress.txt"
-  "$@" > "$results/$name.log" 2>&1
-  local rc=$?   # before $(date) below, which would set $? to its own status
-  echo "$(date +%T) end $name rc=$rc" >> "$results/progress.txt"
-}
+. "$here/benchmarks/session_step.sh"   # step NAME COMMAND...
 model_python=()
 if [ "$device" = cuda ]; then
   step stub-env bash "$here/benchmarks/stub_env.sh" "${WHEELS:-/root/wheels}" /root/stubenv

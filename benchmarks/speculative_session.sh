@@ -14,13 +14,7 @@ results=${1:?results folder}; steps=${2:-1000}
 work=${WORK:-/root/w}; here=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$results"
-step() {  # name, command...: run it, log it, note how it ended
-  local name=$1; shift
-  echo "$(date +%T) start $name" >> "$results/progress.txt"
-  "$@" > "$results/$name.log" 2>&1
-  local rc=$?   # before $(date) below, which would set $? to its own status
-  echo "$(date +%T) end $name rc=$rc" >> "$results/progress.txt"
-}
+. "$here/benchmarks/session_step.sh"   # step NAME COMMAND...
 step smoke python3 "$here/benchmarks/speculative_costs.py" --shape tiny --device "${DEVICE:-cuda}" --workdir "$work/tiny" --ks 1,3 \
     --rounds 1 --out "$results/costs-tiny-smoke" &
 first=($!)

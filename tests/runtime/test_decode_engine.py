@@ -134,12 +134,14 @@ def test_speculative_requests_get_the_full_depths_tokens_beside_the_others(runti
         DecodeEngine(runtime, draft="full")
 
 
-def test_the_fixed_width_step_gives_the_same_tokens(runtime, multi_depth_exports):
+@pytest.mark.parametrize("device_argmax", [False, True])
+def test_the_fixed_width_step_gives_the_same_tokens(runtime, multi_depth_exports, device_argmax):
     """The engine over decoders with the fixed-width step (what CUDA graphs capture; here run uncaptured on the
     CPU): ids, a mask as wide as the cache and the logits at fixed addresses, batch sizes rounded up to powers
-    of two; every request's tokens are its greedy tokens alone, speculative ones included."""
-    fixed = MultiDepthDecoder(multi_depth_exports("shared")[1], "cpu", fixed_width=True, device_argmax=False)
-    assert all(d.fixed_width for d in fixed.decoders.values())
+    of two, the ids chosen by the host from the logits or (device_argmax, CUDA's default) by the graph, only
+    they read back; every request's tokens are its greedy tokens alone, speculative ones included."""
+    fixed = MultiDepthDecoder(multi_depth_exports("shared")[1], "cpu", fixed_width=True, device_argmax=device_argmax)
+    assert all(d.fixed_width and d.device_argmax == device_argmax for d in fixed.decoders.values())
     engine = DecodeEngine(fixed, slots=3, capacity=96, draft="3x", draft_tokens=2)
     requests = _requests(12, seed=11)
     requests[0].speculative, requests[0].depth = True, "full"
@@ -148,5 +150,4 @@ def test_the_fixed_width_step_gives_the_same_tokens(runtime, multi_depth_exports
         assert request.tokens == _alone(runtime, request), request
     sizes = [set(s.step_bindings) for s in engine.depths.values()]
     assert set().union(*sizes) <= {1, 2, 3} and any(len(used) > 1 for used in sizes), sizes   # 3 slots: 4 -> 3
-    with pytest.raises(UserError, match="device_argmax=False"):
-        DecodeEngine(MultiDepthDecoder(multi_depth_exports("shared")[1], "cpu", fixed_width=True))
+    assert all(s.device_argmax == device_argmax for s in engine.depths.values())

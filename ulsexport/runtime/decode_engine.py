@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import UserError
 from .base import greedy_tokens
+from .ort_session import NEXT_MASK, NEXT_TOKEN
 
 DEFAULT_SLOTS = 8
 ENGINE_GRAPH_IDS = 10_000   # + batch size: the engine's captured steps, apart from the decoder's own graph ids
@@ -79,9 +80,6 @@ class _Slots:
         if not decoder.shared_cache:
             raise UserError("the decode engine needs an export with the shared KV cache (ulsexport onnx, the "
                             "default --kv-cache shared); this one concatenates its cache")
-        if decoder.fixed_width and decoder.device_argmax:
-            raise UserError("the decode engine reads each step's logits itself: open the export with "
-                            "device_argmax=False")
         self.decoder, self.capacity = decoder, capacity
         self.rows: list[Request | None] = [None] * slots
         shape = decoder.cache_shape(slots, capacity)
@@ -90,8 +88,10 @@ class _Slots:
         self.lengths = np.zeros(slots, np.int64)      # tokens in each row's cache
         self.vocab = decoder.onnx["io_shapes"]["logits"][-1]
         # the fixed-width step (a decoder with one, as on CUDA): ids, a mask as wide as the cache and the logits
-        # at fixed addresses, one binding per batch size run, each a CUDA graph where the session captures
+        # at fixed addresses, one binding per batch size run, each a CUDA graph where the session captures;
+        # where the graph chooses the ids itself (device_argmax) only they come back, not the logits
         self.fixed = decoder.fixed_width
+        self.device_argmax = self.fixed and decoder.device_argmax
         if self.fixed:
             self.ids = decoder.to_device(np.zeros((slots, 1), np.int64))
             self.mask = np.zeros((slots, capacity), np.int64)
@@ -99,6 +99,9 @@ class _Slots:
             self.mask_value = decoder.to_device(self.mask)
             self.logits = decoder.to_device(np.zeros((slots, 1, self.vocab), decoder.dtype))
             self.step_bindings: dict[int, tuple] = {}
+        if self.device_argmax:   # the graph's choices, and its next mask (unused: the host keeps the mask)
+            self.chosen = decoder.to_device(np.zeros((slots, 1), np.int64))
+            self.next_mask = decoder.to_device(np.zeros((slots, capacity), np.int64))
 
     def free(self) -> int | None:
         return next((i for i, r in enumerate(self.rows) if r is None), None)
@@ -135,21 +138,43 @@ class _Slots:
                                self.mask_value.data_ptr())
             binding.bind_output("logits", decoder.device, 0, decoder.dtype, [count, 1, self.vocab],
                                 self.logits.data_ptr())
+            if self.device_argmax:
+                binding.bind_output(NEXT_TOKEN, decoder.device, 0, np.int64, [count, 1], self.chosen.data_ptr())
+                binding.bind_output(NEXT_MASK, decoder.device, 0, np.int64, [count, self.capacity],
+                                    self.next_mask.data_ptr())
             self._bind_cache(binding, 0, count)
             self.step_bindings[count] = binding, ENGINE_GRAPH_IDS + count
         return self.step_bindings[count]
 
     def prefill(self, slot: int, request: Request) -> int:
-        """The prompt into row `slot`; its first token."""
+        """The prompt into row `slot`; its first token (where the graph chooses ids, its choice: the
+        prompt's logits stay on the device)."""
         binding = self.decoder.session.io_binding()
         self._bind_cache(binding, slot, 1)
         ids = np.array([request.prompt], np.int64)
-        logits = self._run(binding, ids, np.ones_like(ids))
+        if self.device_argmax:
+            token = self._run_choosing(binding, ids)
+        else:
+            token = int(greedy_tokens(self._run(binding, ids, np.ones_like(ids))[0, -1]))
         self.rows[slot], self.lengths[slot] = request, len(request.prompt)
         if self.fixed:
             self.mask[slot] = 0
             self.mask[slot, :len(request.prompt)] = 1
-        return int(greedy_tokens(logits[0, -1]))
+        return token
+
+    def _run_choosing(self, binding, ids: np.ndarray) -> int:
+        """One uncaptured pass of a prompt through the graph that chooses ids: the id after its last token."""
+        import onnxruntime as ort
+
+        decoder = self.decoder
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones_like(ids))
+        chosen = np.empty(ids.shape, np.int64)
+        binding.bind_ortvalue_output(NEXT_TOKEN, ort.OrtValue.ortvalue_from_numpy(chosen))
+        binding.bind_output("logits", decoder.device)   # left where they are made (onnxruntime allocates them)
+        binding.bind_output(NEXT_MASK, decoder.device)
+        decoder.session.run_with_iobinding(binding, decoder.run_options(-1))
+        return int(chosen[0, -1])
 
     def release(self, slot: int) -> None:
         self.rows[slot], self.lengths[slot] = None, 0
@@ -188,16 +213,20 @@ class _Slots:
         self.mask_value.update_inplace(self.mask)
         binding, graph_id = self._step_binding(count)
         self.decoder.session.run_with_iobinding(binding, self.decoder.run_options(graph_id))
-        chosen = greedy_tokens(self.logits.numpy()[:count, 0])
+        if self.device_argmax:   # count ids back, not count x vocab logits
+            chosen = self.chosen.numpy()[:count, 0]
+        else:
+            chosen = greedy_tokens(self.logits.numpy()[:count, 0])
         for i in running:
             self.lengths[i] += 1
         return {i: int(chosen[i]) for i in running}
 
 
 class DecodeEngine:
-    """Continuous batching over `runtime` (an OnnxDecoder or MultiDepthDecoder over a shared-cache export,
-    opened with cuda_graph=False): `slots` requests run at once per depth, each with up to `capacity`
-    positions (prompt + new tokens)."""
+    """Continuous batching over `runtime` (an OnnxDecoder or MultiDepthDecoder over a shared-cache export):
+    `slots` requests run at once per depth, each with up to `capacity` positions (prompt + new tokens). Where
+    its decoders have the fixed-width step (CUDA), the engine captures its own steps, one graph per batch
+    size, and with the graph's own argmax (`device_argmax`, the default) reads back only the chosen ids."""
 
     def __init__(self, runtime, slots: int = DEFAULT_SLOTS, capacity: int | None = None, draft: str | None = None,
                  draft_tokens: int = 4):

@@ -122,11 +122,11 @@ class Generator:
             "the decode engine needs --runtime ort over an export with the shared KV cache"
             if batching == "continuous" or device == "cpu"
             else "on CUDA the fixed-batch loop stays the default until the engine is measured there")
-        # ort on CUDA captures decode steps where it can (cuda_graph=False turns that off); the engine reads each
-        # step's logits itself, so its sessions run the graph as exported (no argmax added)
+        # ort on CUDA captures decode steps where it can (cuda_graph=False turns that off), the graph choosing
+        # each step's ids (the engine's captured steps too: only the ids come back)
         options = {}
         if self.runtime_name == "ort":
-            options = {**({"cuda_graph": False} if not cuda_graph else {}), **({"device_argmax": False} if engine else {}),
+            options = {**({"cuda_graph": False} if not cuda_graph else {}),
                        **({"decode_kernels": True} if decode_kernels else {})}
         self.runtime = open_runtime(self.folder, self.runtime_name, dtype, device, **options)
         self.tokenizer = load_tokenizer(self.folder)
