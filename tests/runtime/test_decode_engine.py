@@ -134,6 +134,30 @@ def test_speculative_requests_get_the_full_depths_tokens_beside_the_others(runti
         DecodeEngine(runtime, draft="full")
 
 
+def test_prompts_admitted_together_are_prefilled_in_one_pass(runtime, multi_depth_exports, monkeypatch):
+    """Where the graph chooses the ids, the prompts admitted in one step into consecutive slots of a depth run as
+    one right-padded pass (only the chosen ids read back), and each request still gets its greedy tokens alone;
+    a request admitted later, into a slot apart, is prefilled by itself."""
+    from ulsexport.runtime.decode_engine import _consecutive, _Slots
+
+    fixed = MultiDepthDecoder(multi_depth_exports("shared")[1], "cpu", fixed_width=True)
+    engine = DecodeEngine(fixed, slots=4, capacity=96)
+    passes, original = [], _Slots._run_choosing
+    monkeypatch.setattr(_Slots, "_run_choosing",
+                        lambda self, binding, ids, mask: passes.append(ids.shape) or original(self, binding, ids, mask))
+    requests = _requests(6, seed=3, depths=("full",))    # 4 slots: 4 admitted at once (lengths differ), then 2
+    engine.run(requests)
+    for request in requests:
+        assert request.tokens == _alone(runtime, request), request
+    assert passes[0][0] == 4 and len({len(r.prompt) for r in requests[:4]}) > 1, passes
+    assert len(passes) < len(requests)
+    # the runs: per depth, consecutive slots only
+    a, b = engine.depths["full"], engine.depths["2x"]
+    runs = list(_consecutive([(requests[0], a, 0), (requests[1], a, 1), (requests[2], a, 3), (requests[3], None, None),
+                              (requests[4], b, 0)]))
+    assert [(slots, [slot for _, slot in run]) for slots, run in runs] == [(a, [0, 1]), (a, [3]), (b, [0])]
+
+
 @pytest.mark.parametrize("device_argmax", [False, True])
 def test_the_fixed_width_step_gives_the_same_tokens(runtime, multi_depth_exports, device_argmax):
     """The engine over decoders with the fixed-width step (what CUDA graphs capture; here run uncaptured on the

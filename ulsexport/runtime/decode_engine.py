@@ -5,8 +5,9 @@ each depth holds `slots` rows of preallocated cache buffers, [slots, kv_heads, c
 cache tensor. A request lives in one row (a slot) from its prefill until it stops. Each `step()`:
 
 1. schedule: waiting requests take the lowest free slots of their depth (first come, first served);
-2. execute: each admitted request's prompt runs alone into its slot's rows of the buffers (the cache
-   tensors bound by address: no copy), giving its first token; then, per depth with running requests,
+2. execute: the admitted prompts run into their slots' rows of the buffers (the cache tensors bound by
+   address: no copy), giving their first tokens (those admitted together into consecutive slots of a depth
+   in one pass, where the graph chooses the ids; else one at a time); then, per depth with running requests,
    one decode step over the slots up to the highest one in use (free slots among them run a dummy
    token into their own rows, which the next prefill there overwrites);
 3. update: each token goes to its request (`on_token`), and the one stop policy (`Request.finished`:
@@ -153,28 +154,52 @@ class _Slots:
         self._bind_cache(binding, slot, 1)
         ids = np.array([request.prompt], np.int64)
         if self.device_argmax:
-            token = self._run_choosing(binding, ids)
+            token = int(self._run_choosing(binding, ids, np.ones_like(ids))[0, -1])
         else:
             token = int(greedy_tokens(self._run(binding, ids, np.ones_like(ids))[0, -1]))
+        self._take(slot, request)
+        return token
+
+    def prefill_rows(self, run: list[tuple[Request, int]]) -> list[int]:
+        """Prompts into consecutive rows (`run`: (request, slot), slots ascending by one), their first tokens.
+        Where the graph chooses ids, in one pass: the prompts right-padded to the longest (each row's cache
+        past its prompt gets the padding's keys and values, masked until its own tokens overwrite them), only
+        the chosen ids read back; elsewhere one prompt at a time."""
+        if len(run) == 1 or not self.device_argmax:
+            return [self.prefill(slot, request) for request, slot in run]
+        lengths = [len(request.prompt) for request, _ in run]
+        ids = np.zeros((len(run), max(lengths)), np.int64)
+        mask = np.zeros_like(ids)
+        for row, (request, _) in enumerate(run):
+            ids[row, :lengths[row]], mask[row, :lengths[row]] = request.prompt, 1
+        binding = self.decoder.session.io_binding()
+        self._bind_cache(binding, run[0][1], len(run))
+        chosen = self._run_choosing(binding, ids, mask)
+        for request, slot in run:
+            self._take(slot, request)
+        return [int(chosen[row, length - 1]) for row, length in enumerate(lengths)]
+
+    def _take(self, slot: int, request: Request) -> None:
+        """Row `slot` now holds `request`'s prompt."""
         self.rows[slot], self.lengths[slot] = request, len(request.prompt)
         if self.fixed:
             self.mask[slot] = 0
             self.mask[slot, :len(request.prompt)] = 1
-        return token
 
-    def _run_choosing(self, binding, ids: np.ndarray) -> int:
-        """One uncaptured pass of a prompt through the graph that chooses ids: the id after its last token."""
+    def _run_choosing(self, binding, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One uncaptured pass of right-padded prompts through the graph that chooses ids: its choice after
+        every position [rows, width] (the logits stay where they are made)."""
         import onnxruntime as ort
 
         decoder = self.decoder
         binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", np.ones_like(ids))
+        binding.bind_cpu_input("attention_mask", mask)
         chosen = np.empty(ids.shape, np.int64)
         binding.bind_ortvalue_output(NEXT_TOKEN, ort.OrtValue.ortvalue_from_numpy(chosen))
-        binding.bind_output("logits", decoder.device)   # left where they are made (onnxruntime allocates them)
+        binding.bind_output("logits", decoder.device)   # onnxruntime allocates them, on the device
         binding.bind_output(NEXT_MASK, decoder.device)
         decoder.session.run_with_iobinding(binding, decoder.run_options(-1))
-        return int(chosen[0, -1])
+        return chosen
 
     def release(self, slot: int) -> None:
         self.rows[slot], self.lengths[slot] = None, 0
@@ -220,6 +245,24 @@ class _Slots:
         for i in running:
             self.lengths[i] += 1
         return {i: int(chosen[i]) for i in running}
+
+
+def _consecutive(admitted: list[tuple[Request, _Slots | None, int | None]]):
+    """The admitted requests that took slots, as (slots, [(request, slot), ...]): per depth, runs of
+    consecutive slots, ascending."""
+    by_depth: dict[int, tuple[_Slots, list]] = {}
+    for request, slots, slot in admitted:
+        if slots is not None:
+            by_depth.setdefault(id(slots), (slots, []))[1].append((request, slot))
+    for slots, taken in by_depth.values():
+        taken.sort(key=lambda item: item[1])
+        run = [taken[0]]
+        for item in taken[1:]:
+            if item[1] != run[-1][1] + 1:
+                yield slots, run
+                run = []
+            run.append(item)
+        yield slots, run
 
 
 class DecodeEngine:
@@ -285,11 +328,13 @@ class DecodeEngine:
     def step(self) -> int:
         """Schedule, execute, update once; the number of tokens produced."""
         produced = 0
-        for request, slots, slot in self._schedule():
+        admitted = self._schedule()
+        for request, slots, slot in admitted:
             if slots is None:      # speculative: its own streams, prefilled now
                 produced += self._speculate(request)
-            else:
-                produced += self._update(slots, slot, request, slots.prefill(slot, request))
+        for slots, run in _consecutive(admitted):   # the prompts admitted together, prefilled together
+            for (request, slot), token in zip(run, slots.prefill_rows(run)):
+                produced += self._update(slots, slot, request, token)
         for request, row in list(self.speculating):
             produced += self._speculate(request, row)
         for slots in self.depths.values():
