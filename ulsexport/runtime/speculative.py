@@ -18,7 +18,8 @@ captured one (`captured`, where both depths have the fixed-width step that choos
 default) runs the draft's steps as the plain greedy decode runs them (CUDA graphs, queued back to back,
 only their ids read), the verify pass as a graph of its own per K (`SharedCacheStream.verify`), and rolls
 back by uploading one mask: the host waits twice per round (the drafted ids, the verified ids), never
-per token, and no logits leave the device.
+per token, and no logits leave the device. After a round that kept every draft, the draft's two pending
+tokens run in one such pass of its own, so that every round is K draft passes.
 """
 from __future__ import annotations
 
