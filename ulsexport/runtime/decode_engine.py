@@ -147,26 +147,14 @@ class _Slots:
             self.step_bindings[count] = binding, ENGINE_GRAPH_IDS + count
         return self.step_bindings[count]
 
-    def prefill(self, slot: int, request: Request) -> int:
-        """The prompt into row `slot`; its first token (where the graph chooses ids, its choice: the
-        prompt's logits stay on the device)."""
-        binding = self.decoder.session.io_binding()
-        self._bind_cache(binding, slot, 1)
-        ids = np.array([request.prompt], np.int64)
-        if self.device_argmax:
-            token = int(self._run_choosing(binding, ids, np.ones_like(ids))[0, -1])
-        else:
-            token = int(greedy_tokens(self._run(binding, ids, np.ones_like(ids))[0, -1]))
-        self._take(slot, request)
-        return token
-
-    def prefill_rows(self, run: list[tuple[Request, int]]) -> list[int]:
+    def prefill(self, run: list[tuple[Request, int]]) -> list[int]:
         """Prompts into consecutive rows (`run`: (request, slot), slots ascending by one), their first tokens.
         Where the graph chooses ids, in one pass: the prompts right-padded to the longest (each row's cache
         past its prompt gets the padding's keys and values, masked until its own tokens overwrite them), only
-        the chosen ids read back; elsewhere one prompt at a time."""
-        if len(run) == 1 or not self.device_argmax:
-            return [self.prefill(slot, request) for request, slot in run]
+        the chosen ids read back (the logits stay on the device); elsewhere one prompt at a time, its logits
+        read back."""
+        if not self.device_argmax:
+            return [self._prefill_one(slot, request) for request, slot in run]
         lengths = [len(request.prompt) for request, _ in run]
         ids = np.zeros((len(run), max(lengths)), np.int64)
         mask = np.zeros_like(ids)
@@ -178,6 +166,14 @@ class _Slots:
         for request, slot in run:
             self._take(slot, request)
         return [int(chosen[row, length - 1]) for row, length in enumerate(lengths)]
+
+    def _prefill_one(self, slot: int, request: Request) -> int:
+        binding = self.decoder.session.io_binding()
+        self._bind_cache(binding, slot, 1)
+        ids = np.array([request.prompt], np.int64)
+        token = int(greedy_tokens(self._run(binding, ids, np.ones_like(ids))[0, -1]))
+        self._take(slot, request)
+        return token
 
     def _take(self, slot: int, request: Request) -> None:
         """Row `slot` now holds `request`'s prompt."""
@@ -333,7 +329,7 @@ class DecodeEngine:
             if slots is None:      # speculative: its own streams, prefilled now
                 produced += self._speculate(request)
         for slots, run in _consecutive(admitted):   # the prompts admitted together, prefilled together
-            for (request, slot), token in zip(run, slots.prefill_rows(run)):
+            for (request, slot), token in zip(run, slots.prefill(run)):
                 produced += self._update(slots, slot, request, token)
         for request, row in list(self.speculating):
             produced += self._speculate(request, row)
