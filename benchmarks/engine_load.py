@@ -10,13 +10,14 @@ build genai's Engine is made for; on the CPU its static cache, whatever batch it
 For each system and each client count N (--clients), a closed loop: N clients, each sending its next
 request as soon as its last one finished, --requests-per-client each, every request a random
 --prompt-len-token prompt asking for exactly --new-tokens greedy tokens (no early stop). Reported per
-(system, depth, N): output tokens/s over the loop's wall time, time to first token and time per output token
-(p50, p99). `fixed` is `runtime.greedy` over one batch of N prompts (prefill included): the throughput our
-runtime reaches when N requests arrive together and leave together, which the engine should approach.
+(system, depth, N), by serve_load.py's `summarize` (the served figures' twin): output tokens/s over the
+loop's wall time, time to first token and time per output token (p50, p99). `fixed` is `runtime.greedy` over
+one batch of N prompts (prefill included), on the same runtime as the engine: the throughput our runtime
+reaches when N requests arrive together and leave together, which the engine should approach.
 Systems and client counts run interleaved over --rounds, so drift hits them alike; the medians are reported.
 
     python benchmarks/engine_load.py --shape 7b --layers 32 --device cuda --clients 1,32,64 --out RESULTS/engine-load
-    python benchmarks/engine_load.py --shape tiny --device cpu --clients 1,4 --new-tokens 32 --out /tmp/engine-load
+    python benchmarks/engine_load.py --shape tiny --vocab 512 --device cpu --clients 1,4 --new-tokens 32 --out /tmp/engine-load
 
 The engine runs in this loop's thread (no server): served figures, Triton's overhead included, come from
 `benchmarks/serve_load.py` against `ulsexport serve`.
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve_load import summarize
 from ulsexport.testing import add_shape_arguments, make_pruned_set, shape_from_args
 
 
@@ -67,18 +69,10 @@ def prompts_for(vocab: int, count: int, length: int, seed: int) -> list[list[int
     return [[int(t) for t in rng.integers(3, vocab, length)] for _ in range(count)]
 
 
-def summarize(records: list[tuple[float, float, float, int]], wall: float) -> dict:
-    """records: (arrived, first token, finished, tokens) per request."""
-    ttft = [first - arrived for arrived, first, _, _ in records]
-    tpot = [(done - first) / (n - 1) for _, first, done, n in records if n > 1]
-    tokens = sum(n for *_, n in records)
-
-    def pct(values, q):
-        return float(np.percentile(values, q)) if values else None
-
-    return {"requests": len(records), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "tpot_p50_s": pct(tpot, 50),
-            "tpot_p99_s": pct(tpot, 99)}
+def record(prompt: list[int], max_tokens: int, sent: float, first: float | None, end: float, tokens: int) -> dict:
+    """One request in the form serve_load.summarize reads (the served figures' twin)."""
+    return {"prompt_tokens": len(prompt), "max_tokens": max_tokens, "sent": sent, "first": first, "end": end,
+            "tokens": tokens, "error": None}
 
 
 def ours_loop(engine, prompts: list[list[int]], n_clients: int, per_client: int, new_tokens: int) -> dict:
@@ -94,17 +88,17 @@ def ours_loop(engine, prompts: list[list[int]], n_clients: int, per_client: int,
         request = engine.add(Request(next(queue), max_tokens=new_tokens))
         live.append((client, request))
 
-    start = time.perf_counter()
     for client in range(n_clients):
         submit(client)
     while live:
         engine.step()
         for client, request in [item for item in live if item[1].done]:
             live.remove((client, request))
-            records.append((request.arrived, request.first_token_at, request.finished_at, len(request.tokens)))
+            records.append(record(request.prompt, new_tokens, request.arrived, request.first_token_at,
+                                  request.finished_at, len(request.tokens)))
             if left[client]:
                 submit(client)
-    return summarize(records, time.perf_counter() - start)
+    return summarize(records)
 
 
 def genai_loop(engine, prompts: list[list[int]], n_clients: int, per_client: int, new_tokens: int) -> dict:
@@ -124,11 +118,11 @@ def genai_loop(engine, prompts: list[list[int]], n_clients: int, per_client: int
         options.set_do_sample(False)
         options.set_max_generated_tokens(new_tokens)
         options.set_min_generated_tokens(new_tokens)   # no early stop at an end-of-sequence id
-        arrived = time.perf_counter()
-        request.begin_turn(np.array(next(queue), np.int32), options)
-        live[id(request)] = {"client": client, "request": request, "arrived": arrived, "first": None, "tokens": 0}
+        prompt, arrived = next(queue), time.perf_counter()
+        request.begin_turn(np.array(prompt, np.int32), options)
+        live[id(request)] = {"client": client, "request": request, "prompt": prompt, "arrived": arrived,
+                             "first": None, "tokens": 0}
 
-    start = time.perf_counter()
     for client in range(n_clients):
         submit(client)
     while live:
@@ -145,11 +139,12 @@ def genai_loop(engine, prompts: list[list[int]], n_clients: int, per_client: int
                 if int(event.flags) & int(og.EngineEventFlags.FAILED):
                     raise RuntimeError(f"genai's Engine failed a request: {event.error_code}")
                 del live[id(event.request)]
-                records.append((entry["arrived"], entry["first"], now, entry["tokens"]))
+                records.append(record(entry["prompt"], new_tokens, entry["arrived"], entry["first"], now,
+                                      entry["tokens"]))
                 entry["request"].close()
                 if left[entry["client"]]:
                     submit(entry["client"])
-    return summarize(records, time.perf_counter() - start)
+    return summarize(records)
 
 
 def fixed_batch(runtime, prompts: list[list[int]], n: int, new_tokens: int) -> dict:
@@ -157,7 +152,7 @@ def fixed_batch(runtime, prompts: list[list[int]], n: int, new_tokens: int) -> d
     start = time.perf_counter()
     runtime.greedy(ids, np.ones_like(ids), new_tokens)
     wall = time.perf_counter() - start
-    return {"requests": n, "tokens": n * new_tokens, "seconds": wall, "tokens_per_s": n * new_tokens / wall}
+    return {"requests": n, "output_tokens": n * new_tokens, "wall_seconds": wall, "output_tokens_per_s": n * new_tokens / wall}
 
 
 def main():
@@ -181,11 +176,11 @@ def main():
     ours_exports, genai_build = build(args, shape)
     counts = clients(args)
     capacity = args.prompt_len + args.new_tokens
-    systems = {}   # name -> (kind, depth, object)
-    for depth, folder in ours_exports.items():
-        runtime = open_runtime(folder, "ort", None, args.device, device_argmax=False)
+    systems = {}   # "system|depth" -> (kind, what runs it)
+    for depth, folder in ours_exports.items():   # one copy of the weights: the engine binds buffers of its own
+        runtime = open_runtime(folder, "ort", None, args.device)
         systems[f"ours-engine|{depth}"] = ("engine", DecodeEngine(runtime, max(counts), capacity))
-        systems[f"ours-fixed|{depth}"] = ("fixed", open_runtime(folder, "ort", None, args.device))
+        systems[f"ours-fixed|{depth}"] = ("fixed", runtime)
     genai_batch, genai_error = None, None
     if genai_build is not None:
         try:
@@ -220,9 +215,9 @@ def main():
     for key, runs in results.items():
         system, depth, n = key.split("|")
         row = {"system": system, "depth": depth, "clients": int(n)}
-        for field in runs[0]:
-            values = [r[field] for r in runs if r[field] is not None]
-            row[field] = statistics.median(values) if values else None
+        for field, value in runs[0].items():
+            values = [r[field] for r in runs if isinstance(r[field], (int, float))]
+            row[field] = statistics.median(values) if values else value
         rows.append(row)
     device = "CPU (a check of the script)"
     if args.device == "cuda":
@@ -252,10 +247,10 @@ def save(report: dict, out: Path) -> None:
     for r in sorted(report["rows"], key=lambda r: (r["depth"], r["clients"], r["system"])):
         fixed = by.get(("ours-fixed", r["depth"], r["clients"]))
         genai = by.get(("genai-engine", "full", r["clients"])) if r["depth"] == "full" else None
-        lines.append(f"| {r['system']} | {r['depth']} | {r['clients']} | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {r['system']} | {r['depth']} | {r['clients']} | {r['output_tokens_per_s']:.0f} | "
                      f"{ms(r.get('ttft_p50_s'))} / {ms(r.get('ttft_p99_s'))} | {ms(r.get('tpot_p50_s'))} / {ms(r.get('tpot_p99_s'))} | "
-                     f"{r['tokens_per_s'] / fixed['tokens_per_s']:.2f}x | "
-                     + (f"{r['tokens_per_s'] / genai['tokens_per_s']:.2f}x |" if genai else "- |"))
+                     f"{r['output_tokens_per_s'] / fixed['output_tokens_per_s']:.2f}x | "
+                     + (f"{r['output_tokens_per_s'] / genai['output_tokens_per_s']:.2f}x |" if genai else "- |"))
     text = "\n".join(lines) + "\n"
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
